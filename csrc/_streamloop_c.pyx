@@ -1,0 +1,3 @@
+FINISH_REASONS = (None, "eos", "stop", "length")
+class StreamTable:
+    pass

@@ -1,0 +1,30 @@
+"""Options shared by the model runner, the engine, the miner and the server (plain dataclasses, no parsing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelOptions:
+    backend: str = "simulated"  # simulated (GPT-2 architecture) | hf (any AutoModelForCausalLM directory)
+    preset: str = "tiny"  # simulated: tiny | gpt2 | gpt2-medium
+    mode: str = "echo"  # echo: greedy output reproduces the prompt | generate: the model's own sampling
+    weights: str | None = None  # simulated: GPT-2-family Hugging Face checkpoint directory (or hub name)
+    path: str | None = None  # hf: model directory
+    tokenizer: str = "gpt2"  # gpt2 (bundled) or a Hugging Face tokenizer name/directory
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: str = "auto"  # auto | on | off
+    max_context: int = 4096
+    seed: int = 0
+
+
+@dataclass
+class EngineOptions:
+    max_batch: int = 64
+    max_queue: int = 256
+    flush_tokens: int = 16  # after a stream's first text, flush once this many tokens are pending...
+    flush_ms: float = 50.0  # ...or this long after its last flush
+    max_new_tokens: int = 4096  # ceiling on any request's max_new_tokens
+    max_prompt_chars: int = 1_000_000  # larger prompts are rejected before tokenization

@@ -1,0 +1,88 @@
+"""Device and dtype selection: ``auto`` prefers the CUDA GPU with the most free memory, then MPS, then CPU."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DeviceError(ValueError):
+    """The requested device or dtype does not exist or is not usable on this machine."""
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def available_devices() -> list[str]:
+    """Every device name ``select_device`` accepts on this machine, ``cpu`` first."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names.append("cuda")
+        names.extend(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    if _mps_available():
+        names.append("mps")
+    return names
+
+
+def _cuda_with_most_free_memory() -> torch.device:
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    return torch.device("cuda", max(range(len(free)), key=free.__getitem__))
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """Resolve ``auto|cpu|cuda|cuda:N|mps`` to a usable ``torch.device`` or raise ``DeviceError``."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return _cuda_with_most_free_memory()
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = available_devices()
+    unavailable = DeviceError(f"device {spec!r} is not available here; available: {', '.join(available)}")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not _mps_available():
+            raise unavailable
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if match is None:
+        raise DeviceError(f"unknown device {spec!r}; expected auto, cpu, cuda, cuda:N or mps; available: "
+                          f"{', '.join(available)}")
+    if not torch.cuda.is_available():
+        raise unavailable
+    if match.group(1) is None:
+        return _cuda_with_most_free_memory()
+    index = int(match.group(1))
+    if index >= torch.cuda.device_count():
+        raise unavailable
+    return torch.device("cuda", index)
+
+
+def select_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA capability >= 8.0, float16 on older CUDA, float32 elsewhere."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if device.type == "cuda":
+            major, _ = torch.cuda.get_device_capability(device)
+            return torch.bfloat16 if major >= 8 else torch.float16
+        return torch.float32
+    if spec not in DTYPES:
+        raise DeviceError(f"unknown dtype {spec!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+def select(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The (device, dtype) pair every model in minercore runs on."""
+    chosen = select_device(device)
+    return chosen, select_dtype(dtype, chosen)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

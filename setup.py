@@ -1,0 +1,58 @@
+"""Builds the compiled stream loop; falls back to a pure-Python install when asked or when compiling fails."""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+NO_EXTENSIONS = os.environ.get("MINERCORE_NO_EXTENSIONS", "") not in ("", "0")
+
+CYTHON_DIRECTIVES = {
+    "language_level": "3",
+    # Indices into the stream table are validated once at the Python boundary of each call.
+    "boundscheck": False,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": False,
+}
+
+
+class OptionalBuildExt(build_ext):
+    """A compiler failure must not fail the install: the pure-Python twin has the same API."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any toolchain failure means "install pure Python"
+            self._fallback(exc)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            self._fallback(exc)
+
+    @staticmethod
+    def _fallback(exc: Exception) -> None:
+        print(f"minercore: compiled stream loop not built ({exc}); installing the pure-Python twin", file=sys.stderr)
+
+
+def extensions() -> list[Extension]:
+    if NO_EXTENSIONS:
+        print("minercore: MINERCORE_NO_EXTENSIONS is set; installing the pure-Python twin", file=sys.stderr)
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        print("minercore: Cython is not available; installing the pure-Python twin", file=sys.stderr)
+        return []
+    ext = Extension(
+        "minercore._streamloop_c",
+        ["csrc/_streamloop_c.pyx"],
+        extra_compile_args=["-O3"],
+    )
+    return cythonize([ext], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
