@@ -6,14 +6,37 @@ finish reason. Errors reach only the request they concern, as the exceptions def
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import dataclasses
+import heapq
 import itertools
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import streamloop
+from .config import EngineOptions, ModelOptions
+
+log = logging.getLogger("minercore.engine")
 
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_DEADLINE = "deadline"
 FINISH_CANCELLED = "cancelled"
+
+_RATE_WINDOW_STEPS = 256
+_INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread, off the event loop
+_MAX_STOP_STRINGS = 16
+_MAX_STOP_CHARS = 256
 
 _request_ids = itertools.count(1)
 
@@ -62,3 +85,494 @@ class GenerationRequest:
 class Piece:
     text: str
     finish_reason: str | None = None  # set on the last piece only
+    stats: RequestStats | None = None  # set on the last piece only
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    request_id: str
+    prompt_tokens: int
+    tokens: int
+    ttft_s: float | None  # submission to the first text handed to the consumer
+    duration_s: float
+    tokens_per_s: float
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    active: int
+    queued: int
+    completed: int
+    failed: int
+    cancelled: int
+    rejected: int
+    steps: int
+    tokens: int
+    steps_per_s: float  # over the recent window of steps
+    tokens_per_s: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+class _Mailbox:
+    """What the model thread has produced for one consumer and it has not read yet (coalesced if it lags)."""
+
+    __slots__ = ("parts", "finish_reason", "error", "stats", "ready", "submitted_at", "first_text_at")
+
+    def __init__(self) -> None:
+        self.submitted_at = time.monotonic()
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.stats: RequestStats | None = None
+        self.ready = asyncio.Event()
+        self.first_text_at: float | None = None
+
+
+class _Job:
+    """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
+
+    __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
+                 "mailbox", "slot", "tokens", "cancelled")
+
+    def __init__(self, request_id: str, prompt_ids: list[int], slot_params: Any, sampling: SamplingParams,
+                 deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.slot_params = slot_params
+        self.sampling = sampling
+        self.deadline = deadline
+        self.priority = priority
+        self.seq = seq
+        self.mailbox = mailbox
+        self.slot = -1
+        self.tokens = 0
+        self.cancelled = False
+
+    def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
+        return (-self.priority, self.seq) < (-other.priority, other.seq)
+
+
+class Engine:
+    """Continuous batching over one model runner, driven from a dedicated model thread.
+
+    The event loop only validates, tokenizes short prompts and moves text from mailboxes to consumers;
+    prefill, decode and detokenization (the compiled stream loop, one call per step) run in the thread.
+    """
+
+    def __init__(self, model: ModelOptions | None = None, options: EngineOptions | None = None, *,
+                 runner: Any = None, tokenizer: Any = None) -> None:
+        self.model_options = model or ModelOptions()
+        self.options = options or EngineOptions()
+        self._runner = runner
+        self._tokenizer = tokenizer
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._waiting: list[_Job] = []  # heap
+        self._active: dict[int, _Job] = {}  # slot -> job; model thread only
+        self._admitted = 0  # jobs admitted to a slot and not finished; read under _cond for admission
+        self._cancelled: collections.deque[_Job] = collections.deque()
+        self._seq = itertools.count()
+        self._closing = False
+        self._abort = False
+        self._stopped = False
+        self._counts = collections.Counter()
+        self._recent_steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW_STEPS)
+        self.warmup_seconds = 0.0
+        self.stream_loop = streamloop.IMPLEMENTATION
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the tokenizer and model, warm up (compile), and start the model thread."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._build)
+        self._thread = threading.Thread(target=self._model_thread, name="minercore-model", daemon=True)
+        self._thread.start()
+
+    def _build(self) -> None:
+        from .token_bytes import token_bytes_table
+        from .tokenizer import load_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_options.tokenizer)
+        self._prompt_encoder = _prompt_encoder(self._tokenizer)
+        eos_id = self._tokenizer.eos_token_id
+        if self._runner is None:
+            from .runner import build_runner
+
+            self._runner = build_runner(self.model_options, max_batch=self.options.max_batch, eos_id=eos_id)
+        if self._runner.max_batch < self.options.max_batch:
+            raise ValueError(f"runner holds {self._runner.max_batch} slots, engine wants {self.options.max_batch}")
+        self._free_slots = list(range(self.options.max_batch))
+        heapq.heapify(self._free_slots)
+        self._table = streamloop.StreamTable(
+            token_bytes_table(self._tokenizer), self.options.max_batch, eos_id=eos_id,
+            flush_tokens=self.options.flush_tokens, flush_ms=self.options.flush_ms)
+        self.warmup_seconds = self._runner.warmup()
+        log.info("engine ready: %s; warm-up %.2fs; stream loop %s; max_batch %d, max_queue %d",
+                 self._runner.description, self.warmup_seconds, self.stream_loop,
+                 self.options.max_batch, self.options.max_queue)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def runner_description(self) -> str:
+        return self._runner.description if self._runner is not None else "not started"
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop admitting; let running and queued requests finish within ``grace`` s, then cancel the rest."""
+        with self._cond:
+            self._closing = True
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._waiting and self._admitted == 0:
+                    break
+            await asyncio.sleep(0.01)
+        with self._cond:
+            self._abort = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._stopped = True
+
+    # ---- the consumer side (event loop) --------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
+        """Stream ``request``'s text. Leaving the loop early cancels the request and frees its slot."""
+        if self._thread is None or self._loop is None:
+            raise EngineClosed("engine is not started")
+        job = await self._submit(request)
+        mailbox = job.mailbox
+        try:
+            while True:
+                await mailbox.ready.wait()
+                mailbox.ready.clear()
+                text = "".join(mailbox.parts)
+                mailbox.parts.clear()
+                if mailbox.error is not None:
+                    if text:
+                        yield Piece(text)
+                    raise mailbox.error
+                if mailbox.finish_reason is not None:
+                    yield Piece(text, mailbox.finish_reason, mailbox.stats)
+                    return
+                if text:
+                    yield Piece(text)
+        finally:
+            if mailbox.finish_reason is None and mailbox.error is None:
+                with self._cond:
+                    self._cancelled.append(job)
+                    self._cond.notify()
+
+    async def _submit(self, request: GenerationRequest) -> _Job:
+        sampling = _validated_sampling(request.sampling, self.options.max_new_tokens)
+        prompt_ids = await self._prompt_ids(request)
+        room = self._runner.max_context - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequest(f"prompt is {len(prompt_ids)} tokens; the model's context is "
+                                 f"{self._runner.max_context} tokens")
+        if room < sampling.max_new_tokens:
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        deadline = None if request.timeout is None else time.monotonic() + max(0.0, float(request.timeout))
+        from .runner import SlotParams
+
+        slot_params = SlotParams(
+            echo=self.model_options.mode == "echo", temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        job = _Job(request.request_id, prompt_ids, slot_params, sampling, deadline, float(request.priority),
+                   next(self._seq), _Mailbox())
+        with self._cond:
+            if self._closing or self._stopped:
+                raise EngineClosed("engine is shutting down")
+            capacity = self.options.max_batch + self.options.max_queue
+            if self._admitted + len(self._waiting) >= capacity:
+                self._counts["rejected"] += 1
+                raise EngineOverloaded(f"all {self.options.max_batch} slots are busy and "
+                                       f"{self.options.max_queue} requests are already waiting")
+            heapq.heappush(self._waiting, job)
+            self._cond.notify()
+        return job
+
+    async def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        given = [x is not None for x in (request.prompt, request.prompt_ids, request.messages)]
+        if sum(given) != 1:
+            raise InvalidRequest("give exactly one of prompt, prompt_ids or messages")
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            vocab = len(self._tokenizer)
+            if not ids:
+                raise InvalidRequest("prompt is empty")
+            if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab for i in ids):
+                raise InvalidRequest(f"prompt_ids must be token ids in [0, {vocab})")
+            return ids
+        text = request.prompt if request.prompt is not None else self._format_messages(request.messages)
+        if not isinstance(text, str):
+            raise InvalidRequest("prompt must be a string")
+        if len(text) > self.options.max_prompt_chars:
+            raise InvalidRequest(f"prompt is {len(text)} characters; the limit is {self.options.max_prompt_chars}")
+        if not text:
+            raise InvalidRequest("prompt is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest("prompt is not valid Unicode text (it contains a lone surrogate)") from exc
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return self._encode(text)
+        return await asyncio.to_thread(self._encode, text)
+
+    def _encode(self, text: str) -> list[int]:
+        return self._prompt_encoder(text)
+
+    def _format_messages(self, messages: Any) -> str:
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("messages must be a non-empty list")
+        for message in messages:
+            if not (isinstance(message, dict) and isinstance(message.get("content"), str)
+                    and isinstance(message.get("role", ""), str)):
+                raise InvalidRequest("each message must be {'role': str, 'content': str}")
+        if self.model_options.mode == "echo":
+            return messages[-1]["content"]  # the seed's behaviour: answer the last message
+        total = sum(len(m["content"]) for m in messages)
+        if total > self.options.max_prompt_chars:
+            raise InvalidRequest(f"messages hold {total} characters; the limit is {self.options.max_prompt_chars}")
+        template = getattr(self._tokenizer, "chat_template", None)
+        if template:
+            return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m.get('role') or 'user'}: {m['content']}\n" for m in messages) + "assistant:"
+
+    # ---- stats -------------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        with self._cond:
+            active, queued = self._admitted, len(self._waiting)
+            counts = dict(self._counts)
+            recent = list(self._recent_steps)
+        steps_per_s = tokens_per_s = 0.0
+        if len(recent) >= 2:
+            span = recent[-1][0] - recent[0][0]
+            if span > 0:
+                steps_per_s = (len(recent) - 1) / span
+                tokens_per_s = sum(n for _, n in recent[1:]) / span
+        return EngineStats(active=active, queued=queued, completed=counts.get("completed", 0),
+                           failed=counts.get("failed", 0), cancelled=counts.get("cancelled", 0),
+                           rejected=counts.get("rejected", 0), steps=counts.get("steps", 0),
+                           tokens=counts.get("tokens", 0), steps_per_s=steps_per_s, tokens_per_s=tokens_per_s)
+
+    # ---- the model thread ---------------------------------------------------------------------------
+    def _model_thread(self) -> None:
+        while True:
+            with self._cond:
+                while (not self._abort and not self._active and not self._waiting and not self._cancelled):
+                    self._cond.wait()
+                if self._abort:
+                    break
+                cancelled = list(self._cancelled)
+                self._cancelled.clear()
+            outbox: list[tuple[_Mailbox, str, str | None, BaseException | None, RequestStats | None]] = []
+            try:
+                self._iterate(cancelled, outbox)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not kill the thread serving everyone
+                log.exception("engine iteration failed; failing the active requests")
+                for job in list(self._active.values()):
+                    self._end(job, outbox, error=GenerationFailed(f"engine error: {exc}"))
+            self._post(outbox)
+        self._abort_all()
+
+    def _iterate(self, cancelled: list[_Job], outbox: list) -> None:
+        for job in cancelled:
+            self._cancel(job)
+        now = time.monotonic()
+        for job in [j for j in self._active.values() if j.deadline is not None and now >= j.deadline]:
+            self._end(job, outbox, reason=FINISH_DEADLINE, text=self._table.finish(job.slot))
+        slots, ids = self._admit(now, outbox)
+        decoding = [s for s in self._active if s not in slots]
+        if decoding:
+            step_slots = np.fromiter(decoding, dtype=np.int64, count=len(decoding))
+            try:
+                step_ids = self._runner.decode(step_slots)
+            except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
+                log.exception("decode step failed for %d requests", len(decoding))
+                _free_cuda_cache()
+                for slot in decoding:
+                    self._end(self._active[slot], outbox, error=GenerationFailed(f"model step failed: {exc}"))
+                step_slots = step_ids = None
+            if step_slots is not None:
+                slots.extend(decoding)
+                ids.extend(step_ids.tolist())
+        if not slots:
+            return
+        events = self._table.step(np.asarray(slots, dtype=np.int64), np.asarray(ids, dtype=np.int64))
+        for slot in slots:
+            self._active[slot].tokens += 1
+        with self._cond:
+            self._counts["steps"] += 1
+            self._counts["tokens"] += len(slots)
+            self._recent_steps.append((time.monotonic(), len(slots)))
+        for slot, text, reason in events:
+            job = self._active[slot]
+            if reason is None:
+                outbox.append((job.mailbox, text, None, None, None))
+            else:
+                self._end(job, outbox, reason=reason, text=text, table_done=True)
+
+    def _admit(self, now: float, outbox: list) -> tuple[list[int], list[int]]:
+        """Prefill waiting jobs into free slots; returns the new slots and their first token ids."""
+        slots: list[int] = []
+        ids: list[int] = []
+        while self._free_slots:
+            with self._cond:
+                if not self._waiting:
+                    break
+                job = heapq.heappop(self._waiting)
+                if job.deadline is not None and now >= job.deadline:
+                    self._counts["completed"] += 1
+                    outbox.append((job.mailbox, "", FINISH_DEADLINE, None, self._request_stats(job, FINISH_DEADLINE)))
+                    continue
+                self._admitted += 1
+            job.slot = heapq.heappop(self._free_slots)
+            self._active[job.slot] = job
+            try:
+                first = self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
+                self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
+                                include_stop=job.sampling.include_stop)
+            except Exception as exc:  # noqa: BLE001 - only this request fails
+                log.exception("prefill failed for %s", job.request_id)
+                _free_cuda_cache()
+                self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"))
+                continue
+            slots.append(job.slot)
+            ids.append(first)
+        return slots, ids
+
+    def _cancel(self, job: _Job) -> None:
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                heapq.heapify(self._waiting)
+                self._counts["cancelled"] += 1
+                return
+        if self._active.get(job.slot) is job:
+            self._table.release(job.slot)
+            self._release_slot(job)
+            with self._cond:
+                self._counts["cancelled"] += 1
+
+    def _end(self, job: _Job, outbox: list, *, reason: str | None = None, text: str = "",
+             error: BaseException | None = None, table_done: bool = False) -> None:
+        if not table_done:
+            self._table.release(job.slot)
+        self._release_slot(job)
+        with self._cond:
+            self._counts["failed" if error is not None else "completed"] += 1
+        stats = None if error is not None else self._request_stats(job, reason)
+        outbox.append((job.mailbox, text, reason, error, stats))
+
+    def _release_slot(self, job: _Job) -> None:
+        try:
+            self._runner.release(job.slot)
+        except Exception:  # noqa: BLE001 - a runner that cannot release still gets its slot reused by prefill
+            log.exception("runner failed to release slot %d", job.slot)
+        del self._active[job.slot]
+        heapq.heappush(self._free_slots, job.slot)
+        with self._cond:
+            self._admitted -= 1
+
+    @staticmethod
+    def _request_stats(job: _Job, reason: str | None) -> RequestStats:
+        """TTFT is filled in on the event loop, where the first text is handed over."""
+        duration = time.monotonic() - job.mailbox.submitted_at
+        return RequestStats(request_id=job.request_id, prompt_tokens=len(job.prompt_ids), tokens=job.tokens,
+                            ttft_s=None, duration_s=duration,
+                            tokens_per_s=job.tokens / duration if duration > 0 else 0.0,
+                            finish_reason=reason or "")
+
+    def _abort_all(self) -> None:
+        outbox: list = []
+        for job in list(self._active.values()):
+            self._end(job, outbox, reason=FINISH_CANCELLED, text=self._table.finish(job.slot), table_done=True)
+        with self._cond:
+            waiting, self._waiting = self._waiting, []
+        for job in waiting:
+            outbox.append((job.mailbox, "", FINISH_CANCELLED, None, self._request_stats(job, FINISH_CANCELLED)))
+        self._post(outbox)
+
+    def _post(self, outbox: list) -> None:
+        if not outbox:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_deliver, outbox)
+        except RuntimeError:  # the loop is closed: nobody is left to read these
+            log.debug("event loop closed; dropped %d deliveries", len(outbox))
+
+
+def _deliver(outbox: list) -> None:
+    now = time.monotonic()
+    for mailbox, text, reason, error, stats in outbox:
+        if text:
+            mailbox.parts.append(text)
+            if mailbox.first_text_at is None:
+                mailbox.first_text_at = now
+        if error is not None:
+            mailbox.error = error
+        elif reason is not None:
+            mailbox.finish_reason = reason
+            if stats is not None and mailbox.first_text_at is not None:
+                stats = dataclasses.replace(stats, ttft_s=mailbox.first_text_at - mailbox.submitted_at)
+            mailbox.stats = stats
+        mailbox.ready.set()
+
+
+def _validated_sampling(sampling: SamplingParams, ceiling: int) -> SamplingParams:
+    if not isinstance(sampling, SamplingParams):
+        raise InvalidRequest("sampling must be SamplingParams")
+    n = sampling.max_new_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidRequest(f"max_new_tokens must be a positive integer, got {n!r}")
+    t = sampling.temperature
+    if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise InvalidRequest(f"temperature must be a finite number >= 0, got {t!r}")
+    if not isinstance(sampling.top_k, int) or sampling.top_k < 0:
+        raise InvalidRequest(f"top_k must be an integer >= 0, got {sampling.top_k!r}")
+    p = sampling.top_p
+    if not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {p!r}")
+    if sampling.seed is not None and (not isinstance(sampling.seed, int) or sampling.seed < 0):
+        raise InvalidRequest(f"seed must be a non-negative integer, got {sampling.seed!r}")
+    stop = tuple(sampling.stop)
+    if len(stop) > _MAX_STOP_STRINGS:
+        raise InvalidRequest(f"at most {_MAX_STOP_STRINGS} stop strings")
+    for s in stop:
+        if not isinstance(s, str) or not s or len(s) > _MAX_STOP_CHARS:
+            raise InvalidRequest(f"stop strings must be non-empty strings of at most {_MAX_STOP_CHARS} characters")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest("stop strings must be valid Unicode text") from exc
+    return dataclasses.replace(sampling, max_new_tokens=min(n, ceiling), stop=stop)
+
+
+def _prompt_encoder(tokenizer: Any):
+    """Encode prompts so that text such as "<|endoftext|>" stays text: clients must not inject control ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda text: tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    from tokenizers import Tokenizer
+
+    # A private copy: the flag would change how the shared tokenizer treats special tokens elsewhere.
+    encoder = Tokenizer.from_str(backend.to_str())
+    encoder.encode_special_tokens = True
+    return lambda text: encoder.encode(text, add_special_tokens=False).ids
+
+
+def _free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -26,9 +26,13 @@ def _load_gpt2() -> PreTrainedTokenizerFast:
     return tok
 
 
-@functools.lru_cache(maxsize=None)
 def load_tokenizer(name: str = GPT2) -> PreTrainedTokenizerBase:
     """``gpt2`` (bundled, offline) or any Hugging Face tokenizer by hub name or local directory."""
+    return _load(name)
+
+
+@functools.cache
+def _load(name: str) -> PreTrainedTokenizerBase:
     if name == GPT2:
         return _load_gpt2()
     try:

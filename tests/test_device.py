@@ -1,0 +1,82 @@
+"""Device and dtype selection, CUDA branches exercised by faking torch's CUDA queries."""
+
+import pytest
+import torch
+
+from minercore import device as dev
+from minercore.device import DeviceError, select, select_device, select_dtype
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two visible GPUs: cuda:0 (capability 7.5, 2 GiB free) and cuda:1 (capability 9.0, 60 GiB free)."""
+    free = {0: 2 << 30, 1: 60 << 30}
+    capability = {0: (7, 5), 1: (9, 0)}
+
+    def index(d):
+        if isinstance(d, torch.device):
+            return d.index or 0
+        return int(d)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=0: (free[index(d)], 80 << 30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=0: capability[index(d)])
+    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    return free
+
+
+def test_auto_on_cpu_machine():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the CPU branch is covered where CI runs")
+    assert select("auto", "auto") == (torch.device("cpu"), torch.float32)
+
+
+def test_auto_picks_gpu_with_most_free_memory(fake_cuda):
+    assert select_device("auto") == torch.device("cuda", 1)
+    fake_cuda[0], fake_cuda[1] = 70 << 30, 1 << 30
+    assert select_device("auto") == torch.device("cuda", 0)
+    assert select_device("cuda") == torch.device("cuda", 0)
+
+
+def test_auto_dtype_follows_capability(fake_cuda):
+    assert select_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+    assert select_dtype("auto", torch.device("cuda", 0)) == torch.float16
+    assert select_dtype("auto", torch.device("cpu")) == torch.float32
+    assert select("cuda:0", "auto") == (torch.device("cuda", 0), torch.float16)
+
+
+def test_explicit_cuda_index(fake_cuda):
+    assert select_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(DeviceError, match=r"cuda:7.*available: cpu, cuda, cuda:0, cuda:1"):
+        select_device("cuda:7")
+
+
+def test_mps_preferred_over_cpu_when_no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "_mps_available", lambda: True)
+    assert select_device("auto") == torch.device("mps")
+    assert select_dtype("auto", torch.device("mps")) == torch.float32
+
+
+def test_unavailable_device_lists_what_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    with pytest.raises(DeviceError, match=r"'cuda' is not available here; available: cpu$"):
+        select_device("cuda")
+    with pytest.raises(DeviceError, match="'mps' is not available"):
+        select_device("mps")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "tpu", "cuda:-1", ""])
+def test_unknown_device_is_a_clear_error(spec):
+    with pytest.raises(DeviceError, match="unknown device"):
+        select_device(spec)
+
+
+def test_dtypes():
+    cpu = torch.device("cpu")
+    assert select_dtype("bfloat16", cpu) == torch.bfloat16
+    assert select_dtype("FLOAT16", cpu) == torch.float16
+    with pytest.raises(DeviceError, match="unknown dtype 'fp8'"):
+        select_dtype("fp8", cpu)

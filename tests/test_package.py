@@ -1,0 +1,90 @@
+"""The install: the compiled stream loop, the pure-Python fallback and the ``info`` report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INFO_KEYS = {"version", "stream_loop", "torch", "cuda_available", "device", "dtype", "bittensor", "tokenizer",
+             "vocab_size"}
+
+
+def run_info(**env):
+    out = subprocess.run([sys.executable, "-m", "minercore", "info"], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
+def test_info_reports_compiled_loop():
+    report = run_info(MINERCORE_NO_EXTENSIONS="")
+    assert INFO_KEYS <= report.keys()
+    assert report["stream_loop"] == "cython"
+    assert report["vocab_size"] == 50257
+    assert report["bittensor"].startswith("10.")
+    import torch
+
+    assert report["cuda_available"] == torch.cuda.is_available()
+    assert report["device"] == ("cpu" if not torch.cuda.is_available() else report["device"])
+
+
+def test_no_extensions_at_run_time_forces_the_twin():
+    assert run_info(MINERCORE_NO_EXTENSIONS="1")["stream_loop"] == "python"
+
+
+def test_import_site_choice(monkeypatch):
+    import importlib
+
+    import minercore.streamloop as streamloop
+
+    monkeypatch.setenv("MINERCORE_NO_EXTENSIONS", "1")
+    forced = importlib.reload(streamloop)
+    assert forced.IMPLEMENTATION == "python"
+    from minercore import _streamloop_py
+
+    assert forced.StreamTable is _streamloop_py.StreamTable
+    monkeypatch.delenv("MINERCORE_NO_EXTENSIONS")
+    compiled = importlib.reload(streamloop)
+    assert compiled.IMPLEMENTATION == "cython"
+
+
+def test_import_error_falls_back_with_one_warning(monkeypatch, caplog):
+    import importlib
+
+    import minercore.streamloop as streamloop
+
+    monkeypatch.delenv("MINERCORE_NO_EXTENSIONS", raising=False)
+    monkeypatch.setitem(sys.modules, "minercore._streamloop_c", None)  # makes the import raise ImportError
+    with caplog.at_level("WARNING", logger="minercore.streamloop"):
+        fallen = importlib.reload(streamloop)
+    assert fallen.IMPLEMENTATION == "python"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    monkeypatch.undo()
+    importlib.reload(streamloop)
+
+
+def test_info_rejects_unknown_device():
+    out = subprocess.run([sys.executable, "-m", "minercore", "info", "--device", "tpu"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert "unknown device 'tpu'" in out.stderr
+
+
+def _install_to(target: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(ROOT)], capture_output=True, text=True, env={**os.environ, **env}, cwd=target.parent, timeout=300)
+
+
+@pytest.mark.parametrize("how", ["env", "compiler-fails"])
+def test_pure_python_install(tmp_path, how):
+    env = {"MINERCORE_NO_EXTENSIONS": "1"} if how == "env" else {"MINERCORE_NO_EXTENSIONS": "", "CC": "false"}
+    result = _install_to(tmp_path / "site", **env)
+    assert result.returncode == 0, result.stderr
+    assert "installing the pure-Python twin" in result.stdout + result.stderr
+    installed = tmp_path / "site" / "minercore"
+    assert (installed / "_streamloop_py.py").exists()
+    assert not list(installed.glob("_streamloop_c*.so"))
