@@ -1,0 +1,273 @@
+"""A GPT-2-shaped language model with a static KV cache (random weights from a seed, or real GPT-2 weights).
+
+Architecture: learned positional embeddings, pre-LayerNorm blocks, GELU(tanh) MLP 4x, final LayerNorm,
+LM head tied to the token embedding. Three entry points:
+
+- ``forward(idx)``: full causal recompute, no cache (the reference the cached paths are tested against);
+- ``prefill(idx, slot)``: one prompt, its keys/values written into row ``slot`` of every layer's cache;
+- ``decode(tokens, pos, ctx)``: one new token for each of the first ``len(tokens)`` cache rows, each
+  attending over its own row's first ``ctx`` positions (masked beyond its own position).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# tiny: GPT-2's vocabulary (echo must reproduce any GPT-2 token) with a model small enough for 2 CPU cores;
+# its cost per step is mostly the 128 x 50257 LM head.
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(n_positions=4096, n_layer=2, n_head=4, n_embd=128),
+    "gpt2": GPTConfig(),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+}
+
+
+class KVCache(nn.Module):
+    """Keys and values of every slot for one layer, allocated once: (max_batch, n_head, positions, head_dim)."""
+
+    def __init__(self, max_batch: int, n_head: int, positions: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (max_batch, n_head, positions, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def fill(self, slot: int, k: Tensor, v: Tensor) -> None:
+        """Write one prompt's (1, H, T, D) keys/values at positions [0, T) of row ``slot``."""
+        length = k.shape[2]
+        self.k[slot, :, :length] = k[0]
+        self.v[slot, :, :length] = v[0]
+
+    def append(self, pos: Tensor, k: Tensor, v: Tensor, ctx: int) -> tuple[Tensor, Tensor]:
+        """Write row i's (H, 1, D) step at ``pos[i]`` for rows [0, b); return views of their first ``ctx``
+        positions (views, not gathers: the batch bucket is a prefix of the cache rows)."""
+        b = pos.shape[0]
+        rows = torch.arange(b, device=pos.device)
+        self.k[rows, :, pos] = k[:, :, 0]
+        self.v[rows, :, pos] = v[:, :, 0]
+        return self.k[:b, :, :ctx], self.v[:b, :, :ctx]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v as in GPT-2 checkpoints
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.cache: KVCache | None = None
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        return tuple(z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+
+    def _merge(self, y: Tensor) -> Tensor:
+        b, _, t, _ = y.shape
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, x: Tensor, slot: int | None = None) -> Tensor:
+        q, k, v = self._heads(x)
+        if slot is not None:
+            self.cache.fill(slot, k, v)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def step(self, x: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
+        q, k, v = self._heads(x)
+        keys, values = self.cache.append(pos, k, v, ctx)
+        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, slot: int | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), slot)
+        return x + self.mlp(self.ln_2(x))
+
+    def step(self, x: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
+        x = x + self.attn.step(self.ln_1(x), pos, mask, ctx)
+        return x + self.mlp(self.ln_2(x))
+
+
+class SimulatedLM(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    @classmethod
+    def random(cls, config: GPTConfig, seed: int = 0) -> SimulatedLM:
+        """GPT-2's initialisation (normal, std 0.02) from ``seed``, on the CPU so every device gets the same
+        weights."""
+        model = cls(config)
+        generator = torch.Generator().manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module is model.lm_head:
+                    continue  # tied to wte, initialised there
+                nn.init.normal_(module.weight, std=0.02, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        return model
+
+    def setup_caches(self, max_batch: int, max_context: int) -> int:
+        """Allocate every layer's cache on the model's device and dtype; returns KV bytes per slot."""
+        if max_context > self.config.n_positions:
+            raise ValueError(f"max_context {max_context} exceeds the model's {self.config.n_positions} "
+                             f"positions; use max_context <= {self.config.n_positions}")
+        weight = self.wte.weight
+        # One spare position, never written: an attended prefix (even all of max_context) is then never the
+        # whole cache, whose view would be contiguous and make torch.compile specialise a second graph.
+        positions = max_context + 1
+        for block in self.blocks:
+            block.attn.cache = KVCache(max_batch, self.config.n_head, positions, self.config.head_dim,
+                                       weight.dtype, weight.device)
+        return 2 * self.config.n_layer * positions * self.config.n_embd * weight.element_size()
+
+    def _embed(self, idx: Tensor) -> Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        return self.wte(idx) + self.wpe(positions)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, V) logits, recomputing everything; touches no cache."""
+        x = self._embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def prefill(self, idx: Tensor, slot: int) -> Tensor:
+        """(1, T) prompt -> (1, V) logits of its last position; keys/values stored in cache row ``slot``."""
+        x = self._embed(idx)
+        for block in self.blocks:
+            x = block(x, slot)
+        return self.lm_head(self.ln_f(x[:, -1]))
+
+    def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
+        """(b,) tokens at (b,) positions -> (b, V) logits; row i uses cache row i, positions [0, ctx)."""
+        x = (self.wte(tokens) + self.wpe(pos))[:, None, :]
+        # True = attend: each row sees its own positions up to and including the one being written.
+        mask = (torch.arange(ctx, device=pos.device) <= pos[:, None])[:, None, None, :]
+        for block in self.blocks:
+            x = block.step(x, pos, mask, ctx)
+        return self.lm_head(self.ln_f(x[:, 0]))
+
+
+# ---- real GPT-2-family weights (Hugging Face checkpoint layout) ----
+
+def _hf_config(directory: Path) -> GPTConfig:
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if raw.get("model_type") != "gpt2":
+        raise ValueError(f"{directory} holds a {raw.get('model_type')!r} model, not a GPT-2-family checkpoint")
+    if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("reorder_and_upcast_attn"):
+        raise ValueError(f"{directory}: GPT-2 attention variants are not supported")
+    if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{directory}: activation {raw['activation_function']!r} is not GELU(tanh)")
+    return GPTConfig(vocab_size=raw["vocab_size"], n_positions=raw["n_positions"], n_layer=raw["n_layer"],
+                     n_head=raw["n_head"], n_embd=raw["n_embd"],
+                     layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5))
+
+
+def _hf_state_dict(directory: Path) -> dict[str, Tensor]:
+    single = directory / "model.safetensors"
+    if single.exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(single))
+    sharded = sorted(directory.glob("model-*.safetensors"))
+    if sharded:
+        from safetensors.torch import load_file
+
+        return {k: v for shard in sharded for k, v in load_file(str(shard)).items()}
+    legacy = directory / "pytorch_model.bin"
+    if legacy.exists():
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory} has no model.safetensors or pytorch_model.bin")
+
+
+def _resolve_checkpoint(name_or_dir: str) -> Path:
+    directory = Path(name_or_dir)
+    if directory.is_dir():
+        return directory
+    # Not a directory: a hub name, fetched (or found in the local hub cache) by huggingface_hub.
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors", "*.bin"]))
+
+
+def load_gpt2(name_or_dir: str) -> SimulatedLM:
+    """A SimulatedLM holding a GPT-2-family checkpoint's weights (float32, CPU)."""
+    directory = _resolve_checkpoint(name_or_dir)
+    config = _hf_config(directory)
+    source = {k.removeprefix("transformer."): v for k, v in _hf_state_dict(directory).items()}
+    model = SimulatedLM(config)
+    target = model.state_dict()
+    loaded = {}
+    for key, tensor in source.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue  # old checkpoints' causal-mask buffers; the head is tied to wte
+        ours = "blocks." + key.removeprefix("h.") if key.startswith("h.") else key
+        if ours not in target:
+            raise ValueError(f"unexpected tensor {key!r} in {directory}")
+        # HF GPT-2 stores its linear layers as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
+        if ours.endswith(".weight") and tensor.dim() == 2 and ("attn.c_" in ours or "mlp.c_" in ours):
+            tensor = tensor.t()
+        if tensor.shape != target[ours].shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target[ours].shape)}")
+        loaded[ours] = tensor.float()
+    missing = set(target) - set(loaded) - {"lm_head.weight"}
+    if missing:
+        raise ValueError(f"{directory} lacks {sorted(missing)}")
+    model.load_state_dict(loaded, strict=False)
+    return model
+
+
+def describe(config: GPTConfig) -> str:
+    """``12x768 (12 heads), vocab 50257, 124M params``: for the runner's one-line description."""
+    c = config
+    params = c.n_layer * (12 * c.n_embd ** 2 + 13 * c.n_embd) + (c.vocab_size + c.n_positions + 2) * c.n_embd
+    return f"{c.n_layer}x{c.n_embd} ({c.n_head} heads), vocab {c.vocab_size}, {params / 1e6:.1f}M params"
