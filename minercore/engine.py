@@ -135,7 +135,7 @@ class _Job:
     """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
 
     __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
-                 "mailbox", "slot", "tokens", "cancelled")
+                 "mailbox", "slot", "joined_at_step")
 
     def __init__(self, request_id: str, prompt_ids: list[int], slot_params: Any, sampling: SamplingParams,
                  deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
@@ -148,8 +148,7 @@ class _Job:
         self.seq = seq
         self.mailbox = mailbox
         self.slot = -1
-        self.tokens = 0
-        self.cancelled = False
+        self.joined_at_step = 0  # the engine's decode-step count when the job got its slot
 
     def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
         return (-self.priority, self.seq) < (-other.priority, other.seq)
@@ -180,19 +179,24 @@ class Engine:
         self._abort = False
         self._stopped = False
         self._counts = collections.Counter()
+        self._decode_steps = 0  # successful decode steps; model thread only
+        # (time, tokens so far) at each of the recent decode steps: the window the rates are measured over
         self._recent_steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW_STEPS)
         self.warmup_seconds = 0.0
         self.stream_loop = streamloop.IMPLEMENTATION
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the tokenizer and model, warm up (compile), and start the model thread."""
+        """Load the tokenizer and model, then start the model thread and wait for its warm-up (compile)."""
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._build)
-        self._thread = threading.Thread(target=self._model_thread, name="minercore-model", daemon=True)
+        ready = self._loop.create_future()
+        self._thread = threading.Thread(target=self._model_thread, args=(ready,), name="minercore-model",
+                                        daemon=True)
         self._thread.start()
+        await ready
 
     def _build(self) -> None:
         from .token_bytes import token_bytes_table
@@ -213,10 +217,20 @@ class Engine:
         self._table = streamloop.StreamTable(
             token_bytes_table(self._tokenizer), self.options.max_batch, eos_id=eos_id,
             flush_tokens=self.options.flush_tokens, flush_ms=self.options.flush_ms)
-        self.warmup_seconds = self._runner.warmup()
+
+    def _warm_up(self, ready: asyncio.Future) -> bool:
+        """On the model thread: CUDA graphs belong to the thread that records them."""
+        try:
+            self.warmup_seconds = self._runner.warmup()
+        except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
+            self._stopped = True
+            self._loop.call_soon_threadsafe(_settle, ready, exc)
+            return False
         log.info("engine ready: %s; warm-up %.2fs; stream loop %s; max_batch %d, max_queue %d",
                  self._runner.description, self.warmup_seconds, self.stream_loop,
                  self.options.max_batch, self.options.max_queue)
+        self._loop.call_soon_threadsafe(_settle, ready, None)
+        return True
 
     @property
     def tokenizer(self) -> Any:
@@ -359,14 +373,16 @@ class Engine:
             span = recent[-1][0] - recent[0][0]
             if span > 0:
                 steps_per_s = (len(recent) - 1) / span
-                tokens_per_s = sum(n for _, n in recent[1:]) / span
+                tokens_per_s = (recent[-1][1] - recent[0][1]) / span
         return EngineStats(active=active, queued=queued, completed=counts.get("completed", 0),
                            failed=counts.get("failed", 0), cancelled=counts.get("cancelled", 0),
                            rejected=counts.get("rejected", 0), steps=counts.get("steps", 0),
                            tokens=counts.get("tokens", 0), steps_per_s=steps_per_s, tokens_per_s=tokens_per_s)
 
     # ---- the model thread ---------------------------------------------------------------------------
-    def _model_thread(self) -> None:
+    def _model_thread(self, ready: asyncio.Future) -> None:
+        if not self._warm_up(ready):
+            return
         while True:
             with self._cond:
                 while (not self._abort and not self._active and not self._waiting and not self._cancelled):
@@ -390,31 +406,31 @@ class Engine:
             self._cancel(job)
         now = time.monotonic()
         for job in [j for j in self._active.values() if j.deadline is not None and now >= j.deadline]:
-            self._end(job, outbox, reason=FINISH_DEADLINE, text=self._table.finish(job.slot))
-        slots, ids = self._admit(now, outbox)
-        decoding = [s for s in self._active if s not in slots]
-        if decoding:
-            step_slots = np.fromiter(decoding, dtype=np.int64, count=len(decoding))
-            try:
-                step_ids = self._runner.decode(step_slots)
-            except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
-                log.exception("decode step failed for %d requests", len(decoding))
-                _free_cuda_cache()
-                for slot in decoding:
-                    self._end(self._active[slot], outbox, error=GenerationFailed(f"model step failed: {exc}"))
-                step_slots = step_ids = None
-            if step_slots is not None:
-                slots.extend(decoding)
-                ids.extend(step_ids.tolist())
-        if not slots:
+            self._end(job, outbox, reason=FINISH_DEADLINE, text=self._table.finish(job.slot, drop_incomplete=True),
+                      table_done=True)
+        self._admit(now, outbox)
+        if not self._active:
             return
-        events = self._table.step(np.asarray(slots, dtype=np.int64), np.asarray(ids, dtype=np.int64))
-        for slot in slots:
-            self._active[slot].tokens += 1
+        slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
+        try:
+            ids = self._runner.decode(slots)
+        except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
+            log.exception("decode step failed for %d requests", len(slots))
+            _free_cuda_cache()
+            for job in list(self._active.values()):
+                self._end(job, outbox, error=GenerationFailed(f"model step failed: {exc}"))
+            return
+        self._decode_steps += 1
+        self._consume(slots, ids, outbox)
         with self._cond:
             self._counts["steps"] += 1
+            self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
+
+    def _consume(self, slots: np.ndarray, ids: np.ndarray, outbox: list) -> None:
+        """Hand one token per slot to the stream loop (one call for the whole batch) and route its events."""
+        events = self._table.step(slots, ids)
+        with self._cond:
             self._counts["tokens"] += len(slots)
-            self._recent_steps.append((time.monotonic(), len(slots)))
         for slot, text, reason in events:
             job = self._active[slot]
             if reason is None:
@@ -422,10 +438,9 @@ class Engine:
             else:
                 self._end(job, outbox, reason=reason, text=text, table_done=True)
 
-    def _admit(self, now: float, outbox: list) -> tuple[list[int], list[int]]:
-        """Prefill waiting jobs into free slots; returns the new slots and their first token ids."""
-        slots: list[int] = []
-        ids: list[int] = []
+    def _admit(self, now: float, outbox: list) -> None:
+        """Prefill waiting jobs into free slots, highest priority first. Each one's first text is posted as
+        soon as its own prefill is done, so a burst of arrivals does not wait for every prefill and a step."""
         while self._free_slots:
             with self._cond:
                 if not self._waiting:
@@ -437,6 +452,7 @@ class Engine:
                     continue
                 self._admitted += 1
             job.slot = heapq.heappop(self._free_slots)
+            job.joined_at_step = self._decode_steps
             self._active[job.slot] = job
             try:
                 first = self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
@@ -447,9 +463,9 @@ class Engine:
                 _free_cuda_cache()
                 self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"))
                 continue
-            slots.append(job.slot)
-            ids.append(first)
-        return slots, ids
+            self._consume(np.array([job.slot], dtype=np.int64), np.array([first], dtype=np.int64), outbox)
+            self._post(outbox.copy())
+            outbox.clear()
 
     def _cancel(self, job: _Job) -> None:
         with self._cond:
@@ -484,19 +500,21 @@ class Engine:
         with self._cond:
             self._admitted -= 1
 
-    @staticmethod
-    def _request_stats(job: _Job, reason: str | None) -> RequestStats:
+    def _request_stats(self, job: _Job, reason: str | None) -> RequestStats:
         """TTFT is filled in on the event loop, where the first text is handed over."""
         duration = time.monotonic() - job.mailbox.submitted_at
-        return RequestStats(request_id=job.request_id, prompt_tokens=len(job.prompt_ids), tokens=job.tokens,
+        # One token from prefill, then one from every decode step since the job joined.
+        tokens = 0 if job.slot < 0 else 1 + self._decode_steps - job.joined_at_step
+        return RequestStats(request_id=job.request_id, prompt_tokens=len(job.prompt_ids), tokens=tokens,
                             ttft_s=None, duration_s=duration,
-                            tokens_per_s=job.tokens / duration if duration > 0 else 0.0,
+                            tokens_per_s=tokens / duration if duration > 0 else 0.0,
                             finish_reason=reason or "")
 
     def _abort_all(self) -> None:
         outbox: list = []
         for job in list(self._active.values()):
-            self._end(job, outbox, reason=FINISH_CANCELLED, text=self._table.finish(job.slot), table_done=True)
+            self._end(job, outbox, reason=FINISH_CANCELLED, text=self._table.finish(job.slot, drop_incomplete=True),
+                      table_done=True)
         with self._cond:
             waiting, self._waiting = self._waiting, []
         for job in waiting:
@@ -510,6 +528,15 @@ class Engine:
             self._loop.call_soon_threadsafe(_deliver, outbox)
         except RuntimeError:  # the loop is closed: nobody is left to read these
             log.debug("event loop closed; dropped %d deliveries", len(outbox))
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _deliver(outbox: list) -> None:
