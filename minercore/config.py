@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass
 class ModelOptions:
-    backend: str = "simulated"  # simulated (GPT-2 architecture) | hf (any AutoModelForCausalLM directory)
+    # simulated (GPT-2 architecture) | hf (any AutoModelForCausalLM directory) | upstream (an OpenAI-compatible server)
+    backend: str = "simulated"
     preset: str = "tiny"  # simulated: tiny | gpt2 | gpt2-medium
     mode: str = "echo"  # echo: greedy output reproduces the prompt | generate: the model's own sampling
     weights: str | None = None  # simulated: GPT-2-family Hugging Face checkpoint directory (or hub name)
@@ -18,6 +19,9 @@ class ModelOptions:
     compile: str = "auto"  # auto | on | off
     max_context: int = 4096
     seed: int = 0
+    upstream_url: str | None = None  # upstream: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1
+    upstream_model: str | None = None  # upstream: model name to request; None asks the upstream's /models
+    upstream_api_key_env: str | None = None  # upstream: name of the environment variable holding the API key
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""What generates text for the miner and the server: the in-process engine or an upstream OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol
+
+from .config import EngineOptions, ModelOptions
+from .engine import Engine, EngineStats, GenerationRequest, Piece
+
+if TYPE_CHECKING:
+    from .upstream import ErrorSink
+
+BACKENDS = ("simulated", "hf", "upstream")
+
+
+class Backend(Protocol):
+    """The interface ``Engine`` and ``UpstreamBackend`` share; callers should need nothing else."""
+
+    warmup_seconds: float
+    stream_loop: str
+
+    @property
+    def runner_description(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self, grace: float = 5.0) -> None: ...
+
+
+def build_backend(model: ModelOptions, options: EngineOptions, *, metrics: ErrorSink | None = None) -> Backend:
+    """``model.backend`` picks: simulated and hf run the engine here; upstream forwards to ``model.upstream_url``.
+
+    ``metrics`` (a ``minercore.metrics.Metrics``) receives the upstream's failed calls; the engine ignores it.
+    """
+    if model.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {model.backend!r}")
+    if model.backend == "upstream":
+        from .upstream import UpstreamBackend  # aiohttp is only needed here
+
+        return UpstreamBackend(model, options, errors=metrics)
+    return Engine(model, options)
