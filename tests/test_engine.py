@@ -5,6 +5,7 @@ import contextlib
 import math
 
 import pytest
+from runner_wrappers import FaultyRunner, SlowRunner
 
 from minercore.config import EngineOptions, ModelOptions
 from minercore.engine import (
@@ -47,41 +48,6 @@ async def running(runner_wrapper=None, **engine_options):
         yield engine
     finally:
         await engine.shutdown(grace=0)
-
-
-class SlowRunner:
-    """Delegates to a real runner, sleeping before each decode step so that requests stay in flight."""
-
-    def __init__(self, runner, delay: float = 0.01):
-        self._runner, self.delay = runner, delay
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-    def decode(self, slots):
-        import time
-
-        time.sleep(self.delay)
-        return self._runner.decode(slots)
-
-
-class FaultyRunner(SlowRunner):
-    """Raises inside chosen decode steps or prefills, as a CUDA out-of-memory would."""
-
-    def __init__(self, runner, fail_decode_at=(), fail_prefill_for=()):
-        super().__init__(runner, delay=0.002)
-        self.decodes, self.fail_decode_at, self.fail_prefill_for = 0, set(fail_decode_at), set(fail_prefill_for)
-
-    def decode(self, slots):
-        self.decodes += 1
-        if self.decodes in self.fail_decode_at:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return super().decode(slots)
-
-    def prefill(self, slot, prompt_ids, params):
-        if len(prompt_ids) in self.fail_prefill_for:
-            raise RuntimeError("prefill exploded (simulated)")
-        return self._runner.prefill(slot, prompt_ids, params)
 
 
 async def test_64_concurrent_echoes_are_exact():

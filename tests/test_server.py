@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+from runner_wrappers import SlowRunner
 
 from minercore.config import EngineOptions, ModelOptions
 from minercore.engine import (
@@ -216,20 +217,6 @@ async def test_openai_client_abandoning_a_stream_frees_the_slot(api, engine):
     await stream.close()
     stats = await wait_idle(engine)
     assert stats.cancelled == cancelled + 1
-
-
-class SlowRunner:
-    """A real runner that sleeps before each decode step, so that requests stay in flight."""
-
-    def __init__(self, runner, delay: float = 0.01):
-        self._runner, self.delay = runner, delay
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-    def decode(self, slots):
-        time.sleep(self.delay)
-        return self._runner.decode(slots)
 
 
 @contextlib.asynccontextmanager
