@@ -162,10 +162,11 @@ def check_stream(events: list[tuple[int, int, str, str | None]], slot: int, spec
 random_ids = st.lists(st.integers(0, VOCAB - 1), max_size=40)
 text_ids = st.text(max_size=40).map(ids_of)
 stop_text = st.text(min_size=1, max_size=4).filter(lambda s: "\ufffd" not in s)
+# One clock reading per step: text_ids can yield up to 4 tokens per character (one per UTF-8 byte) of 40.
 nows_st = st.builds(
     lambda start, steps: list(itertools.accumulate(steps, initial=start)),
     st.floats(0, 1e4, allow_nan=False), st.lists(st.sampled_from([0.0, 0.001, 0.004, 0.02, 0.05, 0.3]),
-                                                  min_size=45, max_size=45))
+                                                  min_size=161, max_size=161))
 flush_ms_st = st.sampled_from([0.0, 1.0, 5.0, 50.0, math.inf])
 
 
