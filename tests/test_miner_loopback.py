@@ -1,0 +1,197 @@
+"""The real miner (``neurons/miner.py --offline``, the real Engine with the tiny model) in a subprocess, queried
+through real dendrites on loopback: byte-exact echoes, concurrency, errors, both stream loops, shutdown."""
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from bittensor_wallet import Keypair
+from streamloop_corpus import CORPUS
+from test_miner_online import free_port
+
+from minercore.miner import client
+from minercore.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 300  # import, model build and warm-up on a busy 2-core machine
+STREAM_TIMEOUT_S = 240.0
+
+PROSE = ("Miners answer validators' prompts by streaming text back as it is produced; the validator scores "
+         "what arrives and how fast. Crème brûlée, naïve façade, São Paulo, Zürich, Kraków.\n"
+         "東京は日本の首都です。我们今天去公园吧！한국어 문장입니다. 😀🎉👩‍👩‍👧 🇯🇵 👍🏽\n\n")
+
+
+def mixed_prompt(max_tokens: int) -> str:
+    """Prose, accents, CJK, emoji, newlines and the detokenizer stress corpus: as many numbered paragraphs as
+    fit in ``max_tokens`` GPT-2 tokens. (Echo needs room for the prompt twice in the model's context.)"""
+    corpus = list(CORPUS.values())
+    tokenizer = load_tokenizer("gpt2")
+    text = ""
+    for i in itertools.count():
+        longer = f"{text}{i}. {PROSE}{corpus[i % len(corpus)]}\n"
+        if len(tokenizer.encode(longer)) > max_tokens:
+            return text
+        text = longer
+
+
+MIXED_2K = mixed_prompt(2000)
+
+
+@dataclass
+class MinerProcess:
+    process: subprocess.Popen
+    info: dict
+    info_file: Path
+    log_file: Path
+    terminated: bool = False
+
+    @property
+    def target(self):
+        return client.target_from_info_file(str(self.info_file))
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        """One SIGTERM (a second one, arriving once the miner has finished, would be the default: death)."""
+        if not self.terminated and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.terminated = True
+
+    def stop(self, timeout: float = 60.0) -> int:
+        self.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"the miner ignored SIGTERM for {timeout:g}s:\n{self.log()}")
+
+
+@contextlib.contextmanager
+def miner_process(directory: Path, *args: str, env: dict[str, str] | None = None):
+    info_file, log_file = directory / "axon.json", directory / "miner.log"
+    command = [sys.executable, "neurons/miner.py", "--offline", "--axon.port", str(free_port()),
+               "--wallet.path", str(directory / "wallets"), "--axon.info_file", str(info_file),
+               "--model.preset", "tiny", "--device", "cpu", *args]
+    with open(log_file, "wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    miner = None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not info_file.exists():
+            if process.poll() is not None:
+                pytest.fail(f"the miner exited with {process.returncode}:\n{log_file.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the miner did not start in {START_TIMEOUT_S}s:\n{log_file.read_text()}")
+            time.sleep(0.1)
+        miner = MinerProcess(process, json.loads(info_file.read_text()), info_file, log_file)
+        yield miner
+    finally:
+        if miner is not None:
+            miner.stop()
+        elif process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def miner(tmp_path_factory):
+    with miner_process(tmp_path_factory.mktemp("miner")) as running:
+        yield running
+        assert running.stop() == 0, running.log()
+        assert not running.info_file.exists()
+
+
+def caller() -> Keypair:
+    return client.ephemeral_keypair()
+
+
+async def echo(target, prompt: str) -> client.StreamResult:
+    return await client.stream_prompt(target, [prompt], wallet=caller(), timeout=STREAM_TIMEOUT_S)
+
+
+def test_startup_reports_the_engine(miner):
+    log = miner.log()
+    assert "compile warm-up" in log and "model preset tiny" in log and "cpu" in log
+    assert "compiled stream loop active" in log
+    assert miner.info["ip"] == "127.0.0.1" and miner.info["pid"] == miner.process.pid
+    assert f"--axon.info_file {miner.info_file}" in log  # how to query it
+
+
+async def test_2000_token_mixed_prompt_is_echoed_byte_for_byte(miner):
+    assert 1900 <= len(load_tokenizer("gpt2").encode(MIXED_2K)) <= 2000
+    result = await echo(miner.target, MIXED_2K)
+    assert result.ok, result
+    assert result.text.encode() == MIXED_2K.encode()
+    assert result.chunks > 1 and result.ttft_s < result.duration_s
+
+
+async def test_single_token_prompt(miner):
+    result = await echo(miner.target, "Hi")  # the seed answers this with an empty completion
+    assert result.ok and result.text == "Hi"
+
+
+async def test_system_and_user_messages_echo_the_last(miner):
+    result = await client.stream_prompt(miner.target, ["You are terse.", "Ça va? 世界"], ["system", "user"],
+                                        wallet=caller(), timeout=STREAM_TIMEOUT_S)
+    assert result.ok and result.text == "Ça va? 世界"
+
+
+async def test_16_concurrent_clients_each_get_their_own_text(miner):
+    prompts = [f"client {i}: {PROSE[:60 + 7 * i]} #{i} {'🎉' * (i % 4)}\nend {i}" for i in range(16)]
+    results = await client.stream_many(miner.target, prompts, wallet=caller(), timeout=STREAM_TIMEOUT_S)
+    assert [r.status_code for r in results] == [200] * 16
+    assert [r.text for r in results] == prompts
+
+
+async def test_bad_input_gets_a_clear_error_then_the_next_request_succeeds(miner):
+    bad = await client.stream_prompt(miner.target, ["one", "two"], ["user"], wallet=caller())
+    assert bad.status_code == 400 and "give exactly one role per message" in bad.status_message
+    empty = await echo(miner.target, "")
+    assert empty.status_code == 400 and "empty" in empty.status_message
+    good = await echo(miner.target, "after the error")
+    assert good.ok and good.text == "after the error"
+
+
+def test_client_command_line_prints_the_text_live(miner):
+    prompt = "Héllo from the command line 世界 🎉\nsecond line"
+    out = subprocess.run([sys.executable, "neurons/client.py", "--axon.info_file", str(miner.info_file),
+                          "--prompt", prompt], cwd=ROOT, capture_output=True, timeout=STREAM_TIMEOUT_S)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode() == prompt
+    assert "status 200, TTFT" in out.stderr.decode() and "tokens/s" in out.stderr.decode()
+
+
+def test_pure_python_stream_loop_and_graceful_shutdown(tmp_path):
+    prompt = mixed_prompt(400)
+    with miner_process(tmp_path, "--neuron.shutdown_grace", "120", env={"MINERCORE_NO_EXTENSIONS": "1"}) as running:
+        assert "compiled stream loop inactive (pure-Python twin)" in running.log()
+
+        async def scenario() -> tuple[client.StreamResult, client.StreamResult]:
+            target = running.target
+            first = await echo(target, prompt)
+            assert first.ok and first.text == prompt
+            # SIGTERM while a stream runs: it still finishes whole, and new requests are refused.
+            streaming = asyncio.create_task(echo(target, prompt))
+            await asyncio.sleep(0.5)
+            running.terminate()
+            await asyncio.sleep(0.5)
+            late = await echo(target, "too late")
+            return await streaming, late
+
+        finished, late = asyncio.run(scenario())
+        assert finished.ok and finished.text == prompt
+        assert not late.ok
+        assert running.stop() == 0, running.log()
+        assert not running.info_file.exists()
+        assert "shutting down" in running.log()

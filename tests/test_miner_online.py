@@ -1,0 +1,432 @@
+"""The miner in-process, with a fake engine, through a real axon and real dendrites on loopback.
+
+Online start-up runs against a fake subtensor (registration, serving, metagraph sync and its failures); the
+request-path cases (rate limit, priority, newline framing, bad input, shutdown) run offline. ``FakeEngine``
+and ``running_miner`` are shared with test_client.py.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import threading
+import types
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from bittensor_wallet import Keypair
+
+from minercore.engine import (
+    FINISH_CANCELLED,
+    FINISH_DEADLINE,
+    EngineOverloaded,
+    GenerationFailed,
+    InvalidRequest,
+    Piece,
+)
+from minercore.miner import client, neuron
+from minercore.miner.config import build_config
+from minercore.miner.neuron import Miner, StartupError
+from minercore.miner.offline import ensure_wallet, read_axon_info
+from minercore.miner.protocol import StreamPrompting
+
+MIXED = "Crème brûlée — naïve café.\n漢字とかな、한국어 😀🎉👩‍👩‍👧\n\n\tend"
+
+
+class FakeEngine:
+    """The Engine's interface: echoes the last message in ``chunk``-character pieces, ``delay`` s apart."""
+
+    runner_description = "fake engine"
+    warmup_seconds = 0.0
+    stream_loop = "python"
+
+    def __init__(self, chunk: int = 7, delay: float = 0.0) -> None:
+        self.chunk = chunk
+        self.delay = delay
+        self.requests = []
+        self.closed = 0  # generators closed (finished, failed or abandoned)
+        self.fail_after: int | None = None  # pieces before a GenerationFailed
+        self.error: Exception | None = None  # raised before any text
+        self.ends_at_once: str | None = None  # a finish reason to end with before any text
+        self.shutting_down = asyncio.Event()
+        self.cancel_at_shutdown = False
+
+    async def start(self) -> None:
+        pass
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        self.shutting_down.set()
+        await asyncio.sleep(min(grace, 0.05))
+
+    async def generate(self, request) -> AsyncIterator[Piece]:
+        self.requests.append(request)
+        try:
+            if self.error is not None:
+                raise self.error
+            if self.ends_at_once is not None:
+                yield Piece("", self.ends_at_once)
+                return
+            text = request.messages[-1]["content"]
+            if not text:
+                raise InvalidRequest("prompt is empty")
+            for index, start in enumerate(range(0, len(text), self.chunk)):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if self.fail_after is not None and index == self.fail_after:
+                    raise GenerationFailed("model step failed: simulated")
+                if self.cancel_at_shutdown and self.shutting_down.is_set():
+                    yield Piece(text[start:start + self.chunk], FINISH_CANCELLED)
+                    return
+                end = start + self.chunk
+                yield Piece(text[start:end], "eos" if end >= len(text) else None)
+        finally:
+            self.closed += 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def new_keypair() -> Keypair:
+    return Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+
+
+@contextlib.asynccontextmanager
+async def running_miner(tmp_path, *args: str, engine=None, subtensor=None,
+                        sync_interval: float = 12.0) -> AsyncIterator[Miner]:
+    """A started miner on a free loopback port (``--offline`` unless a subtensor is given)."""
+    base = ["--axon.port", str(free_port()), "--wallet.path", str(tmp_path / "wallets"),
+            "--axon.info_file", str(tmp_path / "axon.json")]
+    if subtensor is None:
+        base.append("--offline")
+    else:
+        base += ["--axon.ip", "127.0.0.1", "--axon.external_ip", "127.0.0.1"]
+    miner = Miner(build_config([*base, *args]), engine=engine or FakeEngine(), subtensor=subtensor,
+                  sync_interval=sync_interval)
+    task = asyncio.create_task(miner.run())
+    while miner.info is None:
+        if task.done():
+            task.result()  # raises the start-up error
+        await asyncio.sleep(0.01)
+    try:
+        yield miner
+    finally:
+        miner.stop()
+        await task
+
+
+def target(miner: Miner):
+    return client.axon_info(miner.info["ip"], miner.info["port"], miner.info["hotkey"])
+
+
+class FakeSubtensor:
+    """The subtensor calls the miner makes; ``failures`` makes the next metagraph() calls raise."""
+
+    def __init__(self, neurons: dict[str, tuple[float, bool]]) -> None:
+        self.neurons = dict(neurons)  # hotkey -> (stake, validator permit)
+        self._block = itertools.count(1000, 3)
+        self.metagraph_calls = 0
+        self.failures = 0
+        self.served = []
+        self.closed = False
+        self.threads = set()
+
+    def get_current_block(self) -> int:
+        self.threads.add(threading.current_thread().name)
+        return next(self._block)
+
+    def metagraph(self, netuid: int):
+        self.threads.add(threading.current_thread().name)
+        self.metagraph_calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("websocket closed")
+        hotkeys = list(self.neurons)
+        return types.SimpleNamespace(
+            hotkeys=hotkeys, uids=np.arange(len(hotkeys)), S=np.array([self.neurons[h][0] for h in hotkeys]),
+            validator_permit=np.array([self.neurons[h][1] for h in hotkeys]), block=1000)
+
+    def serve_axon(self, netuid: int, axon):
+        self.served.append((netuid, axon.info()))
+        return types.SimpleNamespace(success=True, message="served")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class LogRecorder:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def __getattr__(self, level: str):
+        return lambda message, *args, **kwargs: self.lines.append((level, message))
+
+    def at(self, level: str) -> list[str]:
+        return [message for lvl, message in self.lines if lvl == level]
+
+
+@pytest.fixture
+def logs(monkeypatch) -> LogRecorder:
+    recorder = LogRecorder()
+    monkeypatch.setattr(neuron, "log", recorder)
+    return recorder
+
+
+@pytest.fixture
+def miner_wallet(tmp_path):
+    return ensure_wallet("default", "default", str(tmp_path / "wallets"))
+
+
+# ---- online start-up ---------------------------------------------------------------------------------------
+async def test_registered_miner_serves_syncs_and_ranks_by_stake(tmp_path, miner_wallet, logs):
+    validator, stranger = new_keypair(), new_keypair()
+    chain = FakeSubtensor({miner_wallet.hotkey.ss58_address: (1.0, False), validator.ss58_address: (777.0, True)})
+    engine = FakeEngine()
+    async with running_miner(tmp_path, "--netuid", "7", "--neuron.sync_every_blocks", "1", engine=engine,
+                             subtensor=chain, sync_interval=0.02) as miner:
+        assert chain.served and chain.served[0][0] == 7
+        assert chain.served[0][1].hotkey == miner_wallet.hotkey.ss58_address
+        assert chain.served[0][1].ip == "127.0.0.1"
+        ok = await client.stream_prompt(target(miner), [MIXED], wallet=validator)
+        assert ok.ok and ok.text == MIXED
+        assert engine.requests[-1].priority == 777.0
+        refused = await client.stream_prompt(target(miner), ["hi"], wallet=stranger)
+        assert refused.status_code == 403 and "not registered on netuid 7" in refused.status_message
+        # The stranger registers; a later sync lets it in.
+        chain.neurons[stranger.ss58_address] = (3.0, False)
+        for _ in range(500):
+            if miner.policy.view.get(stranger.ss58_address) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert miner.syncs >= 1
+        late = await client.stream_prompt(target(miner), ["hi again"], wallet=stranger)
+        assert late.ok and late.text == "hi again" and engine.requests[-1].priority == 3.0
+    assert chain.closed
+    # After start-up only the sync thread talks to the chain.
+    assert "metagraph-sync" in chain.threads and threading.main_thread().name not in chain.threads
+
+
+async def test_unregistered_miner_refuses_to_start(tmp_path, miner_wallet, logs):
+    chain = FakeSubtensor({new_keypair().ss58_address: (1.0, True)})
+    with pytest.raises(StartupError, match="is not registered on netuid 1") as exc:
+        async with running_miner(tmp_path, subtensor=chain):
+            pass
+    assert miner_wallet.hotkey.ss58_address in str(exc.value) and "btcli" in str(exc.value)
+    assert not chain.served
+
+
+def test_entry_point_exits_nonzero_when_unregistered(tmp_path, miner_wallet, monkeypatch, capsys):
+    chain = FakeSubtensor({})
+
+    class Connect:
+        add_args = neuron.bt.Subtensor.add_args  # the command line still needs bittensor's options
+
+        def __new__(cls, config):
+            return chain
+
+    monkeypatch.setattr(neuron.bt, "Subtensor", Connect)
+    monkeypatch.setattr(neuron, "setup_logging", lambda config: None)
+    code = neuron.main(["--wallet.path", str(tmp_path / "wallets"), "--axon.port", str(free_port()),
+                        "--netuid", "3"])
+    assert code == 1
+    assert "is not registered on netuid 3" in capsys.readouterr().err
+    assert chain.closed
+
+
+async def test_missing_wallet_is_a_clear_startup_error(tmp_path, logs):
+    with pytest.raises(StartupError, match="cannot load wallet"):
+        async with running_miner(tmp_path, subtensor=FakeSubtensor({})):
+            pass
+
+
+async def test_sync_failures_are_logged_and_retried_without_blocking_requests(tmp_path, miner_wallet, logs):
+    validator = new_keypair()
+    chain = FakeSubtensor({miner_wallet.hotkey.ss58_address: (1.0, False), validator.ss58_address: (5.0, True)})
+    async with running_miner(tmp_path, "--neuron.sync_every_blocks", "1", subtensor=chain,
+                             sync_interval=0.02) as miner:
+        chain.failures = 3
+        while miner.sync_failures < 3:
+            result = await client.stream_prompt(target(miner), ["still serving"], wallet=validator)
+            assert result.ok and result.text == "still serving"
+        syncs = miner.syncs
+        while miner.syncs == syncs:  # retried, and recovered
+            await asyncio.sleep(0.01)
+    warnings = logs.at("warning")
+    assert sum("metagraph sync failed (ConnectionError: websocket closed)" in w for w in warnings) >= 3
+
+
+def test_forward_takes_the_priority_issued_to_the_verified_request():
+    admissions = neuron._Admissions(capacity=2)
+    honest = types.SimpleNamespace(hotkey="5Honest", uuid="u1", nonce=10)
+    admissions.issue(honest, 500.0)
+    assert admissions.take(types.SimpleNamespace(hotkey="5Honest", uuid="u1", nonce=10), 0.0) == 500.0
+    assert admissions.take(honest, 0.0) == 0.0  # one ticket, one request
+    admissions.issue(honest, 500.0)
+    impostor = types.SimpleNamespace(hotkey="5Whale", uuid="u1", nonce=10)  # the body claims another hotkey
+    assert admissions.take(impostor, -1.0) == -1.0
+    for nonce in range(5):  # bounded
+        admissions.issue(types.SimpleNamespace(hotkey="5x", uuid="u", nonce=nonce), 1.0)
+    assert len(admissions._tickets) == 2
+
+
+# ---- the request path (offline) --------------------------------------------------------------------------
+async def test_bad_input_gets_a_clear_error_and_the_next_request_succeeds(tmp_path):
+    caller = new_keypair()
+    engine = FakeEngine()
+    async with running_miner(tmp_path, engine=engine) as miner:
+        bad = await client.stream_prompt(target(miner), ["one", "two"], ["user"], wallet=caller)
+        assert bad.status_code == 400 and "roles has 1 entries and messages has 2" in bad.status_message
+        assert bad.text == ""
+        empty = await client.stream_prompt(target(miner), [], [], wallet=caller)
+        assert empty.status_code == 400 and empty.status_message == "messages is empty"
+        assert not engine.requests  # refused before the engine
+        blank = await client.stream_prompt(target(miner), [""], wallet=caller)
+        assert blank.status_code == 400 and blank.status_message == "prompt is empty"  # the engine's verdict
+        good = await client.stream_prompt(target(miner), ["fine"], wallet=caller)
+        assert good.ok and good.text == "fine"
+
+
+async def test_too_large_prompts_are_refused(tmp_path):
+    async with running_miner(tmp_path, "--engine.max_prompt_chars", "100") as miner:
+        result = await client.stream_prompt(target(miner), ["x" * 60, "y" * 60], ["system", "user"],
+                                            wallet=new_keypair())
+        assert result.status_code == 400 and "120 characters; the limit is 100" in result.status_message
+
+
+@pytest.mark.parametrize("error, status", [(EngineOverloaded("all 64 slots are busy"), 503),
+                                           (InvalidRequest("prompt is 9000 tokens"), 400),
+                                           (GenerationFailed("prefill failed: out of memory"), 500)])
+async def test_engine_errors_before_text_get_their_own_status(tmp_path, error, status):
+    engine = FakeEngine()
+    engine.error = error
+    async with running_miner(tmp_path, engine=engine) as miner:
+        result = await client.stream_prompt(target(miner), ["hi"], wallet=new_keypair())
+    assert result.status_code == status and result.status_message == str(error)
+
+
+@pytest.mark.parametrize("reason, message", [(FINISH_CANCELLED, "miner is shutting down"),
+                                             (FINISH_DEADLINE, "no free slot within the request's timeout")])
+async def test_requests_ended_before_any_text_are_not_empty_answers(tmp_path, reason, message):
+    engine = FakeEngine()
+    engine.ends_at_once = reason
+    async with running_miner(tmp_path, engine=engine) as miner:
+        result = await client.stream_prompt(target(miner), ["hi"], wallet=new_keypair())
+    assert result.status_code == 503 and message in result.status_message
+
+
+async def test_failure_after_streaming_started_ends_the_stream_and_is_logged(tmp_path, logs):
+    engine = FakeEngine(chunk=2)
+    engine.fail_after = 2
+    async with running_miner(tmp_path, engine=engine) as miner:
+        result = await client.stream_prompt(target(miner), ["abcdefgh"], wallet=new_keypair())
+        assert result.text == "abcd"  # what was sent; the status line had gone out with the first byte
+        # The connection is cut before the body's end: the dendrite reports an incomplete payload, not success.
+        assert result.status_code == 400 and "payload is not completed" in result.status_message
+        assert engine.closed == 1
+        assert any("generation failed after 4 characters were streamed" in line for line in logs.at("error"))
+        again = await client.stream_prompt(target(miner), ["next"], wallet=new_keypair())
+        assert again.ok and again.text == "next"
+
+
+async def test_newline_framing_for_seed_style_parsers(tmp_path):
+    prompt = "first line\nsecond 世界 🎉\n\nthird"
+    async with running_miner(tmp_path, "--stream.framing", "newline", engine=FakeEngine(chunk=4)) as miner:
+        result = await client.stream_prompt(target(miner), [prompt], wallet=new_keypair())
+    assert result.ok
+    pieces = [prompt[i:i + 4] for i in range(0, len(prompt), 4)]
+    assert result.text == "".join(piece + "\n" for piece in pieces)
+    # What a seed-style validator reconstructs: split on newlines, drop empty parts (the text's own are lost).
+    assert "".join(part for part in result.text.split("\n") if part) == prompt.replace("\n", "")
+
+
+async def test_timeout_becomes_the_engine_deadline(tmp_path):
+    engine = FakeEngine()
+    async with running_miner(tmp_path, engine=engine) as miner:
+        signer = new_keypair()
+        async with client.make_dendrite(signer) as dendrite:
+            stream = await dendrite.forward(axons=target(miner), synapse=StreamPrompting(
+                roles=["user"], messages=["tick"]), timeout=3.5, streaming=True)
+            assert [item async for item in stream][-1] == "tick"
+    assert engine.requests[0].timeout == 3.5
+
+
+async def test_rate_limit_is_charged_per_verified_hotkey(tmp_path):
+    greedy, other = new_keypair(), new_keypair()
+    async with running_miner(tmp_path, "--blacklist.rate_limit", "2", "--blacklist.rate_window", "600") as miner:
+        results = [await client.stream_prompt(target(miner), [f"r{i}"], wallet=greedy) for i in range(3)]
+        assert [r.ok for r in results] == [True, True, False]
+        assert results[2].status_code == 401 and "rate limit exceeded" in results[2].status_message
+        assert (await client.stream_prompt(target(miner), ["mine"], wallet=other)).ok
+
+
+async def test_allow_and_deny_lists_offline(tmp_path):
+    friend, enemy, stranger = new_keypair(), new_keypair(), new_keypair()
+    async with running_miner(tmp_path, "--blacklist.allow", friend.ss58_address, "--blacklist.deny",
+                             enemy.ss58_address, "--priority.allowed", "42") as miner:
+        engine = miner.engine
+        assert (await client.stream_prompt(target(miner), ["hi"], wallet=friend)).ok
+        assert engine.requests[-1].priority == 42.0
+        for caller in (enemy, stranger):
+            result = await client.stream_prompt(target(miner), ["hi"], wallet=caller)
+            assert result.status_code == 403
+
+
+async def test_wrong_target_hotkey_is_not_verified(tmp_path):
+    async with running_miner(tmp_path) as miner:
+        wrong = client.axon_info(miner.info["ip"], miner.info["port"], new_keypair().ss58_address)
+        result = await client.stream_prompt(wrong, ["hi"], wallet=new_keypair())
+    assert result.status_code == 401 and "Signature mismatch" in result.status_message
+
+
+async def test_graceful_shutdown_lets_streams_finish_and_refuses_new_ones(tmp_path):
+    engine = FakeEngine(chunk=1, delay=0.01)
+    async with running_miner(tmp_path, "--neuron.shutdown_grace", "5", engine=engine) as miner:
+        long_text = "z" * 60
+        stream = asyncio.create_task(client.stream_prompt(target(miner), [long_text], wallet=new_keypair()))
+        while not engine.requests:
+            await asyncio.sleep(0.005)
+        stopping = asyncio.create_task(miner.shutdown())
+        await asyncio.sleep(0.01)
+        late = await client.stream_prompt(target(miner), ["late"], wallet=new_keypair())
+        assert late.status_code in (403, 503) and not late.ok
+        finished = await stream
+        await stopping
+    assert finished.ok and finished.text == long_text
+    assert not (tmp_path / "axon.json").exists()  # the info file goes with the miner
+
+
+async def test_streams_cancelled_at_shutdown_are_logged(tmp_path, logs):
+    engine = FakeEngine(chunk=1, delay=0.02)
+    engine.cancel_at_shutdown = True
+    async with running_miner(tmp_path, "--neuron.shutdown_grace", "0", engine=engine) as miner:
+        stream = asyncio.create_task(client.stream_prompt(target(miner), ["q" * 200], wallet=new_keypair()))
+        while not engine.requests:
+            await asyncio.sleep(0.005)
+    result = await stream
+    assert 0 < len(result.text) < 200
+    assert any("cancelled at shutdown" in line for line in logs.at("warning"))
+
+
+async def test_offline_info_file_and_identity(tmp_path):
+    async with running_miner(tmp_path) as miner:
+        info = read_axon_info(tmp_path / "axon.json")
+        assert info == miner.info
+        assert info["ip"] == "127.0.0.1" and info["offline"] is True
+        wallet = ensure_wallet("default", "default", str(tmp_path / "wallets"))  # reused, not recreated
+        assert info["hotkey"] == wallet.hotkey.ss58_address and info["coldkey"] == wallet.coldkeypub.ss58_address
+        # Listening on loopback only.
+        assert miner.axon.fast_config.host == "127.0.0.1"
+
+
+async def test_port_in_use_is_a_startup_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        miner = Miner(build_config(["--offline", "--axon.port", str(port), "--wallet.path", str(tmp_path)]),
+                      engine=FakeEngine())
+        with pytest.raises(StartupError, match="could not listen"):
+            await miner.run()
