@@ -340,7 +340,10 @@ class UpstreamBackend:
         async with self._model_lock:
             if self._model is None:
                 try:
-                    async with self._session.get(self._base + "/models") as response:
+                    # Bounded as a whole: an upstream that accepts connections but never answers must not hold
+                    # start-up (or every request queued on the lock) for the 300 s idle read timeout.
+                    async with self._session.get(self._base + "/models",
+                                                 timeout=aiohttp.ClientTimeout(total=_CONNECT_TIMEOUT_S)) as response:
                         if response.status >= 400:
                             raise GenerationFailed(f"upstream {self._safe_base} returned {response.status} "
                                                    f"for /models: {await _error_message(response)}")

@@ -1,0 +1,176 @@
+"""Bad input through a real axon: the miner in-process over the real tiny engine, called by real dendrites and by
+hand-signed raw requests (for bodies a dendrite cannot send). Each case gets a clear status and message, and the
+next normal request succeeds. (The checks below the axon: test_hardening_units.py.)
+
+``tiny_engine``, ``sign``, ``post`` and ``SignedRequest`` are shared with the other hardening tests.
+"""
+
+import json
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from bittensor_wallet import Keypair
+from test_miner_online import new_keypair, running_miner, target
+
+from minercore.config import EngineOptions, ModelOptions
+from minercore.engine import Engine
+from minercore.miner import client
+from minercore.miner.neuron import Miner
+from minercore.miner.protocol import StreamPrompting
+from minercore.runner import build_runner
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              # model_construct() bodies the protocol's types refuse make pydantic warn as it serializes them
+              pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")]
+
+GPT2_EOS = 50256
+CONTEXT = 256  # small, so that "longer than the model's context" is cheap to send and to tokenize
+
+
+def tiny_engine(*, max_batch: int = 8, max_context: int = CONTEXT, runner_wrapper: Callable[[Any], Any] | None = None,
+                **options: Any) -> Engine:
+    """The real engine over the tiny simulated model on CPU; ``runner_wrapper`` wraps its runner (slow, faulty)."""
+    model = ModelOptions(preset="tiny", compile="off", device="cpu", max_context=max_context)
+    runner = build_runner(model, max_batch=max_batch, eos_id=GPT2_EOS)
+    if runner_wrapper is not None:
+        runner = runner_wrapper(runner)
+    return Engine(model, EngineOptions(max_batch=max_batch, **options), runner=runner)
+
+
+@dataclass
+class SignedRequest:
+    """A request exactly as a dendrite would send it, for the test to alter before sending."""
+
+    url: str
+    headers: dict[str, str]
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+async def sign(miner: Miner, synapse: StreamPrompting, *, keypair: Keypair | None = None,
+               timeout: float = 60.0) -> SignedRequest:
+    """Sign ``synapse`` for ``miner`` with bittensor's own dendrite code (``model_construct`` builds bodies that
+    the protocol's types refuse, and they are signed honestly all the same)."""
+    async with client.make_dendrite(keypair or new_keypair()) as dendrite:
+        signed = dendrite.preprocess_synapse_for_request(target(miner), synapse, timeout)
+    return SignedRequest(f"http://127.0.0.1:{miner.info['port']}/StreamPrompting", signed.to_headers(),
+                         signed.model_dump())
+
+
+async def post(request: SignedRequest, *, data: bytes | None = None, timeout: float = 60.0) -> tuple[int, str]:
+    """Send it (as JSON unless the headers say otherwise); the status and the error message (or, for 200, the
+    text)."""
+    body = data if data is not None else json.dumps(request.body).encode()
+    headers = {"content-type": "application/json", **request.headers}
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+                session.post(request.url, headers=headers, data=body) as response):
+        text = await response.text(errors="replace")
+    if response.status == 200:
+        return 200, text
+    try:
+        return response.status, json.loads(text)["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.status, text
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def miner(tmp_path_factory):
+    async with running_miner(tmp_path_factory.mktemp("input"), engine=tiny_engine()) as running:
+        yield running
+
+
+# ---- the cases: each returns (status, message or text) -----------------------------------------------------
+Case = Callable[[Miner], Awaitable[tuple[int, str]]]
+
+
+def dendrite(messages: list[str], roles: list[str] | None = None) -> Case:
+    async def send(miner: Miner) -> tuple[int, str]:
+        result = await client.stream_prompt(target(miner), messages, roles, wallet=new_keypair())
+        assert result.error is None, result.error
+        return result.status_code, result.text if result.ok else result.status_message
+    return send
+
+
+def crafted(*, messages: Any = ("x",), roles: Any = ("user",), extra: dict[str, Any] | None = None,
+            drop: tuple[str, ...] = (), headers: dict[str, str] | None = None, data: bytes | None = None,
+            path: str | None = None) -> Case:
+    """A signed request whose body or headers a dendrite would not produce."""
+    async def send(miner: Miner) -> tuple[int, str]:
+        synapse = StreamPrompting.model_construct(roles=list(roles),
+                                                  messages=list(messages) if isinstance(messages, tuple) else messages)
+        request = await sign(miner, synapse)
+        request.body.update(extra or {})
+        for key in drop:
+            del request.body[key]
+        request.headers.update(headers or {})
+        if path is not None:
+            request.url = request.url.rsplit("/", 1)[0] + path
+        return await post(request, data=data)
+    return send
+
+
+REFUSED = [
+    ("empty messages", dendrite([], []), 400, "messages is empty"),
+    ("roles and messages of different lengths", dendrite(["one", "two"], ["user"]), 400,
+     "roles has 1 entries and messages has 2: give exactly one role per message"),
+    ("a number for a message", crafted(messages=[1]), 400,
+     "the request body does not fit StreamPrompting: messages.0: Input should be a valid string"),
+    ("null for a role", crafted(roles=[None]), 400, "roles.0: Input should be a valid string"),
+    # The headers carry a placeholder for each required field, so some bodies are refused for their headers.
+    ("a string for the message list", crafted(messages="hello"), 400,
+     "the request headers do not fit StreamPrompting: messages: Input should be a valid list"),
+    ("a nested list", crafted(messages=[["a"]]), 400, "messages.0: Input should be a valid string"),
+    ("no messages field", crafted(drop=("messages",)), 400, "messages: Field required"),
+    # FastAPI parses the body before the route's checks, and answers these itself.
+    ("a body that is not JSON", crafted(data=b"{not json"), 422, "JSON decode error"),
+    ("JSON nested 100000 deep", crafted(data=b"[" * 100_000 + b"]" * 100_000), 400, "error parsing the body"),
+    ("a body that is not UTF-8", crafted(data=b'{"roles": ["user"], "messages": ["\xff\xfe"]}'), 400,
+     "error parsing the body"),
+    ("a body sent as text", crafted(headers={"content-type": "text/plain"}), 415,
+     "send the request body as application/json, not text/plain"),
+    ("a JSON array body", crafted(data=b'["user", "hi"]'), 400, "must be a JSON object of StreamPrompting's"),
+    ("an empty string", dendrite([""]), 400, "prompt is empty"),
+    ("a prompt longer than the model's context", dendrite(["word " * 400]), 400,
+     f"tokens; the model's context is {CONTEXT} tokens"),
+    ("a 10 MB body", dendrite(["x" * 10_000_000]), 413,
+     "bytes; this miner accepts at most 4194304 (--axon.max_body_bytes)"),
+    ("a lone surrogate", dendrite(["half a pair: \ud83d!"]), 400,
+     "prompt is not valid Unicode text (it contains a lone surrogate)"),
+    ("an unknown synapse route", crafted(path="/TextToSpeech"), 404, "Synapse name 'TextToSpeech' not found"),
+    ("a negative timeout", crafted(headers={"timeout": "-1"}), 401, "timeout -1.0 is out of range"),
+    ("a NaN timeout", crafted(headers={"timeout": "nan"}), 401, "timeout nan is out of range"),
+    ("an infinite timeout", crafted(headers={"timeout": "inf"}), 401, "timeout inf is out of range"),
+    ("a timeout of 30 years", crafted(headers={"timeout": "1e9"}), 401, "timeout 1000000000.0 is out of range"),
+    ("a timeout that is not a number", crafted(headers={"timeout": "soon"}), 400,
+     "the request headers do not fit StreamPrompting: timeout: Value error, could not convert string to float"),
+]
+
+
+@pytest.mark.parametrize("case, status, message", [case[1:] for case in REFUSED], ids=[case[0] for case in REFUSED])
+async def test_bad_input_gets_a_clear_error_and_the_next_request_succeeds(miner, case, status, message):
+    got_status, got_message = await case(miner)
+    assert (got_status, message in got_message) == (status, True), got_message[:500]
+    assert miner.engine.stats().active == 0
+    normal = await client.stream_prompt(target(miner), ["a normal request ✓"], wallet=new_keypair())
+    assert normal.ok and normal.text == "a normal request ✓"
+
+
+ANSWERED = [
+    ("a one-token prompt", dendrite(["Hi"]), "Hi"),
+    ("control characters", dendrite(["\x00\x01\x07\x08\x1b[31mred\x1b[0m\x7f\x9b\u2028\u2029\ufeff\r\n\t"]),
+     "\x00\x01\x07\x08\x1b[31mred\x1b[0m\x7f\x9b\u2028\u2029\ufeff\r\n\t"),
+    ("special-token spellings", dendrite(["<|endoftext|> stays text"]), "<|endoftext|> stays text"),
+    # The protocol carries no sampling parameters: absurd ones in the body are ignored, not obeyed.
+    ("sampling fields the protocol does not carry",
+     crafted(messages=["ignored knobs"], extra={"max_new_tokens": -5, "max_tokens": 10**30, "temperature": math.nan,
+                                                "top_p": math.inf}), "ignored knobs"),
+]
+
+
+@pytest.mark.parametrize("case, text", [case[1:] for case in ANSWERED], ids=[case[0] for case in ANSWERED])
+async def test_odd_but_valid_input_is_answered_exactly(miner, case, text):
+    assert await case(miner) == (200, text)
