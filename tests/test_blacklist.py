@@ -167,3 +167,13 @@ def test_hotkey_lists_are_validated():
     with pytest.raises(ValueError, match="not-a-key"):
         hotkey_set([VALIDATOR, "not-a-key"])
     assert is_hotkey(VALIDATOR) and not is_hotkey(None)
+
+
+def test_verdict_kinds_and_caller_classes_are_a_fixed_set():
+    p = policy(deny=frozenset({ENEMY}), allow=frozenset({FRIEND}), min_stake=100.0)
+    assert [p.verdict(h)[:2] for h in (VALIDATOR, MINER, STRANGER, FRIEND, ENEMY, None)] == [
+        (False, "accepted"), (True, "low_stake"), (True, "unregistered"), (False, "allow_list"),
+        (True, "deny_list"), (True, "malformed")]
+    assert policy(require_validator_permit=True).verdict(MINER)[:2] == (True, "no_validator_permit")
+    assert [p.caller_class(h) for h in (VALIDATOR, MINER, STRANGER, FRIEND, ENEMY, None, object())] == [
+        "validator", "registered", "unregistered", "allowed", "unregistered", "unregistered", "unregistered"]

@@ -261,14 +261,14 @@ async def test_sync_failures_are_logged_and_retried_without_blocking_requests(tm
 def test_forward_takes_the_priority_issued_to_the_verified_request():
     admissions = neuron._Admissions(capacity=2)
     honest = types.SimpleNamespace(hotkey="5Honest", uuid="u1", nonce=10)
-    admissions.issue(honest, 500.0)
-    assert admissions.take(types.SimpleNamespace(hotkey="5Honest", uuid="u1", nonce=10), 0.0) == 500.0
-    assert admissions.take(honest, 0.0) == 0.0  # one ticket, one request
-    admissions.issue(honest, 500.0)
+    admissions.issue(honest, 500.0, "validator")
+    assert admissions.take(types.SimpleNamespace(hotkey="5Honest", uuid="u1", nonce=10), 0.0) == (500.0, "validator")
+    assert admissions.take(honest, 0.0) == (0.0, "unverified")  # one ticket, one request
+    admissions.issue(honest, 500.0, "validator")
     impostor = types.SimpleNamespace(hotkey="5Whale", uuid="u1", nonce=10)  # the body claims another hotkey
-    assert admissions.take(impostor, -1.0) == -1.0
+    assert admissions.take(impostor, -1.0) == (-1.0, "unverified")
     for nonce in range(5):  # bounded
-        admissions.issue(types.SimpleNamespace(hotkey="5x", uuid="u", nonce=nonce), 1.0)
+        admissions.issue(types.SimpleNamespace(hotkey="5x", uuid="u", nonce=nonce), 1.0, "registered")
     assert len(admissions._tickets) == 2
 
 
@@ -308,7 +308,7 @@ async def test_engine_errors_before_text_get_their_own_status(tmp_path, error, s
 
 
 @pytest.mark.parametrize("reason, message", [(FINISH_CANCELLED, "miner is shutting down"),
-                                             (FINISH_DEADLINE, "no free slot within the request's timeout")])
+                                             (FINISH_DEADLINE, "no answer started within the request's timeout")])
 async def test_requests_ended_before_any_text_are_not_empty_answers(tmp_path, reason, message):
     engine = FakeEngine()
     engine.ends_at_once = reason

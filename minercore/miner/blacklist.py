@@ -119,31 +119,49 @@ class BlacklistPolicy:
 
     def check(self, hotkey: object) -> tuple[bool, str]:
         """``(blacklisted, reason)`` for a request from ``hotkey`` (as the caller claims it, not yet verified)."""
-        try:
-            return self._check(hotkey)
-        except Exception as exc:  # noqa: BLE001 - a blacklist that raises answers 500 to everyone; refuse instead
-            return True, f"blacklist error ({type(exc).__name__})"
+        blacklisted, _, reason = self.verdict(hotkey)
+        return blacklisted, reason
 
-    def _check(self, hotkey: object) -> tuple[bool, str]:
+    def verdict(self, hotkey: object) -> tuple[bool, str, str]:
+        """``(blacklisted, kind, reason)``: ``kind`` is one of a small fixed set (a metrics label), ``reason``
+        the message for the caller. Never raises."""
+        try:
+            return self._verdict(hotkey)
+        except Exception as exc:  # noqa: BLE001 - a blacklist that raises answers 500 to everyone; refuse instead
+            return True, "error", f"blacklist error ({type(exc).__name__})"
+
+    def _verdict(self, hotkey: object) -> tuple[bool, str, str]:
         if self.closing:
-            return True, "miner is shutting down"
+            return True, "shutting_down", "miner is shutting down"
         if not is_hotkey(hotkey):
-            return True, "malformed hotkey"
+            return True, "malformed", "malformed hotkey"
         options = self.options
         if hotkey in options.deny:
-            return True, "hotkey is on the deny list"
+            return True, "deny_list", "hotkey is on the deny list"
         if hotkey in options.allow:
-            return False, "hotkey is on the allow list"
+            return False, "allow_list", "hotkey is on the allow list"
         neuron = self.view.get(hotkey)
         if neuron is None and not options.allow_unregistered:
             where = f" on netuid {self.view.netuid}" if self.view.netuid is not None else ""
-            return True, f"hotkey is not registered{where}"
+            return True, "unregistered", f"hotkey is not registered{where}"
         if options.require_validator_permit and (neuron is None or not neuron.validator_permit):
-            return True, "hotkey has no validator permit"
+            return True, "no_validator_permit", "hotkey has no validator permit"
         stake = neuron.stake if neuron is not None else 0.0
         if stake < options.min_stake:
-            return True, f"stake {stake:g} is below the minimum {options.min_stake:g}"
-        return False, "accepted"
+            return True, "low_stake", f"stake {stake:g} is below the minimum {options.min_stake:g}"
+        return False, "accepted", "accepted"
+
+    def caller_class(self, hotkey: object) -> str:
+        """``validator``, ``registered``, ``allowed`` or ``unregistered`` (a metrics label). Never raises."""
+        try:
+            if is_hotkey(hotkey) and hotkey in self.options.allow:
+                return "allowed"
+            neuron = self.view.get(hotkey) if is_hotkey(hotkey) else None
+        except Exception:  # noqa: BLE001 - same rule as check()
+            return "unregistered"
+        if neuron is None:
+            return "unregistered"
+        return "validator" if neuron.validator_permit else "registered"
 
     def charge(self, hotkey: str) -> str | None:
         """Count one request against ``hotkey``'s rate limit; the refusal reason when it is over, else None."""

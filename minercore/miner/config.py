@@ -156,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     priority.add_argument("--priority.allowed", type=float, default=None,
                           help="Priority of allow-listed callers (default: their stake, like everyone else).")
 
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument("--metrics.port", type=int, default=0,
+                         help="Serve Prometheus metrics on this port (0: off): requests by outcome and caller class, "
+                              "TTFT and chunk-gap histograms, tokens, active/queued streams, blacklist refusals, "
+                              "upstream errors.")
+    metrics.add_argument("--metrics.addr", default="127.0.0.1",
+                         help="Address the metrics endpoint listens on (loopback unless a scraper elsewhere needs it).")
+
     neuron = parser.add_argument_group("neuron")
     neuron.add_argument("--neuron.sync_every_blocks", type=_positive_int, default=100,
                         help="Re-sync the metagraph (in the background) every this many blocks.")

@@ -50,6 +50,7 @@ from ..engine import (
     Piece,
     SamplingParams,
 )
+from ..metrics import Metrics
 from . import config as miner_config
 from .blacklist import BlacklistPolicy, MetagraphView
 from .guard import RequestGuard, StreamBroken, WatchedStreamingResponse, body_checker, prune_nonces
@@ -65,7 +66,7 @@ _HTTP_DRAIN_S = 5.0
 _SYNC_JOIN_S = 10.0
 _WILDCARDS = ("0.0.0.0", "::", "")
 _NOT_ANSWERED = {FINISH_CANCELLED: "miner is shutting down",
-                 FINISH_DEADLINE: "no free slot within the request's timeout ({timeout}s)"}
+                 FINISH_DEADLINE: "no answer started within the request's timeout ({timeout}s)"}
 _CUT_SHORT = {FINISH_CANCELLED: "cancelled at shutdown", FINISH_DEADLINE: "reached its deadline"}
 _PRUNE_EVERY_S = 60.0
 _QUIET_LIBRARIES = ("torch",)  # kept at warning unless --logging.debug/trace
@@ -126,7 +127,7 @@ def request_problem(synapse: StreamPrompting, max_chars: int) -> str | None:
 
 
 class _Admissions:
-    """Priorities of verified requests, handed from the middleware to ``forward``.
+    """Priorities and caller classes of verified requests, handed from the middleware to ``forward``.
 
     The middleware's handlers see the synapse rebuilt from the signed headers; ``forward`` gets a second copy
     parsed from the body, whose dendrite fields nobody verified. ``forward`` takes the priority issued to
@@ -137,7 +138,7 @@ class _Admissions:
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
-        self._tickets: OrderedDict[tuple[Any, Any, Any], float] = OrderedDict()
+        self._tickets: OrderedDict[tuple[Any, Any, Any], tuple[float, str]] = OrderedDict()
 
     @staticmethod
     def _key(dendrite: bt.TerminalInfo | None) -> tuple[Any, Any, Any]:
@@ -145,13 +146,13 @@ class _Admissions:
             return None, None, None
         return dendrite.hotkey, dendrite.uuid, dendrite.nonce
 
-    def issue(self, dendrite: bt.TerminalInfo | None, priority: float) -> None:
-        self._tickets[self._key(dendrite)] = priority
+    def issue(self, dendrite: bt.TerminalInfo | None, priority: float, caller_class: str) -> None:
+        self._tickets[self._key(dendrite)] = priority, caller_class
         while len(self._tickets) > self.capacity:
             self._tickets.popitem(last=False)
 
-    def take(self, dendrite: bt.TerminalInfo | None, default: float) -> float:
-        return self._tickets.pop(self._key(dendrite), default)
+    def take(self, dendrite: bt.TerminalInfo | None, default: float) -> tuple[float, str]:
+        return self._tickets.pop(self._key(dendrite), (default, "unverified"))
 
 
 class _AxonServer(uvicorn.Server):
@@ -174,8 +175,9 @@ class Miner:
                  sync_interval: float = 12.0) -> None:
         self.config = config
         self.offline = bool(config.offline)
-        self.engine = engine if engine is not None else build_backend(miner_config.model_options(config),
-                                                                     miner_config.engine_options(config))
+        self.metrics = Metrics() if config.metrics.port else None
+        self.engine = engine if engine is not None else build_backend(
+            miner_config.model_options(config), miner_config.engine_options(config), metrics=self.metrics)
         self.policy = BlacklistPolicy(miner_config.blacklist_options(config))
         self.sampling = SamplingParams(max_new_tokens=config.engine.max_new_tokens)
         # Appended to every chunk: "\n" is the seed's framing, for validators that split the stream on newlines
@@ -243,10 +245,17 @@ class Miner:
         except Exception as exc:
             raise StartupError(f"the engine failed to start: {type(exc).__name__}: {exc}") from exc
         engine = self.engine
-        loop_state = "active" if engine.stream_loop == "cython" else "inactive (pure-Python twin)"
-        log.info(f"engine ready: {engine.runner_description}; model preset {config.model.preset}, mode "
-                 f"{config.model.mode}; compile warm-up {engine.warmup_seconds:.2f}s; compiled stream loop "
-                 f"{loop_state}")
+        if config.model.backend == "upstream":
+            log.info(f"backend ready: {engine.runner_description}")
+        else:
+            loop_state = "active" if engine.stream_loop == "cython" else "inactive (pure-Python twin)"
+            log.info(f"engine ready: {engine.runner_description}; model preset {config.model.preset}, mode "
+                     f"{config.model.mode}; compile warm-up {engine.warmup_seconds:.2f}s; compiled stream loop "
+                     f"{loop_state}")
+        if self.metrics is not None:
+            self.metrics.bind(self.engine)
+            port = self.metrics.start_http(config.metrics.port, config.metrics.addr)
+            log.info(f"Prometheus metrics on http://{config.metrics.addr}:{port}/metrics")
         await self._serve_axon()
         if not self.offline:
             await asyncio.to_thread(self._announce)
@@ -391,6 +400,8 @@ class Miner:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.expanduser(self.config.axon.info_file))
         await self._close_chain()
+        if self.metrics is not None:
+            self.metrics.stop_http()
         log.info("miner stopped")
 
     async def _close_chain(self) -> None:
@@ -411,9 +422,11 @@ class Miner:
     # ---- the StreamPrompting handlers (signatures checked by Axon.attach) -------------------------------
     def blacklist(self, synapse: StreamPrompting) -> typing.Tuple[bool, str]:  # attach() wants typing.Tuple
         hotkey = getattr(synapse.dendrite, "hotkey", None)
-        blacklisted, reason = self.policy.check(hotkey)
+        blacklisted, kind, reason = self.policy.verdict(hotkey)
         if blacklisted:
             log.debug(f"refused {hotkey!r:.100}: {reason}")  # the header is the caller's: bounded
+            if self.metrics is not None:
+                self.metrics.blacklist_rejected(kind)
         return blacklisted, reason
 
     async def verify(self, synapse: StreamPrompting) -> None:
@@ -430,20 +443,24 @@ class Miner:
         # by putting its hotkey in a header.
         refusal = self.policy.charge(synapse.dendrite.hotkey)
         if refusal is not None:
+            if self.metrics is not None:
+                self.metrics.blacklist_rejected("rate_limit")
             raise RateLimited(refusal)
 
     def priority(self, synapse: StreamPrompting) -> float:
-        priority = self.policy.priority(getattr(synapse.dendrite, "hotkey", None))
-        self._admissions.issue(synapse.dendrite, priority)
+        hotkey = getattr(synapse.dendrite, "hotkey", None)
+        priority = self.policy.priority(hotkey)
+        self._admissions.issue(synapse.dendrite, priority, self.policy.caller_class(hotkey))
         return priority
 
     async def forward(self, synapse: StreamPrompting) -> StreamPrompting.BTStreamingResponse:
-        priority = self._admissions.take(synapse.dendrite, self.policy.options.unknown_priority)
+        arrived = time.monotonic()
+        priority, caller = self._admissions.take(synapse.dendrite, self.policy.options.unknown_priority)
         if self.policy.closing:
-            raise RequestRejected(synapse, 503, "miner is shutting down")
+            raise self._rejected(synapse, caller, "closed", 503, "miner is shutting down")
         problem = request_problem(synapse, self.config.engine.max_prompt_chars)
         if problem is not None:
-            raise RequestRejected(synapse, 400, problem)
+            raise self._rejected(synapse, caller, "invalid", 400, problem)
         timeout = synapse.timeout if synapse.timeout and synapse.timeout > 0 else None
         messages = [{"role": role, "content": message}
                     for role, message in zip(synapse.roles, synapse.messages, strict=True)]
@@ -454,18 +471,28 @@ class Miner:
         try:
             first = await anext(pieces)
         except InvalidRequest as exc:
-            raise RequestRejected(synapse, 400, str(exc)) from exc
-        except (EngineOverloaded, EngineClosed) as exc:
-            raise RequestRejected(synapse, 503, str(exc)) from exc
+            raise self._rejected(synapse, caller, "invalid", 400, str(exc)) from exc
+        except EngineOverloaded as exc:
+            raise self._rejected(synapse, caller, "overloaded", 503, str(exc)) from exc
+        except EngineClosed as exc:
+            raise self._rejected(synapse, caller, "closed", 503, str(exc)) from exc
         except GenerationFailed as exc:
-            raise RequestRejected(synapse, 500, str(exc)) from exc
+            raise self._rejected(synapse, caller, "failed", 500, str(exc)) from exc
         if not first.text and first.finish_reason in _NOT_ANSWERED:
             # Ended before any text: a 200 with an empty body would read as an empty answer.
-            raise RequestRejected(synapse, 503, _NOT_ANSWERED[first.finish_reason].format(timeout=timeout))
-        streamer = functools.partial(self._stream, request.request_id, first, pieces)
+            raise self._rejected(synapse, caller, first.finish_reason, 503,
+                                 _NOT_ANSWERED[first.finish_reason].format(timeout=timeout))
+        streamer = functools.partial(self._stream, request.request_id, first, pieces, _Observation(caller, arrived))
         return WatchedStreamingResponse(BTStreamingResponseModel(token_streamer=streamer), synapse=synapse)
 
-    async def _stream(self, request_id: str, first: Piece, pieces: AsyncIterator[Piece], send: Send) -> None:
+    def _rejected(self, synapse: StreamPrompting, caller: str, outcome: str, status: int,
+                  message: str) -> RequestRejected:
+        if self.metrics is not None:
+            self.metrics.observe_request(outcome, caller)
+        return RequestRejected(synapse, status, message)
+
+    async def _stream(self, request_id: str, first: Piece, pieces: AsyncIterator[Piece], seen: "_Observation",
+                      send: Send) -> None:
         """Send the pieces as they come. The status (200) went out before the first; an answer that cannot be
         finished after that raises ``StreamBroken``, which cuts the connection before the body's end marker."""
         piece = first
@@ -476,23 +503,54 @@ class Miner:
                     await send({"type": "http.response.body", "body": (piece.text + self.chunk_suffix).encode(),
                                 "more_body": True})
                     sent += len(piece.text)
+                    seen.chunk_sent()
                 if piece.finish_reason is not None:
                     break
                 piece = await anext(pieces)
         except GenerationFailed as exc:
+            seen.outcome = "failed"
             log.error(f"{request_id}: generation failed after {sent} characters were streamed; cutting the "
                       f"connection so that the caller sees an incomplete answer: {exc}")
             raise StreamBroken(str(exc)) from exc
         except asyncio.CancelledError:
+            seen.outcome = "disconnected"
             log.info(f"{request_id}: the caller disconnected after {sent} characters; generation cancelled")
             raise
         finally:
             await pieces.aclose()  # a stream that ends early (send failed, task cancelled) frees its engine slot
+            if self.metrics is not None:
+                seen.report(self.metrics, piece)
         if piece.finish_reason in _CUT_SHORT:
             log.warning(f"{request_id}: {_CUT_SHORT[piece.finish_reason]} after {sent} characters; cutting the "
                         "connection so that the caller sees an incomplete answer")
             raise StreamBroken(piece.finish_reason)
         log.debug(f"{request_id}: finished ({piece.finish_reason})")
+
+
+class _Observation:
+    """What the metrics learn about one streamed answer: its caller class, TTFT and the gaps between chunks."""
+
+    __slots__ = ("caller", "arrived", "last_chunk", "ttft", "gaps", "outcome")
+
+    def __init__(self, caller: str, arrived: float) -> None:
+        self.caller, self.arrived = caller, arrived
+        self.last_chunk: float | None = None
+        self.ttft: float | None = None
+        self.gaps: list[float] = []
+        self.outcome: str | None = None  # set when the stream ends without its finish reason
+
+    def chunk_sent(self) -> None:
+        now = time.monotonic()
+        if self.last_chunk is None:
+            self.ttft = now - self.arrived
+        else:
+            self.gaps.append(now - self.last_chunk)
+        self.last_chunk = now
+
+    def report(self, metrics: Metrics, last: Piece) -> None:
+        tokens = last.stats.tokens if last.stats is not None else 0
+        metrics.observe_request(self.outcome or last.finish_reason or "failed", self.caller, ttft_s=self.ttft,
+                                chunk_gaps=self.gaps, tokens=tokens)
 
 
 def _reachable(host: str | None) -> str:
