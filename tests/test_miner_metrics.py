@@ -2,22 +2,15 @@
 
 import asyncio
 import re
-import socket
 
 import aiohttp
 import pytest
 from test_hardening_input import tiny_engine
-from test_miner_online import new_keypair, running_miner, target
+from test_miner_online import free_port, new_keypair, running_miner, target
 
 from minercore.miner import client
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample(text: str, name: str, **labels: str) -> float:
