@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def context_for(options_max_context: int | None, model_positions: int | None) -> int:
+    """The KV cache length: as asked, or the model's own positions capped at DEFAULT_MAX_CONTEXT."""
+    if options_max_context is not None:
+        return options_max_context
+    return min(DEFAULT_MAX_CONTEXT, model_positions or DEFAULT_MAX_CONTEXT)
+
 
 @dataclass
 class ModelOptions:
@@ -17,7 +26,7 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"  # auto | on | off
-    max_context: int = 4096
+    max_context: int | None = None  # None: the model's own context, at most DEFAULT_MAX_CONTEXT
     seed: int = 0
     upstream_url: str | None = None  # upstream: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1
     upstream_model: str | None = None  # upstream: model name to request; None asks the upstream's /models

@@ -214,8 +214,12 @@ class Engine:
             raise ValueError(f"runner holds {self._runner.max_batch} slots, engine wants {self.options.max_batch}")
         self._free_slots = list(range(self.options.max_batch))
         heapq.heapify(self._free_slots)
+        table = token_bytes_table(self._tokenizer)
+        # Models often pad their vocabulary past the tokenizer's (e.g. to a multiple of 64): ids the tokenizer
+        # does not know decode to nothing, as tokenizer.decode would skip them, instead of failing the step.
+        table += [b""] * (self._runner.vocab_size - len(table))
         self._table = streamloop.StreamTable(
-            token_bytes_table(self._tokenizer), self.options.max_batch, eos_id=eos_id,
+            table, self.options.max_batch, eos_id=eos_id,
             flush_tokens=self.options.flush_tokens, flush_ms=self.options.flush_ms)
 
     def _warm_up(self, ready: asyncio.Future) -> bool:
@@ -359,7 +363,10 @@ class Engine:
             raise InvalidRequest(f"messages hold {total} characters; the limit is {self.options.max_prompt_chars}")
         template = getattr(self._tokenizer, "chat_template", None)
         if template:
-            return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
+                raise InvalidRequest(f"messages do not fit the model's chat template: {exc}") from exc
         return "".join(f"{m.get('role') or 'user'}: {m['content']}\n" for m in messages) + "assistant:"
 
     # ---- stats -------------------------------------------------------------------------------------------
@@ -408,6 +415,8 @@ class Engine:
         for job in [j for j in self._active.values() if j.deadline is not None and now >= j.deadline]:
             self._end(job, outbox, reason=FINISH_DEADLINE, text=self._table.finish(job.slot, drop_incomplete=True),
                       table_done=True)
+        if not self._free_slots:
+            self._expire_waiting(now, outbox)
         self._admit(now, outbox)
         if not self._active:
             return
@@ -467,6 +476,19 @@ class Engine:
             self._post(outbox.copy())
             outbox.clear()
 
+    def _expire_waiting(self, now: float, outbox: list) -> None:
+        """While every slot is busy, queued requests past their deadline end now: their callers stop waiting and
+        their queue places are freed for new arrivals."""
+        with self._cond:
+            expired = [job for job in self._waiting if job.deadline is not None and now >= job.deadline]
+            if not expired:
+                return
+            self._waiting = [job for job in self._waiting if job.deadline is None or now < job.deadline]
+            heapq.heapify(self._waiting)
+            self._counts["completed"] += len(expired)
+        for job in expired:
+            outbox.append((job.mailbox, "", FINISH_DEADLINE, None, self._request_stats(job, FINISH_DEADLINE)))
+
     def _cancel(self, job: _Job) -> None:
         with self._cond:
             if job in self._waiting:
@@ -486,7 +508,8 @@ class Engine:
             self._table.release(job.slot)
         self._release_slot(job)
         with self._cond:
-            self._counts["failed" if error is not None else "completed"] += 1
+            self._counts["failed" if error is not None else "cancelled" if reason == FINISH_CANCELLED
+                         else "completed"] += 1
         stats = None if error is not None else self._request_stats(job, reason)
         outbox.append((job.mailbox, text, reason, error, stats))
 
@@ -517,6 +540,7 @@ class Engine:
                       table_done=True)
         with self._cond:
             waiting, self._waiting = self._waiting, []
+            self._counts["cancelled"] += len(waiting)
         for job in waiting:
             outbox.append((job.mailbox, "", FINISH_CANCELLED, None, self._request_stats(job, FINISH_CANCELLED)))
         self._post(outbox)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelOptions
+from .config import ModelOptions, context_for
 from .device import dtype_name, select
 from .runner import SlotParams, SlotState, check_prompt, check_room, check_slot, slot_tokens
 
@@ -91,7 +91,8 @@ class HFRunner:
 
         device, dtype = select(options.device, options.dtype)
         model = AutoModelForCausalLM.from_pretrained(options.path, dtype=dtype, local_files_only=True)
-        return cls(model, max_batch=max_batch, max_context=options.max_context, eos_id=eos_id, device=device,
+        max_context = context_for(options.max_context, _positions_limit(model.config))
+        return cls(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id, device=device,
                    dtype=dtype, name=options.path)
 
     @torch.inference_mode()

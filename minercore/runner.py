@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import ModelOptions
+from .config import ModelOptions, context_for
 from .device import dtype_name, select
 from .model import PRESETS, SimulatedLM, describe, load_gpt2
 
@@ -469,7 +469,8 @@ def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int) ->
             raise ValueError(f"unknown preset {options.preset!r}; expected one of {', '.join(PRESETS)}")
         model = SimulatedLM.random(PRESETS[options.preset], seed=options.seed)
         name = f"{options.preset} (seed {options.seed})"
-    return ModelRunner(model, max_batch=max_batch, max_context=options.max_context, eos_id=eos_id,
+    max_context = context_for(options.max_context, model.config.n_positions)
+    return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id,
                        device=device, dtype=dtype, compile=_resolve_compile(options.compile, device),
                        kinds=_sampling_kinds(options.mode), name=name)
 

@@ -435,7 +435,11 @@ class UpstreamBackend:
                     if data == "[DONE]":
                         done = True
                         break
-                    text, event_reason, event_usage, error = _parse_event(data)
+                    try:
+                        text, event_reason, event_usage, error = _parse_event(data)
+                    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                        self._report("protocol")
+                        raise GenerationFailed(f"upstream {self._safe_base} sent a malformed event: {exc}") from exc
                     if error is not None:
                         self._report("stream_error")
                         pending = coalescer.take(now)
@@ -452,12 +456,12 @@ class UpstreamBackend:
                     yield Piece(coalescer.take(now))
             clean = done or reason not in (FINISH_DEADLINE, FINISH_CANCELLED)
             finish = reason or FINISH_EOS
-            tokens = int(usage.get("completion_tokens", deltas)) if clean else deltas
+            tokens = _count(usage.get("completion_tokens"), deltas) if clean else deltas
             now = time.monotonic()
             text = coalescer.take(now)
             if text and first_text_at is None:
                 first_text_at = now
-            yield Piece(text, finish, _request_stats(request_id, int(usage.get("prompt_tokens", 0)), tokens,
+            yield Piece(text, finish, _request_stats(request_id, _count(usage.get("prompt_tokens"), 0), tokens,
                                                      first_text_at, submitted, finish))
         finally:
             self._record(deltas, deltas if tokens is None else tokens)
@@ -491,15 +495,27 @@ class UpstreamBackend:
         if status == 429:
             self._report("http_429")
             return EngineOverloaded(f"upstream {self._safe_base} is overloaded: {message}")
-        if status < 500:
+        if status in (400, 413, 422):
             self._report("http_4xx")
             return InvalidRequest(f"upstream rejected the request ({status}): {message}")
+        if status < 500:
+            # 401/403/404 and the like: the miner's upstream settings (key, model name, URL) are wrong, not the
+            # caller's request.
+            self._report("http_4xx")
+            log.error("upstream %s refused the miner (%d): %s; check --model.upstream_*", self._safe_base, status,
+                      message)
+            return GenerationFailed(f"upstream {self._safe_base} refused the miner ({status}): {message}")
         self._report("http_5xx")
         return GenerationFailed(f"upstream {self._safe_base} returned {status}: {message}")
 
     def _report(self, kind: str) -> None:
         if self._errors is not None:
             self._errors.upstream_error(kind)
+
+
+def _count(value: Any, default: int) -> int:
+    """A token count from the upstream's usage block, which some servers send as null."""
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
 def _parse_event(data: str) -> tuple[str, str | None, dict[str, Any] | None, str | None]:

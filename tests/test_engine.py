@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import copy
 import math
 import threading
 
@@ -122,7 +123,50 @@ async def test_expired_while_queued():
         await asyncio.sleep(0.05)
         text, reason, _ = await collect(engine, GenerationRequest(prompt="never started", timeout=0.01))
         assert (text, reason) == ("", "deadline")
+        assert not long.done()  # it expired while every slot was busy, not when one freed up
+        assert engine.stats().queued == 0
         assert (await long)[1] == "eos"
+
+
+async def test_ids_past_the_tokenizer_from_a_padded_vocabulary_decode_to_nothing():
+    class PaddedVocabulary(SlowRunner):
+        """A model whose vocabulary is padded past the tokenizer's and that samples a padding id once."""
+
+        vocab_size = 50304
+
+        def decode(self, slots):
+            ids = self._runner.decode(slots)
+            if not self.padded_once:
+                self.padded_once = True
+                ids[0] = 50300
+            return ids
+
+    def padded(runner):
+        wrapper = PaddedVocabulary(runner, delay=0)
+        wrapper.padded_once = False
+        return wrapper
+
+    async with running(runner_wrapper=padded) as engine:
+        text, reason, stats = await collect(engine, GenerationRequest(prompt="padded vocabulary"))
+        ids = engine.tokenizer.encode("padded vocabulary")
+        # The second output token (the first decode step's) was the padding id: it decodes to nothing.
+        assert text == engine.tokenizer.decode(ids[:1] + ids[2:])
+        assert (reason, stats.tokens, engine.stats().failed) == ("eos", len(ids) + 1, 0)
+
+
+async def test_chat_template_errors_are_invalid_requests():
+    from minercore.tokenizer import load_tokenizer
+
+    tokenizer = copy.copy(load_tokenizer())
+    tokenizer.chat_template = "{{ raise_exception('conversation roles must alternate') }}"
+    engine = Engine(ModelOptions(preset="tiny", compile="off", mode="generate", max_context=256), EngineOptions(),
+                    tokenizer=tokenizer)
+    await engine.start()
+    try:
+        with pytest.raises(InvalidRequest, match="chat template: conversation roles must alternate"):
+            await collect(engine, GenerationRequest(messages=[{"role": "user", "content": "hi"}]))
+    finally:
+        await engine.shutdown(grace=0)
 
 
 async def test_step_exception_fails_only_that_steps_requests():

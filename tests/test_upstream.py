@@ -139,14 +139,18 @@ async def test_echo_through_minercore_serve_is_exact(serve_engine):
 
 
 @in_module_loop
-async def test_upstream_4xx_is_invalid_request(serve_engine):
+async def test_upstream_4xx_blames_the_right_party(serve_engine):
     _, url = serve_engine
     async with started(upstream(url, upstream_model="no-such-model")) as backend:
-        with pytest.raises(InvalidRequest, match="does not exist"):
+        # A wrong model name is the miner's configuration, not the caller's request.
+        with pytest.raises(GenerationFailed, match=r"refused the miner \(404\).*does not exist"):
             await collect(backend, GenerationRequest(prompt="x"))
         with pytest.raises(InvalidRequest, match="temperature"):  # caught here, before any call
             await collect(backend, GenerationRequest(prompt="x", sampling=SamplingParams(temperature=-1)))
         assert backend.stats().failed == 1
+    async with started(upstream(url)) as backend:
+        with pytest.raises(InvalidRequest, match=r"upstream rejected the request \(400\).*context"):
+            await collect(backend, GenerationRequest(prompt="word " * 5000))
 
 
 @in_module_loop

@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model.tokenizer", default=defaults.tokenizer,
                        help="gpt2 (bundled, offline) or a Hugging Face tokenizer name or directory.")
     model.add_argument("--model.compile", choices=COMPILE, default=defaults.compile,
-                       help="torch.compile the decode step (auto: on CUDA only).")
+                       help="torch.compile the decode step (auto: on; CUDA graphs on CUDA). Costs seconds of "
+                            "warm-up at start-up.")
     model.add_argument("--model.max_context", type=_positive_int, default=defaults.max_context,
-                       help="Longest prompt plus answer, in tokens.")
+                       help="Longest prompt plus answer, in tokens (default: the model's own context, at most "
+                            "4096). Echo answers prompts of up to (max_context - 1) / 2 tokens in full.")
     model.add_argument("--model.seed", type=int, default=defaults.seed,
                        help="Seed of the simulated model's random weights.")
     model.add_argument("--model.upstream_url", default=defaults.upstream_url,

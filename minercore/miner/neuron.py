@@ -480,6 +480,7 @@ class Miner:
             raise self._rejected(synapse, caller, "failed", 500, str(exc)) from exc
         if not first.text and first.finish_reason in _NOT_ANSWERED:
             # Ended before any text: a 200 with an empty body would read as an empty answer.
+            await pieces.aclose()
             raise self._rejected(synapse, caller, first.finish_reason, 503,
                                  _NOT_ANSWERED[first.finish_reason].format(timeout=timeout))
         streamer = functools.partial(self._stream, request.request_id, first, pieces, _Observation(caller, arrived))
