@@ -26,6 +26,8 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"  # auto | on | off
+    graphs: str = "auto"  # simulated, CUDA: torch (torch.compile's CUDA graphs) | manual (captured by hand) | off
+    attention: str = "auto"  # simulated: bucketed (power-of-two context buckets) | masked (whole cache, masked)
     max_context: int | None = None  # None: the model's own context, at most DEFAULT_MAX_CONTEXT
     seed: int = 0
     upstream_url: str | None = None  # upstream: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1
@@ -41,3 +43,4 @@ class EngineOptions:
     flush_ms: float = 50.0  # ...or this long after its last flush
     max_new_tokens: int = 4096  # ceiling on any request's max_new_tokens
     max_prompt_chars: int = 1_000_000  # larger prompts are rejected before tokenization
+    overlap: bool = True  # launch decode step N+1 before detokenizing and posting step N

@@ -135,7 +135,7 @@ class _Job:
     """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
 
     __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
-                 "mailbox", "slot", "joined_at_step")
+                 "mailbox", "slot", "tokens")
 
     def __init__(self, request_id: str, prompt_ids: list[int], slot_params: Any, sampling: SamplingParams,
                  deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
@@ -148,7 +148,7 @@ class _Job:
         self.seq = seq
         self.mailbox = mailbox
         self.slot = -1
-        self.joined_at_step = 0  # the engine's decode-step count when the job got its slot
+        self.tokens = 0  # ids handed to the stream loop for this job (prefill's first, then one per step)
 
     def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
         return (-self.priority, self.seq) < (-other.priority, other.seq)
@@ -179,7 +179,9 @@ class Engine:
         self._abort = False
         self._stopped = False
         self._counts = collections.Counter()
-        self._decode_steps = 0  # successful decode steps; model thread only
+        # The decode step launched and not yet collected (overlap): its Launched and the job each of its slots
+        # held at launch, so that ids for a job that has ended since are dropped; model thread only.
+        self._in_flight: tuple[Any, list[_Job]] | None = None
         # (time, tokens so far) at each of the recent decode steps: the window the rates are measured over
         self._recent_steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW_STEPS)
         self.warmup_seconds = 0.0
@@ -392,7 +394,8 @@ class Engine:
             return
         while True:
             with self._cond:
-                while (not self._abort and not self._active and not self._waiting and not self._cancelled):
+                while (not self._abort and not self._active and not self._waiting and not self._cancelled
+                       and self._in_flight is None):
                     self._cond.wait()
                 if self._abort:
                     break
@@ -403,6 +406,7 @@ class Engine:
                 self._iterate(cancelled, outbox)
             except Exception as exc:  # noqa: BLE001 - a bug here must not kill the thread serving everyone
                 log.exception("engine iteration failed; failing the active requests")
+                self._in_flight = None
                 for job in list(self._active.values()):
                     self._end(job, outbox, error=GenerationFailed(f"engine error: {exc}"))
             self._post(outbox)
@@ -418,28 +422,62 @@ class Engine:
         if not self._free_slots:
             self._expire_waiting(now, outbox)
         self._admit(now, outbox)
-        if not self._active:
-            return
-        slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
+        self._step(outbox)
+
+    def _step(self, outbox: list) -> None:
+        """Launch the next decode step for every active slot, then collect the one in flight, if any, and hand
+        its ids to the stream loop: with ``overlap``, the device runs step N+1 while the host detokenizes and
+        posts step N (the next step's fed tokens are already on the device). A job that ended with step N
+        (EOS, stop, length, deadline, cancellation) still sits in step N+1; its id from there is dropped, as is
+        any id for a slot that another job has taken since."""
+        launched = None
+        if self._active:
+            jobs = list(self._active.values())
+            slots = np.fromiter(self._active, dtype=np.int64, count=len(jobs))
+            try:
+                launched = (self._runner.launch(slots), jobs)
+            except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
+                self._fail_step(exc, len(slots), outbox)
+                return
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._collect(previous, outbox)
+        if not self.options.overlap and self._in_flight is not None:
+            current, self._in_flight = self._in_flight, None
+            self._collect(current, outbox)
+
+    def _collect(self, in_flight: tuple[Any, list[_Job]], outbox: list) -> None:
+        step, jobs = in_flight
         try:
-            ids = self._runner.decode(slots)
-        except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
-            log.exception("decode step failed for %d requests", len(slots))
-            _free_cuda_cache()
-            for job in list(self._active.values()):
-                self._end(job, outbox, error=GenerationFailed(f"model step failed: {exc}"))
+            ids = self._runner.collect(step)
+        except Exception as exc:  # noqa: BLE001 - a device fault surfaces when its ids are read
+            self._fail_step(exc, len(jobs), outbox)
             return
-        self._decode_steps += 1
-        self._consume(slots, ids, outbox)
+        keep = np.fromiter((self._active.get(job.slot) is job for job in jobs), dtype=bool, count=len(jobs))
+        if not keep.all():
+            ids = ids[keep]
+        self._consume(step.slots[keep] if not keep.all() else step.slots, ids, outbox)
         with self._cond:
             self._counts["steps"] += 1
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
 
+    def _fail_step(self, exc: Exception, size: int, outbox: list) -> None:
+        """Every active request fails (their next ids may never come), and the step in flight is dropped."""
+        log.error("decode step failed for %d requests", size, exc_info=exc)
+        _free_cuda_cache()
+        self._in_flight = None
+        for job in list(self._active.values()):
+            self._end(job, outbox, error=GenerationFailed(f"model step failed: {exc}"))
+
     def _consume(self, slots: np.ndarray, ids: np.ndarray, outbox: list) -> None:
         """Hand one token per slot to the stream loop (one call for the whole batch) and route its events."""
+        if not slots.size:
+            return
         events = self._table.step(slots, ids)
         with self._cond:
             self._counts["tokens"] += len(slots)
+        for slot in slots.tolist():
+            self._active[slot].tokens += 1
         for slot, text, reason in events:
             job = self._active[slot]
             if reason is None:
@@ -461,7 +499,6 @@ class Engine:
                     continue
                 self._admitted += 1
             job.slot = heapq.heappop(self._free_slots)
-            job.joined_at_step = self._decode_steps
             self._active[job.slot] = job
             try:
                 first = self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
@@ -526,8 +563,7 @@ class Engine:
     def _request_stats(self, job: _Job, reason: str | None) -> RequestStats:
         """TTFT is filled in on the event loop, where the first text is handed over."""
         duration = time.monotonic() - job.mailbox.submitted_at
-        # One token from prefill, then one from every decode step since the job joined.
-        tokens = 0 if job.slot < 0 else 1 + self._decode_steps - job.joined_at_step
+        tokens = job.tokens
         return RequestStats(request_id=job.request_id, prompt_tokens=len(job.prompt_ids), tokens=tokens,
                             ttft_s=None, duration_s=duration,
                             tokens_per_s=tokens / duration if duration > 0 else 0.0,

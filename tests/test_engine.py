@@ -134,8 +134,8 @@ async def test_ids_past_the_tokenizer_from_a_padded_vocabulary_decode_to_nothing
 
         vocab_size = 50304
 
-        def decode(self, slots):
-            ids = self._runner.decode(slots)
+        def collect(self, step):
+            ids = self._runner.collect(step)
             if not self.padded_once:
                 self.padded_once = True
                 ids[0] = 50300
@@ -290,9 +290,13 @@ async def test_model_work_never_runs_on_the_event_loop():
             calls.append(threading.get_ident())
             return self._runner.prefill(slot, prompt_ids, params)
 
-        def decode(self, slots):
+        def launch(self, slots):
             calls.append(threading.get_ident())
-            return self._runner.decode(slots)
+            return self._runner.launch(slots)
+
+        def collect(self, step):
+            calls.append(threading.get_ident())
+            return self._runner.collect(step)
 
     async with running(runner_wrapper=lambda r: RecordingRunner(r, delay=0), max_batch=64) as engine:
         await asyncio.gather(*(collect(engine, GenerationRequest(prompt=prompt_for(i))) for i in range(64)))

@@ -35,9 +35,9 @@ class Paced:
     def __getattr__(self, name: str):
         return getattr(self._runner, name)
 
-    def decode(self, slots: np.ndarray) -> np.ndarray:
+    def launch(self, slots: np.ndarray):
         time.sleep(self.delay)
-        return self._runner.decode(slots)
+        return self._runner.launch(slots)
 
 
 def paced_engine(max_batch: int = 8) -> Engine:
