@@ -148,7 +148,7 @@ class _Job:
         self.seq = seq
         self.mailbox = mailbox
         self.slot = -1
-        self.tokens = 0  # ids handed to the stream loop for this job (prefill's first, then one per step)
+        self.tokens = 0  # ids handed to the stream loop for this job, set when it leaves its slot
 
     def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
         return (-self.priority, self.seq) < (-other.priority, other.seq)
@@ -179,9 +179,9 @@ class Engine:
         self._abort = False
         self._stopped = False
         self._counts = collections.Counter()
-        # The decode step launched and not yet collected (overlap): its Launched and the job each of its slots
-        # held at launch, so that ids for a job that has ended since are dropped; model thread only.
-        self._in_flight: tuple[Any, list[_Job]] | None = None
+        # The decode step launched and not yet collected (overlap): its Launched and the tenancy of each of its
+        # slots at launch, so that ids for a job that has left its slot since are dropped; model thread only.
+        self._in_flight: tuple[Any, np.ndarray] | None = None
         # (time, tokens so far) at each of the recent decode steps: the window the rates are measured over
         self._recent_steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW_STEPS)
         self.warmup_seconds = 0.0
@@ -216,6 +216,10 @@ class Engine:
             raise ValueError(f"runner holds {self._runner.max_batch} slots, engine wants {self.options.max_batch}")
         self._free_slots = list(range(self.options.max_batch))
         heapq.heapify(self._free_slots)
+        # Per slot, counted with one array operation per step (no per-job Python work): ids handed to the stream
+        # loop for its current job, and its tenancy, advanced each time a job leaves it.
+        self._slot_tokens = np.zeros(self.options.max_batch, dtype=np.int64)
+        self._tenancy = np.zeros(self.options.max_batch, dtype=np.int64)
         table = token_bytes_table(self._tokenizer)
         # Models often pad their vocabulary past the tokenizer's (e.g. to a multiple of 64): ids the tokenizer
         # does not know decode to nothing, as tokenizer.decode would skip them, instead of failing the step.
@@ -432,10 +436,9 @@ class Engine:
         any id for a slot that another job has taken since."""
         launched = None
         if self._active:
-            jobs = list(self._active.values())
-            slots = np.fromiter(self._active, dtype=np.int64, count=len(jobs))
+            slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
             try:
-                launched = (self._runner.launch(slots), jobs)
+                launched = (self._runner.launch(slots), self._tenancy[slots])
             except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
                 self._fail_step(exc, len(slots), outbox)
                 return
@@ -446,17 +449,18 @@ class Engine:
             current, self._in_flight = self._in_flight, None
             self._collect(current, outbox)
 
-    def _collect(self, in_flight: tuple[Any, list[_Job]], outbox: list) -> None:
-        step, jobs = in_flight
+    def _collect(self, in_flight: tuple[Any, np.ndarray], outbox: list) -> None:
+        step, tenancy = in_flight
         try:
             ids = self._runner.collect(step)
         except Exception as exc:  # noqa: BLE001 - a device fault surfaces when its ids are read
-            self._fail_step(exc, len(jobs), outbox)
+            self._fail_step(exc, len(tenancy), outbox)
             return
-        keep = np.fromiter((self._active.get(job.slot) is job for job in jobs), dtype=bool, count=len(jobs))
+        slots = step.slots
+        keep = self._tenancy[slots] == tenancy
         if not keep.all():
-            ids = ids[keep]
-        self._consume(step.slots[keep] if not keep.all() else step.slots, ids, outbox)
+            slots, ids = slots[keep], ids[keep]
+        self._consume(slots, ids, outbox)
         with self._cond:
             self._counts["steps"] += 1
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
@@ -474,10 +478,9 @@ class Engine:
         if not slots.size:
             return
         events = self._table.step(slots, ids)
+        self._slot_tokens[slots] += 1
         with self._cond:
             self._counts["tokens"] += len(slots)
-        for slot in slots.tolist():
-            self._active[slot].tokens += 1
         for slot, text, reason in events:
             job = self._active[slot]
             if reason is None:
@@ -556,6 +559,9 @@ class Engine:
         except Exception:  # noqa: BLE001 - a runner that cannot release still gets its slot reused by prefill
             log.exception("runner failed to release slot %d", job.slot)
         del self._active[job.slot]
+        job.tokens = int(self._slot_tokens[job.slot])
+        self._slot_tokens[job.slot] = 0
+        self._tenancy[job.slot] += 1
         heapq.heappush(self._free_slots, job.slot)
         with self._cond:
             self._admitted -= 1
