@@ -18,15 +18,16 @@ is needed. Phases, in the order they run:
   torch.compile's own (``graphs=torch``, context buckets); graph health for both (recompiles after warmup,
   CUDA-graph skips, graphs captured); a ``torch.profiler`` table of one step at batch 1 and 256.
 - ``correctness``: compiled vs eager minercore in float32 and bfloat16 on free generation (same greedy ids
-  over 64 tokens, or the first divergence explained by a logit tie), cached decode vs full recompute, and
-  minercore vs Hugging Face greedy on the same weights (float32).
+  over 64 tokens, or the first divergence explained by a logit tie; FlexAttention in bfloat16), cached decode
+  vs full recompute, and minercore vs Hugging Face greedy on the same weights (float32).
 - ``engine``: the engine's aggregate tok/s against the raw pipelined decode loop, 64 and 256 streams of 256
   tokens each (greedy free generation; the end-of-text id lies outside the model's vocabulary, so every
   stream really produces 256 tokens).
 - ``hf``: Hugging Face ``generate`` on the same weights, static cache (+ compile, as transformers does on
   CUDA) and eager dynamic cache, batch 1, 64 and 256.
-- ``variants``: further minercore decode variants (manual graphs with context buckets, manual graphs over
-  the eager step, no graphs at all) for the evidence that picks the defaults.
+- ``variants``: further minercore decode variants (manual graphs with FlexAttention over each row's own
+  length, manual graphs over the eager step, no graphs at all, manual graphs with context buckets) for the
+  evidence that picks the defaults.
 - ``llama``: ``benchmarks/gpu_llama.py``'s ``run(out, smoke)`` when that module exists (Llama-family models).
 
 Decode tok/s counts the tokens after the first (which comes from the prefill): batch x (new - 1) / decode
@@ -369,6 +370,8 @@ def phase_correctness(sizes: Sizes, out: Path, part: Part) -> None:
     variants = [("manual", "masked"), ("torch", "bucketed")] if sizes.compile else [("manual", "masked")]
     tolerances = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
     for dtype in (torch.float32, torch.bfloat16):
+        if dtype == torch.bfloat16:
+            variants.append(("manual", "flex"))  # in the serving dtype only: two more compiles would not fit
         label = str(dtype).removeprefix("torch.")
         eager = build_runner(sizes, dtype, graphs="off", attention="bucketed", compile=False, max_batch=batch,
                              max_context=max_context, model=weights)
@@ -462,7 +465,7 @@ def phase_hf(sizes: Sizes, out: Path, part: Part) -> None:
 
 
 def phase_variants(sizes: Sizes, out: Path, part: Part) -> None:
-    variants = [("manual", "masked", False), ("off", "bucketed", False)]
+    variants = [("manual", "flex", sizes.compile), ("manual", "masked", False), ("off", "bucketed", False)]
     if sizes.compile:
         variants.append(("manual", "bucketed", True))  # a static compile per batch x context bucket: slow
     for graphs, attention, compile in variants:

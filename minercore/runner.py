@@ -48,8 +48,10 @@ MIN_CTX_BUCKET = 64  # smallest attended-context bucket; below it the saving is 
 
 GRAPH_MODES = ("torch", "manual", "off")
 # bucketed: attend over the smallest power-of-two prefix of the cache holding every row's position (a shape per
-# bucket); masked: always over the whole max_context, masked per row (one shape per batch bucket).
-ATTENTION_MODES = ("bucketed", "masked")
+# bucket); masked: always over the whole max_context, masked per row (one shape per batch bucket); flex:
+# FlexAttention over the whole max_context, each row reading only the key blocks up to its own position (one
+# shape per batch bucket, the cost of each row's own length).
+ATTENTION_MODES = ("bucketed", "masked", "flex")
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,10 @@ class ModelRunner:
         self.graphs = graphs
         self.attention = attention
         self.batch_buckets = tuple(buckets)
+        if attention == "flex":
+            if not hasattr(model, "flex_attention"):
+                raise ValueError(f"attention=flex: {type(model).__name__} has no FlexAttention decode")
+            model.flex_attention = True
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.kv_cache_bytes_per_slot = self.model.setup_caches(max_batch, max_context)
         self.state = SlotState(max_batch, max_context, device)
@@ -463,7 +469,7 @@ class ModelRunner:
     @property
     def context_buckets(self) -> list[int]:
         """Every attended-context length a step can use."""
-        if self.attention == "masked":
+        if self.attention != "bucketed":
             return [self.max_context]
         return pow2_buckets(MIN_CTX_BUCKET, self.max_context)
 
@@ -566,7 +572,7 @@ class ModelRunner:
     # -- internals --
 
     def _context_bucket(self, needed: int) -> int:
-        if self.attention == "masked":
+        if self.attention != "bucketed":
             return self.max_context
         return pow2_bucket(needed, MIN_CTX_BUCKET, self.max_context)
 

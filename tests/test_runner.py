@@ -303,10 +303,10 @@ def _mixed_run(runner: ModelRunner, steps: int = 16) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("attention", ["bucketed", "masked"])
+@pytest.mark.parametrize("attention", ["bucketed", "masked", "flex"])
 def test_static_buffer_step_matches_the_default_step(attention) -> None:
     """graphs=manual runs the static-buffer step (the one CUDA graphs capture): same ids as the default step,
-    with either attention, since masked keys add exactly nothing."""
+    with any attention, since masked keys (and key blocks flex skips) add exactly nothing."""
     reference = _mixed_run(small_runner(max_context=128))
     manual = ModelRunner(SimulatedLM.random(SMALL, 0), max_batch=4, max_context=128, eos_id=0, device=CPU,
                          dtype=torch.float32, compile=False, graphs="manual", attention=attention)
