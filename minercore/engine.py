@@ -168,6 +168,8 @@ class Engine:
         self._runner = runner
         self._tokenizer = tokenizer
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._posted: list = []  # deliveries the event loop has been woken for and not yet made
+        self._posted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._waiting: list[_Job] = []  # heap
@@ -588,12 +590,27 @@ class Engine:
         self._post(outbox)
 
     def _post(self, outbox: list) -> None:
+        """Queue deliveries for the event loop, waking it only if it has not been woken for earlier ones yet:
+        while it is busy, each step's deliveries join the pending batch instead of paying for another wake-up
+        (a self-pipe write, on which the model thread gives up the GIL)."""
         if not outbox:
             return
+        with self._posted_lock:
+            wake = not self._posted
+            self._posted.extend(outbox)
+        if not wake:
+            return
         try:
-            self._loop.call_soon_threadsafe(_deliver, outbox)
+            self._loop.call_soon_threadsafe(self._deliver_posted)
         except RuntimeError:  # the loop is closed: nobody is left to read these
-            log.debug("event loop closed; dropped %d deliveries", len(outbox))
+            with self._posted_lock:
+                dropped, self._posted = len(self._posted), []
+            log.debug("event loop closed; dropped %d deliveries", dropped)
+
+    def _deliver_posted(self) -> None:
+        with self._posted_lock:
+            posted, self._posted = self._posted, []
+        _deliver(posted)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
