@@ -312,7 +312,7 @@ def _profile_step(runner: ModelRunner, sizes: Sizes, batch: int) -> str:
     with profile(activities=activities) as prof:
         runner.collect(runner.launch(slots))
         sync(runner.device)
-    sort = "cuda_time_total" if runner.device.type == "cuda" else "cpu_time_total"
+    sort = "device_time_total" if runner.device.type == "cuda" else "cpu_time_total"
     return (f"## one decode step, {variant_name(runner)}, batch {batch}\n\n"
             f"{prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60)}\n")
 
