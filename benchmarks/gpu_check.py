@@ -58,9 +58,12 @@ from minercore.model import PRESETS, SimulatedLM, describe
 from minercore.runner import GREEDY, ModelRunner, SlotParams
 
 PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama")
-PHASE_BUDGET_S = {"kv": 40, "decode": 200, "correctness": 150, "engine": 100, "hf": 160, "variants": 150,
-                  "llama": 120}
-TOTAL_BUDGET_S = 450  # cold H100, under the 8 minutes asked for, with room for start-up and the extension build
+PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
+                  "llama": 150}
+# All phases together: under the 8 minutes asked for once the extension build and Python's start-up are added.
+# On a cold machine the later phases (variants, llama) may not fit; they are then skipped, and a rerun with
+# --phases picks them up with the caches the first run left warm.
+TOTAL_BUDGET_S = 420
 MIN_PHASE_S = 20  # a phase is not started with less than this left
 TARGETS = {"decode_tokens_per_s": {1: 3_000, 64: 60_000, 256: 120_000}, "engine_over_raw": 0.9,
            "kv_over_formula": 1.02}
