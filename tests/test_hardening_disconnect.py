@@ -14,7 +14,8 @@ import numpy as np
 from test_hardening_input import SignedRequest, sign, tiny_engine
 from test_miner_online import new_keypair, running_miner, target
 
-from minercore.engine import Engine, EngineStats
+from minercore.engine import Engine
+from minercore.generation import EngineStats
 from minercore.miner import client
 from minercore.miner.protocol import StreamPrompting
 

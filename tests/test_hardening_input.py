@@ -22,7 +22,7 @@ from minercore.engine import Engine
 from minercore.miner import client
 from minercore.miner.neuron import Miner
 from minercore.miner.protocol import StreamPrompting
-from minercore.runner import build_runner
+from minercore.runners import build_runner
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"),
               # model_construct() bodies the protocol's types refuse make pydantic warn as it serializes them

@@ -11,7 +11,7 @@ from bittensor.core.stream import BTStreamingResponseModel
 from starlette.requests import Request
 from test_hardening_input import tiny_engine
 
-from minercore.engine import GenerationRequest, InvalidRequest, SamplingParams
+from minercore.generation import GenerationRequest, InvalidRequest, SamplingParams
 from minercore.miner import neuron
 from minercore.miner.config import DEFAULT_MAX_BODY_BYTES, build_config
 from minercore.miner.guard import (

@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from minercore.backend import build_backend
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, EngineStats, GenerationFailed, GenerationRequest
+from minercore.engine import Engine
+from minercore.generation import EngineStats, GenerationFailed, GenerationRequest
 from minercore.metrics import Metrics
 from minercore.server import create_app, serving
 

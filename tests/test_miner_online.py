@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from bittensor_wallet import Keypair
 
-from minercore.engine import (
+from minercore.generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     EngineOverloaded,

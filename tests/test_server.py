@@ -17,15 +17,8 @@ import pytest_asyncio
 from runner_wrappers import SlowRunner
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import (
-    Engine,
-    EngineClosed,
-    EngineStats,
-    GenerationFailed,
-    GenerationRequest,
-    Piece,
-    RequestStats,
-)
+from minercore.engine import Engine
+from minercore.generation import EngineClosed, EngineStats, GenerationFailed, GenerationRequest, Piece, RequestStats
 from minercore.server import create_app, serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -222,7 +215,7 @@ async def test_openai_client_abandoning_a_stream_frees_the_slot(api, engine):
 @contextlib.asynccontextmanager
 async def small_server():
     """One slot and one queue place, slowed down: room for exactly two requests."""
-    from minercore.runner import build_runner
+    from minercore.runners import build_runner
 
     model = ModelOptions(preset="tiny", compile="off")
     engine = Engine(model, EngineOptions(max_batch=1, max_queue=1),
