@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+from helpers import free_port
 from runner_wrappers import SlowRunner
 
 from minercore.config import EngineOptions, ModelOptions
@@ -307,11 +307,6 @@ async def test_failure_before_any_text_has_its_status(error, status):
             assert response.status_code == status
             assert response.json()["error"]["message"] == str(error)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_the_serve_command():
