@@ -63,11 +63,6 @@ class EngineClosed(GenerationError, RuntimeError):
     http_status = 503
 
 
-def outcome_of(exc: BaseException) -> str:
-    """The metrics/log label of a request that ended with ``exc``: its class's, or "failed" for anything else."""
-    return exc.outcome if isinstance(exc, GenerationError) else GenerationError.outcome
-
-
 # ---- requests and answers -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplingParams:
