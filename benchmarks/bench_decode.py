@@ -22,7 +22,9 @@ import torch
 
 from minercore.config import ModelOptions
 from minercore.model import PRESETS, SimulatedLM
-from minercore.runner import GREEDY, ModelRunner, Runner, SlotParams, build_runner
+from minercore.runner import ModelRunner
+from minercore.runners import Runner, build_runner
+from minercore.sampling import GREEDY, SlotParams
 
 PROMPT = 128
 STEPS = 32

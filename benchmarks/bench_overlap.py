@@ -32,8 +32,9 @@ import pytest
 import torch
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, GenerationRequest, SamplingParams
-from minercore.runner import Launched
+from minercore.engine import Engine
+from minercore.generation import GenerationRequest, SamplingParams
+from minercore.steps import Launched
 from minercore.tokenizer import load_tokenizer
 
 DEVICE_STEP_US = 250

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 from minercore.model import PRESETS, SimulatedLM, describe
-from minercore.runner import GREEDY, ModelRunner, SlotParams
+from minercore.runner import ModelRunner
+from minercore.sampling import GREEDY, SlotParams
 
 PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama")
 PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
@@ -406,7 +407,8 @@ def phase_engine(sizes: Sizes, out: Path, part: Part) -> None:
     import asyncio
 
     from minercore.config import EngineOptions, ModelOptions
-    from minercore.engine import Engine, GenerationRequest, SamplingParams
+    from minercore.engine import Engine
+    from minercore.generation import GenerationRequest, SamplingParams
 
     max_batch = max(sizes.engine_streams)
     runner = build_runner(sizes, sizes.dtype, graphs="manual", attention="masked", compile=sizes.compile,
