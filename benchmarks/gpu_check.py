@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,17 @@ class Part:
         merge(self.data, parts)
         self.path.write_text(json.dumps(self.data, default=float), encoding="utf-8")
 
+    @contextlib.contextmanager
+    def attempt(self, label: str) -> Iterator[None]:
+        """One variant of a phase: its exception is logged and recorded under ``errors``, and the next variant
+        still runs (a CUDA fault that poisons the context fails those too, each with its own record)."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - a variant's failure is a result; the rest still run
+            traceback.print_exc()
+            self.add(errors={label: f"{type(exc).__name__}: {exc}"[:2000]})
+            print(f"  FAILED: {label}", flush=True)
+
 
 def phase_kv(sizes: Sizes, out: Path, part: Part) -> None:
     model = random_model(sizes).to(device=sizes.device, dtype=sizes.dtype)
@@ -324,14 +336,15 @@ def _profile_step(runner: ModelRunner, sizes: Sizes, batch: int) -> str:
 def phase_decode(sizes: Sizes, out: Path, part: Part) -> None:
     variants = [("manual", "masked"), ("torch" if sizes.compile else "off", "bucketed")]
     for graphs, attention in variants:
-        runner = build_runner(sizes, sizes.dtype, graphs=graphs, attention=attention, compile=sizes.compile,
-                              max_batch=max(sizes.batches), max_context=sizes.max_context,
-                              batch_buckets=sizes.batches)
-        _measure_with_graph_health(runner, sizes, part)
-        with (out / PROFILE).open("a", encoding="utf-8") as f:
-            for batch in (1, max(sizes.batches)):
-                f.write(_profile_step(runner, sizes, batch))
-        del runner
+        with part.attempt(f"decode {graphs}/{attention}"):
+            runner = build_runner(sizes, sizes.dtype, graphs=graphs, attention=attention, compile=sizes.compile,
+                                  max_batch=max(sizes.batches), max_context=sizes.max_context,
+                                  batch_buckets=sizes.batches)
+            _measure_with_graph_health(runner, sizes, part)
+            with (out / PROFILE).open("a", encoding="utf-8") as f:
+                for batch in (1, max(sizes.batches)):
+                    f.write(_profile_step(runner, sizes, batch))
+        runner = None
         _free(sizes.device)
 
 
@@ -387,20 +400,22 @@ def phase_correctness(sizes: Sizes, out: Path, part: Part) -> None:
                  fp32_model, tolerances[dtype], part)
         del eager
         for graphs, attention in variants:
-            runner = build_runner(sizes, dtype, graphs=graphs, attention=attention, compile=sizes.compile,
-                                  max_batch=batch, max_context=max_context, model=weights)
-            runner.warmup()
-            got, _, _ = generate(runner, ids, steps)
-            _compare(f"{variant_name(runner)} == eager ({label}, free generation, {steps} greedy tokens)",
-                     reference, got, ids, fp32_model, tolerances[dtype], part)
-            del runner
+            with part.attempt(f"correctness {graphs}/{attention} {label}"):
+                runner = build_runner(sizes, dtype, graphs=graphs, attention=attention, compile=sizes.compile,
+                                      max_batch=batch, max_context=max_context, model=weights)
+                runner.warmup()
+                got, _, _ = generate(runner, ids, steps)
+                _compare(f"{variant_name(runner)} == eager ({label}, free generation, {steps} greedy tokens)",
+                         reference, got, ids, fp32_model, tolerances[dtype], part)
+            runner = None
             _free(sizes.device)
         if dtype == torch.float32:
-            hf = to_hf(weights, dtype, sizes.device)
-            hf_ids, _ = hf_generate(hf, ids, steps)
-            _compare(f"minercore == Hugging Face generate ({label}, {steps} greedy tokens)", reference, hf_ids, ids,
-                     fp32_model, tolerances[dtype], part)
-            del hf
+            with part.attempt(f"correctness hf {label}"):
+                hf = to_hf(weights, dtype, sizes.device)
+                hf_ids, _ = hf_generate(hf, ids, steps)
+                _compare(f"minercore == Hugging Face generate ({label}, {steps} greedy tokens)", reference, hf_ids,
+                         ids, fp32_model, tolerances[dtype], part)
+            hf = None
 
 
 def phase_engine(sizes: Sizes, out: Path, part: Part) -> None:
@@ -459,14 +474,15 @@ def phase_hf(sizes: Sizes, out: Path, part: Part) -> None:
     hf = to_hf(random_model(sizes), sizes.dtype, sizes.device)
     for impl, kwargs in (("hf-static", {"cache_implementation": "static"}), ("hf-eager", {})):
         for batch in sizes.batches:
-            ids = prompts(batch, sizes.prompt, sizes.config.vocab_size, sizes.seed + batch)
-            hf_generate(hf, ids, sizes.new, **kwargs)  # warm-up (static: compiles for this shape)
-            _, one = hf_generate(hf, ids, 1, **kwargs)
-            _, total = hf_generate(hf, ids, sizes.new, **kwargs)
-            rate = batch * (sizes.new - 1) / max(total - one, 1e-9)
-            part.add(decode=[{"impl": impl, "batch": batch, "tokens_per_s": rate,
-                              "ms_per_step": (total - one) / (sizes.new - 1) * 1e3}])
-            print(f"  {impl} batch {batch}: {rate:,.0f} tok/s", flush=True)
+            with part.attempt(f"{impl} batch {batch}"):
+                ids = prompts(batch, sizes.prompt, sizes.config.vocab_size, sizes.seed + batch)
+                hf_generate(hf, ids, sizes.new, **kwargs)  # warm-up (static: compiles for this shape)
+                _, one = hf_generate(hf, ids, 1, **kwargs)
+                _, total = hf_generate(hf, ids, sizes.new, **kwargs)
+                rate = batch * (sizes.new - 1) / max(total - one, 1e-9)
+                part.add(decode=[{"impl": impl, "batch": batch, "tokens_per_s": rate,
+                                  "ms_per_step": (total - one) / (sizes.new - 1) * 1e3}])
+                print(f"  {impl} batch {batch}: {rate:,.0f} tok/s", flush=True)
 
 
 def phase_variants(sizes: Sizes, out: Path, part: Part) -> None:
@@ -474,13 +490,14 @@ def phase_variants(sizes: Sizes, out: Path, part: Part) -> None:
     if sizes.compile:
         variants.append(("manual", "bucketed", True))  # a static compile per batch x context bucket: slow
     for graphs, attention, compile in variants:
-        runner = build_runner(sizes, sizes.dtype, graphs=graphs, attention=attention, compile=compile,
-                              max_batch=max(sizes.batches), max_context=sizes.max_context,
-                              batch_buckets=sizes.batches)
-        _measure_with_graph_health(runner, sizes, part)
-        if graphs == "manual" and not compile:
-            _decode_rows(runner, sizes, part, loop="synchronous")  # what launching ahead is worth
-        del runner
+        with part.attempt(f"variant {graphs}/{attention}/{'compiled' if compile else 'eager'}"):
+            runner = build_runner(sizes, sizes.dtype, graphs=graphs, attention=attention, compile=compile,
+                                  max_batch=max(sizes.batches), max_context=sizes.max_context,
+                                  batch_buckets=sizes.batches)
+            _measure_with_graph_health(runner, sizes, part)
+            if graphs == "manual" and not compile:
+                _decode_rows(runner, sizes, part, loop="synchronous")  # what launching ahead is worth
+        runner = None
         _free(sizes.device)
 
 
@@ -596,6 +613,8 @@ def summary(results: dict) -> tuple[str, bool]:
     failed = [name for name, ok in results["correctness"].items() if not ok]
     lines += ["", f"- checks: {len(results['correctness']) - len(failed)}/{len(results['correctness'])} passed"]
     lines += [f"  - FAILED: {name}" for name in failed]
+    errors = results.get("errors", {})
+    lines += [f"- error in {label}: {text.splitlines()[0][:300]}" for label, text in errors.items()]
     if results["decode"]:
         lines += ["", "| impl | variant | loop | batch | tok/s | ms/step | target |",
                   "|---|---|---|---:|---:|---:|---|"]
@@ -613,7 +632,7 @@ def summary(results: dict) -> tuple[str, bool]:
     if kv:
         lines += ["", f"- KV bytes per slot: {kv['measured']:,} measured, {kv['formula']:,} formula "
                       f"({kv['ratio']:.3f}x)"]
-    ok = not failed and all(p["status"] in ("ok", "skipped") for p in results["phases"].values())
+    ok = not failed and not errors and all(p["status"] in ("ok", "skipped") for p in results["phases"].values())
     return "\n".join(lines), ok
 
 

@@ -24,6 +24,7 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     assert results["torch"] and results["date"] and results["command"] == "bash scripts/gpu_check.sh --smoke"
     assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama"}
     assert all(phase["status"] == "ok" for phase in results["phases"].values()), results["phases"]
+    assert not results.get("errors"), results["errors"]
 
     checks = results["correctness"]
     assert checks and all(isinstance(ok, bool) for ok in checks.values())
@@ -51,3 +52,25 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     assert "one decode step" in (tmp_path / "profile.txt").read_text(encoding="utf-8")
     log = (tmp_path / "gpu-check.log").read_text(encoding="utf-8")
     assert "stream loop:" in log and "== engine ==" in log and "checks:" in log
+
+
+def test_a_failing_variant_is_recorded_and_fails_the_summary(tmp_path) -> None:
+    """One variant's exception (a capture or compile failure on the device) is kept as a result, the phase goes on,
+    and the summary does not call the run good."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    part = gpu_check.Part(tmp_path / "part.json")
+    with part.attempt("decode manual/flex"):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    with part.attempt("decode torch/bucketed"):
+        part.add(decode=[{"impl": "minercore", "batch": 1, "tokens_per_s": 10.0, "ms_per_step": 100.0}])
+    saved = json.loads((tmp_path / "part.json").read_text(encoding="utf-8"))
+    assert saved["errors"] == {"decode manual/flex": "RuntimeError: operation not permitted when stream is capturing"}
+    assert len(saved["decode"]) == 1
+    results = {"device": "CPU", "torch": "x", "date": "d", "smoke": True, "phases": {"decode": {"status": "ok"}},
+               "correctness": {}, "engine": [], "kv_bytes_per_slot": {}, **saved}
+    text, ok = gpu_check.summary(results)
+    assert not ok and "error in decode manual/flex: RuntimeError" in text
