@@ -508,6 +508,7 @@ def phase_llama(sizes: Sizes, out: Path, part: Part) -> None:
         return
     spec = importlib.util.spec_from_file_location("gpu_llama", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_llama"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     part.add(llama=module.run(out, sizes.smoke))
 
