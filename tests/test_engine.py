@@ -185,6 +185,29 @@ async def test_step_exception_fails_only_that_steps_requests():
         assert (stats.failed, stats.active) == (2, 0)
 
 
+async def test_a_fault_read_back_with_a_steps_ids_fails_only_the_running_requests():
+    """A device fault surfaces when a step's ids are collected (with overlap, after the next step was launched):
+    the running requests fail, the step in flight is dropped, and the engine serves the next request exactly."""
+
+    class FaultOnCollect(SlowRunner):
+        collected = 0
+
+        def collect(self, step):
+            self.collected += 1
+            if self.collected == 4:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            return self._runner.collect(step)
+
+    async with running(runner_wrapper=lambda runner: FaultOnCollect(runner, delay=0.002), max_batch=2) as engine:
+        in_step = [asyncio.create_task(collect(engine, GenerationRequest(prompt=prompt_for(i) * 3))) for i in (1, 2)]
+        for task in in_step:
+            with pytest.raises(GenerationFailed, match="illegal memory access"):
+                await task
+        assert (await collect(engine, GenerationRequest(prompt="after the fault ✓")))[0] == "after the fault ✓"
+        stats = engine.stats()
+        assert (stats.failed, stats.active) == (2, 0)
+
+
 async def test_prefill_exception_fails_only_that_request():
     def faulty(runner):  # fails the prefill of any one-token prompt
         return FaultyRunner(runner, fail_prefill_for={1})
