@@ -156,6 +156,7 @@ class _HostCopy:
     done when ``start`` returns."""
 
     def __init__(self, max_batch: int, device: torch.device) -> None:
+        self._device = device
         self._cuda = device.type == "cuda"
         self._buffers = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=self._cuda) for _ in range(2)]
         self._turn = 0
@@ -164,7 +165,7 @@ class _HostCopy:
 
     def before_step(self) -> None:
         if self._last_copy is not None:
-            torch.cuda.current_stream().wait_event(self._last_copy)
+            torch.cuda.current_stream(self._device).wait_event(self._last_copy)
 
     def start(self, ids: Tensor) -> tuple[Tensor, Any]:
         host = self._buffers[self._turn][:ids.shape[0]]
@@ -172,7 +173,7 @@ class _HostCopy:
         if not self._cuda:
             host.copy_(ids)
             return host, None
-        self._stream.wait_stream(torch.cuda.current_stream())
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(self._stream):
             host.copy_(ids, non_blocking=True)
             done = torch.cuda.Event()
@@ -272,6 +273,9 @@ class ModelRunner:
         otherwise) with no row active, so no slot state changes."""
         started = time.perf_counter()
         self._graph_thread = threading.get_ident()
+        if self.device.type == "cuda":
+            # Graph replays and stream waits use the calling thread's current device: make it this runner's.
+            torch.cuda.set_device(self.device)
         self._set_active(np.zeros(self.max_batch, dtype=bool))
         if self._tree_graphs or self._manual:
             shapes = [(b, c) for b in self.batch_buckets for c in self.context_buckets]
