@@ -75,3 +75,18 @@ def test_a_failing_variant_is_recorded_and_fails_the_summary(tmp_path, monkeypat
                "correctness": {}, "engine": [], "kv_bytes_per_slot": {}, **saved}
     text, ok = gpu_check.summary(results)
     assert not ok and "error in decode manual/flex: RuntimeError" in text
+
+
+def test_a_rerun_resumes_the_earlier_results(tmp_path) -> None:
+    """--phases with --resume: the rerun's file holds the earlier phases' results and its own."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for argv in ([*script, "--phases", "kv", "--out", str(first)],
+                 [*script, "--phases", "llama", "--out", str(second), "--resume", str(first / "gpu-results.json")]):
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((second / "gpu-results.json").read_text(encoding="utf-8"))
+    assert list(results["phases"]) == ["kv", "llama"]
+    assert results["kv_bytes_per_slot"]["measured"] > 0 and "llama" in results
+    assert "--phases kv" in results["command"] and "--phases llama" in results["command"]
