@@ -12,7 +12,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import os
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -62,9 +62,13 @@ class _Delivery(NamedTuple):
 
 
 class _Mailbox:
-    """What the model thread has produced for one consumer and it has not read yet (coalesced if it lags)."""
+    """What the model thread has produced for one consumer and it has not read yet (coalesced if it lags).
 
-    __slots__ = ("parts", "finish_reason", "error", "stats", "ready", "submitted_at", "first_text_at")
+    Event-loop only. ``waiter`` is the future a consumer with nothing to read sleeps on: a bare future rather than
+    an ``asyncio.Event``, whose wait/set cost several Python frames per piece on the loop the model thread
+    shares the GIL with."""
+
+    __slots__ = ("parts", "finish_reason", "error", "stats", "waiter", "submitted_at", "first_text_at")
 
     def __init__(self) -> None:
         self.submitted_at = time.monotonic()
@@ -72,7 +76,7 @@ class _Mailbox:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.stats: RequestStats | None = None
-        self.ready = asyncio.Event()
+        self.waiter: asyncio.Future | None = None
         self.first_text_at: float | None = None
 
 
@@ -223,8 +227,9 @@ class Engine:
         mailbox = job.mailbox
         try:
             while True:
-                await mailbox.ready.wait()
-                mailbox.ready.clear()
+                if not mailbox.parts and mailbox.finish_reason is None and mailbox.error is None:
+                    mailbox.waiter = self._loop.create_future()
+                    await mailbox.waiter
                 text = "".join(mailbox.parts)
                 mailbox.parts.clear()
                 if mailbox.error is not None:
@@ -257,7 +262,7 @@ class Engine:
         slot_params = SlotParams(
             echo=self.model_options.mode == "echo", temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p,
-            seed=sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little"))
+            seed=sampling.seed if sampling.seed is not None else random.getrandbits(32))
         job = _Job(request.request_id, prompt_ids, slot_params, sampling, deadline, float(request.priority),
                    next(self._seq), _Mailbox())
         with self._cond:
@@ -324,6 +329,8 @@ class Engine:
     def _model_thread(self, ready: asyncio.Future) -> None:
         if not self._warm_up(ready):
             return
+        # While a step is in flight, an iteration's deliveries wait for the next launch (see _step).
+        outbox: list[_Delivery] = []
         while True:
             with self._cond:
                 while (not self._abort and not self._active and not self._waiting and not self._cancelled
@@ -333,7 +340,6 @@ class Engine:
                     break
                 cancelled = list(self._cancelled)
                 self._cancelled.clear()
-            outbox: list[_Delivery] = []
             try:
                 self._iterate(cancelled, outbox)
             except Exception as exc:  # noqa: BLE001 - a bug here must not kill the thread serving everyone
@@ -341,7 +347,10 @@ class Engine:
                 self._in_flight = None
                 for job in list(self._active.values()):
                     self._end(job, outbox, error=GenerationFailed(f"engine error: {exc}"))
-            self._post(outbox)
+            if self._in_flight is None:
+                self._post(outbox)
+                outbox.clear()
+        self._post(outbox)
         self._abort_all()
 
     def _iterate(self, cancelled: list[_Job], outbox: list[_Delivery]) -> None:
@@ -361,7 +370,11 @@ class Engine:
         its ids to the stream loop: with ``overlap``, the device runs step N+1 while the host detokenizes and
         posts step N (the next step's fed tokens are already on the device). A job that ended with step N
         (EOS, stop, length, deadline, cancellation) still sits in step N+1; its id from there is dropped, as is
-        any id for a slot that another job has taken since."""
+        any id for a slot that another job has taken since.
+
+        The deliveries so far (step N-1's text among them) are posted only once step N+1 is launched: waking the
+        event loop hands it the GIL, and the model thread waits to get it back while the loop runs consumers.
+        Posted before the launch, that wait would idle the device; posted after, it overlaps the device's step."""
         launched = None
         if self._active:
             slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
@@ -370,6 +383,8 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
                 self._fail_step(exc, len(slots), outbox)
                 return
+        self._post(outbox)
+        outbox.clear()
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
             self._collect(previous, outbox)
@@ -566,7 +581,9 @@ def _deliver(outbox: list[_Delivery]) -> None:
             if stats is not None and mailbox.first_text_at is not None:
                 stats = dataclasses.replace(stats, ttft_s=mailbox.first_text_at - mailbox.submitted_at)
             mailbox.stats = stats
-        mailbox.ready.set()
+        waiter, mailbox.waiter = mailbox.waiter, None
+        if waiter is not None and not waiter.done():  # done: its consumer was cancelled while waiting
+            waiter.set_result(None)
 
 
 def _prompt_encoder(tokenizer: Any):
