@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +50,11 @@ log = logging.getLogger("minercore.engine")
 
 _RATE_WINDOW_STEPS = 256
 _INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread, off the event loop
+# When the device finishes a step, the model thread needs the GIL back to launch the next one; if the event loop
+# is running a burst of consumers then, it keeps the GIL until CPython's switch interval (5 ms by default) forces a
+# hand-off, and every syscall the loop makes in between restarts that clock. The device idles meanwhile, so the
+# engine bounds the wait well under a decode step.
+_GIL_SWITCH_INTERVAL_S = 200e-6
 
 
 class _Delivery(NamedTuple):
@@ -145,6 +151,7 @@ class Engine:
             return
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._build)
+        sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         ready = self._loop.create_future()
         self._thread = threading.Thread(target=self._model_thread, args=(ready,), name="minercore-model",
                                         daemon=True)
@@ -329,7 +336,8 @@ class Engine:
     def _model_thread(self, ready: asyncio.Future) -> None:
         if not self._warm_up(ready):
             return
-        # While a step is in flight, an iteration's deliveries wait for the next launch (see _step).
+        # While a step is in flight, an iteration's deliveries wait for the next launch (see _step), unless a
+        # prefill comes first: text must not wait for someone else's prompt.
         outbox: list[_Delivery] = []
         while True:
             with self._cond:
@@ -347,7 +355,8 @@ class Engine:
                 self._in_flight = None
                 for job in list(self._active.values()):
                     self._end(job, outbox, error=GenerationFailed(f"engine error: {exc}"))
-            if self._in_flight is None:
+            # _waiting is read without the lock: a stale answer only posts early or once behind a prefill.
+            if self._in_flight is None or (self._waiting and self._free_slots):
                 self._post(outbox)
                 outbox.clear()
         self._post(outbox)
