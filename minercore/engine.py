@@ -266,6 +266,8 @@ class Engine:
         deadline = None if request.timeout is None else time.monotonic() + max(0.0, float(request.timeout))
         from .sampling import SlotParams  # torch: loaded with the runner, not with the contract
 
+        # An unseeded request draws from the random module (seeded by the OS, reseeded after fork) rather than
+        # os.urandom: that syscall gives up the GIL mid-burst on the loop, and the model thread keeps it.
         slot_params = SlotParams(
             echo=self.model_options.mode == "echo", temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p,
