@@ -49,12 +49,12 @@ from ..observe import RequestTimer, disconnected
 from ..server import OpenAIApi
 from .auth import AuthError, BtAuthVerifier, DendriteCaller, DendriteVerifier
 from .blacklist import BlacklistPolicy
+from .config import DEFAULT_DEADLINE_MARGIN_S
 
 log = logging.getLogger("minercore.miner")
 
 STREAMPROMPTING = "StreamPrompting"
 CLIENT_TIMEOUT_HEADER = "x-client-timeout"
-DEFAULT_DEADLINE_MARGIN_S = 0.5
 _MAX_MESSAGE_CHARS = 300  # of a refusal's message in a response header
 
 
@@ -148,7 +148,7 @@ class MinerServer:
             raise Refusal(429, refusal, "rate_limited", blacklist_kind="rate_limit")
 
     def _refused(self, refusal: Refusal, caller_class: str) -> None:
-        log.debug("refused (%d): %s", refusal.status, refusal.message[:200])
+        log.debug(f"refused ({refusal.status}): {refusal.message[:200]}")
         if self.metrics is not None:
             if refusal.blacklist_kind is not None:
                 self.metrics.blacklist_rejected(refusal.blacklist_kind)
@@ -298,7 +298,7 @@ class _TextStream(Response):
             await pieces.aclose()  # frees the engine slot of a stream that ended early
             if stream.cancelled() and self.timer.outcome is None:
                 self.timer.outcome = "disconnected"
-                log.info("%s: the caller disconnected; generation cancelled", self.generation.request_id)
+                log.info(f"{self.generation.request_id}: the caller disconnected; generation cancelled")
             self.timer.report(self.server.metrics)
 
     async def _stream(self, pieces: AsyncIterator[Piece], send: Send) -> None:
@@ -325,17 +325,17 @@ class _TextStream(Response):
                 piece = await anext(pieces)
         except GenerationError as exc:
             timer.outcome = exc.outcome
-            log.error("%s: generation failed after %d characters were streamed; cutting the connection so that "
-                      "the caller sees an incomplete answer: %s", request_id, sent, exc)
+            log.error(f"{request_id}: generation failed after {sent} characters were streamed; cutting the "
+                      f"connection so that the caller sees an incomplete answer: {exc}")
             return  # no end-of-body marker: the server closes the connection
         timer.ended(piece)
         if piece.finish_reason == FINISH_CANCELLED:
-            log.warning("%s: cancelled at shutdown after %d characters; cutting the connection so that the caller "
-                        "sees an incomplete answer", request_id, sent)
+            log.warning(f"{request_id}: cancelled at shutdown after {sent} characters; cutting the connection so "
+                        "that the caller sees an incomplete answer")
             return
         if piece.finish_reason == FINISH_DEADLINE:
-            log.info("%s: ended %d characters in, %.2fs before the caller's deadline", request_id, sent,
-                     server.settings.deadline_margin)
+            log.info(f"{request_id}: ended at the deadline after {sent} characters, "
+                     f"{server.settings.deadline_margin:g}s before the caller's timeout")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _refuse(self, send: Send, status: int, message: str) -> None:
