@@ -1,0 +1,65 @@
+"""What the engine drives (the ``Runner`` interface) and the factory that picks one for ``ModelOptions.backend``.
+
+The concrete runners (``runner.ModelRunner``, ``hf_runner.HFRunner``) import torch and are loaded only when
+built, so importing this module costs nothing; neither runner imports the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .config import ModelOptions
+    from .sampling import SlotParams
+
+
+class Runner(Protocol):
+    """What the engine drives, from one thread (its model thread; call warmup there too: CUDA graph trees
+    are per thread, and a compiled CUDA runner re-warms on the first decode from another thread). Slots are
+    ints in [0, max_batch), allocated lowest first so the batch bucket stays small."""
+
+    max_batch: int
+    max_context: int
+    vocab_size: int
+    eos_id: int
+    device: torch.device
+    dtype: torch.dtype
+    compiled: bool
+    description: str
+    kv_cache_bytes_per_slot: int  # K and V bytes one slot holds at max_context
+
+    def warmup(self) -> float:
+        """Compile / warm every shape serving uses; returns (and logs) the seconds it took."""
+        ...
+
+    def prefill(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> int:
+        """Run the prompt into ``slot``'s cache; return the first new id (one host sync). ValueError for an
+        empty prompt, a bad slot or ids outside the vocabulary; ContextOverflow if len >= max_context."""
+        ...
+
+    def decode(self, slots: np.ndarray) -> np.ndarray:
+        """One step for the given prefilled slots (int64, any order): each slot's last id in, its next id
+        out (int64, aligned with ``slots``). One host sync. The caller bounds max_new_tokens by
+        max_context - prompt_len; past that, ContextOverflow."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """The slot is free; the next prefill overwrites its cache."""
+        ...
+
+
+def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> Runner:
+    """The runner for ``options.backend``: ``simulated`` (SimulatedLM) or ``hf`` (any causal LM directory)."""
+    if options.backend == "simulated":
+        from .runner import build_model_runner
+
+        return build_model_runner(options, max_batch=max_batch, eos_id=eos_id)
+    if options.backend == "hf":
+        from .hf_runner import HFRunner
+
+        return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id)
+    raise ValueError(f"backend must be simulated or hf, got {options.backend!r}")
