@@ -188,7 +188,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return flat
 
 
-def _timeout(request: Request) -> float | None:
+def header_timeout(request: Request) -> float | None:
+    """The request's time budget from ``X-Minercore-Timeout`` (seconds), or None."""
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
@@ -201,9 +202,9 @@ def _timeout(request: Request) -> float | None:
     return seconds
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except ValueError as exc:
         raise _bad(f"the body is not valid JSON: {exc}", None) from exc
     if not isinstance(body, dict):
@@ -303,12 +304,36 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
                 "stream_loop": backend.stream_loop, "warmup_seconds": backend.warmup_seconds,
                 "stats": backend.stats().as_dict()}
 
-    def parse(request: Request, body: dict[str, Any], chat: bool) -> tuple[GenerationRequest, bool, bool]:
+    api = OpenAIApi(backend, served_model_name, metrics=metrics)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await api.handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await api.handle(request, chat=True)
+
+    return app
+
+
+class OpenAIApi:
+    """The completions endpoints over ``backend``: request parsing, generation, streaming and metrics. Both
+    front ends answer with it: ``create_app`` here, and the miner's server after its own authentication."""
+
+    def __init__(self, backend: Backend, served_model_name: str, *, metrics: Metrics | None = None) -> None:
+        self.backend = backend
+        self.served_model_name = served_model_name
+        self.metrics = metrics
+
+    def parse(self, request: Request, body: dict[str, Any], chat: bool, timeout: float | None,
+              priority: float) -> tuple[GenerationRequest, bool, bool]:
         """The backend request, whether to stream, and whether to add a usage chunk."""
         model = body.get("model")
-        if model is not None and model != served_model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {served_model_name!r}",
-                           "invalid_request_error", param="model", code="model_not_found")
+        if model is not None and model != self.served_model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self.served_model_name!r}", "invalid_request_error", param="model",
+                           code="model_not_found")
         source = {"messages": _messages(body)} if chat else _prompt(body)
         sampling = _sampling(body, _CHAT_DEFAULT_MAX_TOKENS if chat else _COMPLETIONS_DEFAULT_MAX_TOKENS)
         stream = body.get("stream", False)
@@ -316,21 +341,27 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
             raise _bad("stream must be a boolean", "stream")
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        generation = GenerationRequest(sampling=sampling, timeout=_timeout(request),
+        generation = GenerationRequest(sampling=sampling, timeout=timeout, priority=priority,
                                        request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
                                        **source)
         return generation, stream, include_usage
 
-    async def handle(request: Request, chat: bool) -> Response:
-        timer = RequestTimer(CALLER_CLASS, outcome="cancelled")  # until the request ends on its own
+    async def handle(self, request: Request, chat: bool, *, body: bytes | None = None,
+                     deadline: Callable[[Request], float | None] = header_timeout, caller_class: str = CALLER_CLASS,
+                     priority: float = 0.0, arrived: float | None = None) -> Response:
+        """Answer one completions request. ``body`` is the raw body when the caller already read it;
+        ``deadline`` reads the request's time budget in seconds (by default from ``X-Minercore-Timeout``)."""
+        metrics, name = self.metrics, self.served_model_name
+        timer = RequestTimer(caller_class, arrived=arrived, outcome="cancelled")  # until it ends on its own
         try:
-            generation, stream, include_usage = parse(request, await _json_body(request), chat)
-        except ApiError:
+            document = _json_object(await request.body() if body is None else body)
+            generation, stream, include_usage = self.parse(request, document, chat, deadline(request), priority)
+        except ApiError as exc:
             timer.outcome = InvalidRequest.outcome
             timer.report(metrics)
-            raise
+            return exc.response()
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        pieces = backend.generate(generation)
+        pieces = self.backend.generate(generation)
         try:
             if stream:
                 first = await _unless_disconnected(request, _first(pieces))
@@ -348,23 +379,13 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
             await pieces.aclose()
             timer.ended(last)
             timer.report(metrics)
-            return JSONResponse(_whole(chat, ident, served_model_name, text, last))
+            return JSONResponse(_whole(chat, ident, name, text, last))
 
         async def done() -> None:
             await pieces.aclose()
             timer.report(metrics)
 
-        return _EventStream(_events(chat, ident, served_model_name, pieces, first, include_usage, timer), done)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await handle(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await handle(request, chat=True)
-
-    return app
+        return _EventStream(_events(chat, ident, name, pieces, first, include_usage, timer), done)
 
 
 def _usage(piece: Piece) -> dict[str, int]:

@@ -283,7 +283,7 @@ async def test_x_client_timeout_is_the_deadline():
 
 async def test_health_and_metrics():
     metrics = Metrics()
-    async with miner_server(metrics=metrics) as (url, miner_key, _):
+    async with miner_server(tiny_engine(), metrics=metrics) as (url, miner_key, _):
         async with httpx.AsyncClient(timeout=30) as http:
             health = (await http.get(url + "/health")).json()
             scraped = await http.get(url + "/metrics")
@@ -310,16 +310,18 @@ async def test_an_overloaded_miner_answers_every_caller_in_time():
     engine = tiny_engine(max_batch=64, max_context=4096)
     async with miner_server(engine, max_new_tokens=4096) as (url, miner_key, _):
         prompts = [f"{index}: {MIXED_2K}" for index in range(64)]
+        requests = [v10_request(sdk.new_keypair(), miner_key.ss58_address, [prompt], timeout=timeout)
+                    for prompt in prompts]
+        limits = httpx.Limits(max_connections=len(prompts))
 
-        async def call(prompt: str) -> tuple[int, str, float]:
-            request = v10_request(sdk.new_keypair(), miner_key.ss58_address, [prompt], timeout=timeout)
+        async def call(http: httpx.AsyncClient, request) -> tuple[int, str, float]:
             started = time.monotonic()
-            async with httpx.AsyncClient(timeout=timeout) as http:
-                response = await asyncio.wait_for(
-                    http.post(url + "/StreamPrompting", content=request.body, headers=request.headers), timeout)
+            response = await asyncio.wait_for(
+                http.post(url + "/StreamPrompting", content=request.body, headers=request.headers), timeout)
             return response.status_code, response.content.decode("utf-8"), time.monotonic() - started
 
-        results = await asyncio.gather(*(call(prompt) for prompt in prompts))
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+            results = await asyncio.gather(*(call(http, request) for request in requests))
     for prompt, (status, text, elapsed) in zip(prompts, results, strict=True):
         assert status == 200
         assert prompt.startswith(text)

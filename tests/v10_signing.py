@@ -37,8 +37,10 @@ class V10Request:
         headers["bt_header_dendrite_signature"] = "0x" + bytes(keypair.sign(message.encode())).hex()
 
 
-def v10_request(keypair: Any, axon_hotkey: str, messages: list[str], roles: list[str] | None = None, *,
-                timeout: float = 12.0, dendrite_uuid: str | None = None, nonce: int | None = None) -> V10Request:
+def v10_request(keypair: Any, axon_hotkey: str, messages: Any, roles: Any = None, *, timeout: float = 12.0,
+                dendrite_uuid: str | None = None, nonce: int | None = None) -> V10Request:
+    """Signed as a dendrite signs; ``messages`` and ``roles`` may be values the protocol's types refuse (the
+    body hash covers ``str(messages)`` whatever it is)."""
     roles = roles if roles is not None else ["user"] * len(messages)
     headers = {
         "name": "StreamPrompting",

@@ -41,14 +41,16 @@ from ..generation import (
     FINISH_DEADLINE,
     GenerationError,
     GenerationRequest,
+    InvalidRequest,
     Piece,
     SamplingParams,
+    check_messages,
 )
 from ..metrics import Metrics
 from ..observe import RequestTimer, disconnected
 from ..server import OpenAIApi
 from .auth import AuthError, BtAuthVerifier, DendriteCaller, DendriteVerifier
-from .blacklist import BlacklistPolicy
+from .blacklist import BlacklistPolicy, is_hotkey
 from .config import DEFAULT_DEADLINE_MARGIN_S
 
 log = logging.getLogger("minercore.miner")
@@ -136,7 +138,10 @@ class MinerServer:
 
     # ---- shared admission -------------------------------------------------------------------------------
     def _admit_unverified(self, hotkey: Any) -> None:
-        """The blacklist on the hotkey the caller claims: cheap, and before any signature work."""
+        """The blacklist on the hotkey the caller claims: cheap, and before any signature work. A missing or
+        malformed hotkey is left to the authentication, which answers it with 401."""
+        if not is_hotkey(hotkey) and not self.policy.closing:
+            return
         blacklisted, kind, reason = self.policy.verdict(hotkey)
         if blacklisted:
             status, outcome = (503, "closed") if kind == "shutting_down" else (403, "blacklisted")
@@ -173,6 +178,7 @@ class MinerServer:
                               "invalid")
             document = _json_object(await request.body())
             roles, messages = document.get("roles"), document.get("messages")
+            conversation = conversation_of(roles, messages, self.settings.max_prompt_chars)
             try:
                 caller = self.dendrites.verify(headers, messages)
             except AuthError as exc:
@@ -180,18 +186,15 @@ class MinerServer:
                               blacklist_kind=exc.kind) from None
             caller_class = self.policy.caller_class(caller.hotkey)
             self._charge(caller.hotkey)
-            problem = _shape_problem(roles, messages, self.settings.max_prompt_chars)
-            if problem is not None:
-                raise Refusal(400, problem, "invalid")
         except Refusal as refusal:
             self._refused(refusal, caller_class)
             return self._v10_error(request, refusal)
-        generation = GenerationRequest(
-            messages=[{"role": role, "content": text} for role, text in zip(roles, messages, strict=True)],
-            sampling=self.sampling, timeout=self._engine_timeout(arrived, caller.timeout),
-            priority=self.policy.priority(caller.hotkey))
+        generation = GenerationRequest(messages=conversation, sampling=self.sampling,
+                                       timeout=self._engine_timeout(arrived, caller.timeout),
+                                       priority=self.policy.priority(caller.hotkey))
         timer = RequestTimer(caller_class, arrived=arrived)
-        return _TextStream(self, generation, timer, self._v10_headers(request, caller, 200, "Success"))
+        ends_at = arrived + generation.timeout
+        return _TextStream(self, generation, timer, self._v10_headers(request, caller, 200, "Success"), ends_at)
 
     def _v10_headers(self, request: Request, caller: DendriteCaller | None, status: int, message: str) -> dict:
         """The synapse headers a v10 dendrite merges into its synapse: it takes its status from the axon's."""
@@ -250,9 +253,10 @@ class MinerServer:
             headers = {"retry-after": "1"} if refusal.status in (429, 503) else None
             return JSONResponse({"error": {"message": refusal.message, "type": refusal.outcome, "param": None,
                                            "code": refusal.outcome}}, status_code=refusal.status, headers=headers)
-        return await self.openai.handle(request, chat, body=body, caller_class=caller_class,
-                                        timeout=self._engine_timeout(arrived, timeout),
-                                        priority=self.policy.priority(hotkey), arrived=arrived)
+        budget = self._engine_timeout(arrived, timeout)
+        return await self.openai.handle(request, chat, body=body, deadline=lambda _: budget,
+                                        caller_class=caller_class, priority=self.policy.priority(hotkey),
+                                        arrived=arrived)
 
     # ---- health and metrics -----------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
@@ -274,13 +278,14 @@ class _TextStream(Response):
     """
 
     def __init__(self, server: MinerServer, generation: GenerationRequest, timer: RequestTimer,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], ends_at: float) -> None:
         # No body to render: Response.__init__ would declare "content-length: 0" for it.
         self.status_code = 200
         self.media_type = "text/event-stream"
         self.background = None
         self.init_headers(headers)
         self.v10_headers = headers
+        self.ends_at = ends_at  # time.monotonic() at which the answer ends, whatever the backend is doing
         self.server = server
         self.generation = generation
         self.timer = timer
@@ -305,10 +310,16 @@ class _TextStream(Response):
         server, timer = self.server, self.timer
         request_id = self.generation.request_id
         try:
-            piece = await anext(pieces)
+            piece = await self._next(pieces)
         except GenerationError as exc:  # nothing was accepted: the caller gets the reason with its own status
             timer.outcome = exc.outcome
+            if exc.http_status >= 500:  # the miner's problem (overload, a failed backend), not the caller's
+                log.warning(f"{request_id}: {exc.outcome} before any text: {exc}")
             await self._refuse(send, exc.http_status, str(exc))
+            return
+        if not piece.text and piece.finish_reason == FINISH_CANCELLED:  # shut down before it began
+            timer.ended(piece)
+            await self._refuse(send, 503, "miner is shutting down")
             return
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         suffix = server.settings.chunk_suffix
@@ -322,7 +333,7 @@ class _TextStream(Response):
                     timer.text_sent()
                 if piece.finish_reason is not None:
                     break
-                piece = await anext(pieces)
+                piece = await self._next(pieces)
         except GenerationError as exc:
             timer.outcome = exc.outcome
             log.error(f"{request_id}: generation failed after {sent} characters were streamed; cutting the "
@@ -337,6 +348,18 @@ class _TextStream(Response):
             log.info(f"{request_id}: ended at the deadline after {sent} characters, "
                      f"{server.settings.deadline_margin:g}s before the caller's timeout")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _next(self, pieces: AsyncIterator[Piece]) -> Piece:
+        """The backend's next piece, or an empty ``deadline`` piece once the answer's time is up. The backend
+        checks its deadlines between model steps, which can be long under load (a batch of long prefills); the
+        caller's timeout cannot wait for them."""
+        remaining = self.ends_at - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(anext(pieces), remaining)
+        except asyncio.TimeoutError:
+            return Piece("", FINISH_DEADLINE)
 
     async def _refuse(self, send: Send, status: int, message: str) -> None:
         headers = {**self.v10_headers, "bt_header_axon_status_code": str(status),
@@ -361,21 +384,20 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return document
 
 
-def _shape_problem(roles: Any, messages: Any, max_chars: int) -> str | None:
-    """What is wrong with the request's shape, or None. The engine judges the content (empty, too long)."""
-    if not isinstance(messages, list) or not all(isinstance(message, str) for message in messages):
-        return "messages must be a list of strings"
+def conversation_of(roles: Any, messages: Any, max_chars: int) -> list[dict[str, str]]:
+    """StreamPrompting's parallel ``roles`` and ``messages`` as the contract's conversation, checked."""
+    if not isinstance(messages, list) or not all(isinstance(text, str) for text in messages):
+        raise Refusal(400, "messages must be a list of strings", "invalid")
     if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
-        return "roles must be a list of strings"
-    if not messages:
-        return "messages is empty"
+        raise Refusal(400, "roles must be a list of strings", "invalid")
     if len(roles) != len(messages):
-        return (f"roles has {len(roles)} entries and messages has {len(messages)}: give exactly one role per "
-                "message")
-    total = sum(len(message) for message in messages)
-    if total > max_chars:
-        return f"messages hold {total} characters; the limit is {max_chars}"
-    return None
+        raise Refusal(400, f"roles has {len(roles)} entries and messages has {len(messages)}: give exactly one "
+                           "role per message", "invalid")
+    try:
+        return check_messages([{"role": role, "content": text} for role, text in zip(roles, messages, strict=True)],
+                              max_chars)
+    except InvalidRequest as exc:
+        raise Refusal(400, str(exc), "invalid") from None
 
 
 def _client_timeout(raw: str | None, max_timeout: float) -> float | None:
