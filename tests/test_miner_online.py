@@ -121,6 +121,27 @@ async def test_registered_miner_serves_syncs_and_ranks_by_stake(tmp_path, miner_
     assert "metagraph-sync" in chain.threads and threading.main_thread().name not in chain.threads
 
 
+async def test_without_an_external_ip_the_publish_command_is_printed(tmp_path, miner_wallet, logs):
+    chain = FakeSubtensor({miner_wallet.hotkey.ss58_address: (1.0, False)})
+    port = free_port()
+    miner = Miner(build_config(["--netuid", "5", "--axon.port", str(port), "--axon.ip", "127.0.0.1",
+                                "--wallet.path", str(tmp_path / "wallets")]), engine=FakeEngine(), subtensor=chain)
+    task = asyncio.create_task(miner.run())
+    while miner.info is None:
+        assert not task.done(), task.result()
+        await asyncio.sleep(0.01)
+    try:
+        assert not chain.served and not miner.published
+        command = sdk.publish_command(5, port, "default", "default")
+        assert "btcli" in command and any(command in line for line in logs.at("warning"))
+        stranger = await stream_prompt(target(miner), ["hi"], wallet=new_keypair())  # serving all the same
+        assert stranger.status_code == 403 and "not registered on netuid 5" in stranger.status_message
+    finally:
+        miner.stop()
+        await task
+    assert chain.closed
+
+
 async def test_unregistered_miner_refuses_to_start(tmp_path, miner_wallet, logs):
     chain = FakeSubtensor({new_keypair().ss58_address: (1.0, True)})
     with pytest.raises(StartupError, match="is not registered on netuid 1") as exc:
