@@ -308,7 +308,8 @@ async def test_an_overloaded_miner_answers_every_caller_in_time():
     allow. Every caller gets 200 and an exact prefix of its echo, ended before its timeout."""
     timeout = 20.0
     engine = tiny_engine(max_batch=64, max_context=4096)
-    async with miner_server(engine, max_new_tokens=4096) as (url, miner_key, _):
+    # A 1 s margin: here the 64 callers share the miner's event loop and the 2-core CPU (with whatever else runs).
+    async with miner_server(engine, max_new_tokens=4096, deadline_margin=1.0) as (url, miner_key, _):
         prompts = [f"{index}: {MIXED_2K}" for index in range(64)]
         requests = [v10_request(sdk.new_keypair(), miner_key.ss58_address, [prompt], timeout=timeout)
                     for prompt in prompts]
@@ -323,9 +324,9 @@ async def test_an_overloaded_miner_answers_every_caller_in_time():
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
             results = await asyncio.gather(*(call(http, request) for request in requests))
     for prompt, (status, text, elapsed) in zip(prompts, results, strict=True):
-        assert status == 200
+        assert status == 200, (status, text[:200])
         assert prompt.startswith(text)
-        assert elapsed < timeout
+        assert elapsed < timeout, elapsed
     assert sum(len(text) for _, text, _ in results) > 0  # the miner answered, not only ended at the deadline
 
 
