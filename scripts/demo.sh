@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job in one command: start an offline miner (the embedded simulated model, tiny) on a free loopback
 # port, stream a non-ASCII prompt through neurons/client.py (btauth/1-signed OpenAI streaming on bittensor 11, a
-# real Dendrite's StreamPrompting on 10) and print it live with its stats, then stop the miner (also on failure). No chain, no network. Exit status: the client's.
+# real Dendrite's StreamPrompting on 10) and print it live with its stats, then stop the miner (also on failure).
+# No chain, no network. Exit status: the client's.
 source "$(dirname "$0")/env.sh"
 
 work=$(mktemp -d)
