@@ -36,7 +36,7 @@ from .generation import (
     Piece,
     SamplingParams,
 )
-from .observe import RequestTimer, disconnected
+from .observe import RequestTimer, disconnected, next_piece
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -233,19 +233,18 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _first(pieces: AsyncIterator[Piece]) -> Piece:
-    return await anext(pieces)
-
-
-async def _all(pieces: AsyncIterator[Piece], timer: RequestTimer) -> tuple[str, Piece]:
+async def _all(pieces: AsyncIterator[Piece], timer: RequestTimer, ends_at: float | None) -> tuple[str, Piece]:
     parts = []
-    async for piece in pieces:
+    while True:
+        try:
+            piece = await next_piece(pieces, ends_at)
+        except StopAsyncIteration:
+            raise GenerationFailed("the backend ended the stream without a finish reason") from None
         if piece.text:
             timer.text_sent()
         parts.append(piece.text)
         if piece.finish_reason is not None:
             return "".join(parts), piece
-    raise GenerationFailed("the backend ended the stream without a finish reason")
 
 
 class _EventStream(StreamingResponse):
@@ -361,12 +360,14 @@ class OpenAIApi:
             timer.report(metrics)
             return exc.response()
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        # The answer ends at the request's deadline whatever the backend is doing (observe.next_piece).
+        ends_at = None if generation.timeout is None else time.monotonic() + generation.timeout
         pieces = self.backend.generate(generation)
         try:
             if stream:
-                first = await _unless_disconnected(request, _first(pieces))
+                first = await _unless_disconnected(request, next_piece(pieces, ends_at))
             else:
-                text, last = await _unless_disconnected(request, _all(pieces, timer))
+                text, last = await _unless_disconnected(request, _all(pieces, timer, ends_at))
         except _ClientGone:
             timer.report(metrics)
             return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
@@ -385,7 +386,7 @@ class OpenAIApi:
             await pieces.aclose()
             timer.report(metrics)
 
-        return _EventStream(_events(chat, ident, name, pieces, first, include_usage, timer), done)
+        return _EventStream(_events(chat, ident, name, pieces, first, include_usage, timer, ends_at), done)
 
 
 def _usage(piece: Piece) -> dict[str, int]:
@@ -410,7 +411,7 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 
 async def _events(chat: bool, ident: str, model: str, pieces: AsyncIterator[Piece], first: Piece,
-                  include_usage: bool, timer: RequestTimer) -> AsyncIterator[bytes]:
+                  include_usage: bool, timer: RequestTimer, ends_at: float | None) -> AsyncIterator[bytes]:
     """The SSE body; ``timer`` records how it ended (the response closes ``pieces`` in every case)."""
     created = int(time.time())
     head: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -437,7 +438,7 @@ async def _events(chat: bool, ident: str, model: str, pieces: AsyncIterator[Piec
             if piece.finish_reason is None:
                 yield chunk(piece.text, None, role=chat and not role_sent)
                 role_sent = True
-                piece = await anext(pieces)
+                piece = await next_piece(pieces, ends_at)
                 continue
             finish = _FINISH.get(piece.finish_reason, "stop")
             if chat:

@@ -47,7 +47,7 @@ from ..generation import (
     check_messages,
 )
 from ..metrics import Metrics
-from ..observe import RequestTimer, disconnected
+from ..observe import RequestTimer, disconnected, next_piece
 from ..server import OpenAIApi
 from .auth import AuthError, BtAuthVerifier, DendriteCaller, DendriteVerifier
 from .blacklist import BlacklistPolicy, is_hotkey
@@ -310,7 +310,7 @@ class _TextStream(Response):
         server, timer = self.server, self.timer
         request_id = self.generation.request_id
         try:
-            piece = await self._next(pieces)
+            piece = await next_piece(pieces, self.ends_at)
         except GenerationError as exc:  # nothing was accepted: the caller gets the reason with its own status
             timer.outcome = exc.outcome
             if exc.http_status >= 500:  # the miner's problem (overload, a failed backend), not the caller's
@@ -333,7 +333,7 @@ class _TextStream(Response):
                     timer.text_sent()
                 if piece.finish_reason is not None:
                     break
-                piece = await self._next(pieces)
+                piece = await next_piece(pieces, self.ends_at)
         except GenerationError as exc:
             timer.outcome = exc.outcome
             log.error(f"{request_id}: generation failed after {sent} characters were streamed; cutting the "
@@ -348,18 +348,6 @@ class _TextStream(Response):
             log.info(f"{request_id}: ended at the deadline after {sent} characters, "
                      f"{server.settings.deadline_margin:g}s before the caller's timeout")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _next(self, pieces: AsyncIterator[Piece]) -> Piece:
-        """The backend's next piece, or an empty ``deadline`` piece once the answer's time is up. The backend
-        checks its deadlines between model steps, which can be long under load (a batch of long prefills); the
-        caller's timeout cannot wait for them."""
-        remaining = self.ends_at - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            return await asyncio.wait_for(anext(pieces), remaining)
-        except asyncio.TimeoutError:
-            return Piece("", FINISH_DEADLINE)
 
     async def _refuse(self, send: Send, status: int, message: str) -> None:
         headers = {**self.v10_headers, "bt_header_axon_status_code": str(status),
