@@ -102,12 +102,6 @@ def coldkey_of(wallet: Any) -> str:
     return wallet.coldkeypub.ss58_address
 
 
-def sign_with_hotkey(wallet: Any, message: bytes) -> bytes:
-    """The wallet's (or bare keypair's) sr25519 signature of ``message``, as bytes."""
-    keypair = getattr(wallet, "hotkey", wallet)
-    return bytes(keypair.sign(message))
-
-
 # ---- the chain ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Endpoint:
@@ -127,8 +121,8 @@ def connect(network: str | None, chain_endpoint: str | None) -> Any:
 
 
 def current_block(chain: Any) -> int:
-    if MAJOR >= 11 and not hasattr(chain, "get_current_block"):
-        return int(chain.block)
+    if MAJOR >= 11:
+        return int(chain.block)  # a chain read on every access
     return int(chain.get_current_block())
 
 
