@@ -206,22 +206,22 @@ class DeadlineEngine(FakeEngine):
 async def test_the_deadline_holds_while_the_backend_is_stuck_in_a_long_step(route):
     """A backend checks its deadlines between model steps; the answer ends on time whatever it is doing."""
     engine = FakeEngine(chunk=len(MIXED) // 4, delay=1.0)  # a piece at 1 s, the next one past the deadline
-    async with miner_server(engine, deadline_margin=1.0) as (url, miner_key, _):  # ends 1.5 s in
-        async with httpx.AsyncClient(timeout=30) as http:
-            if route == "StreamPrompting":
-                request = v10_request(sdk.new_keypair(), miner_key.ss58_address, [MIXED], timeout=2.5)
-                started = time.monotonic()
-                response = await http.post(url + "/StreamPrompting", content=request.body, headers=request.headers)
-                text = response.text
-            else:
-                document = {"messages": [{"role": "user", "content": MIXED}], "stream": route == "chat stream"}
-                body, headers = sign_openai(sdk.new_keypair(), miner_key, document)
-                started = time.monotonic()
-                response = await http.post(url + "/v1/chat/completions", content=body,
-                                           headers={**headers, "X-Client-Timeout": "2.5"})
-                text = sse_text(response.text)[0] if route == "chat stream" else \
-                    response.json()["choices"][0]["message"]["content"]
-            elapsed = time.monotonic() - started
+    async with miner_server(engine, deadline_margin=1.0) as (url, miner_key, _), \
+            httpx.AsyncClient(timeout=30) as http:  # the answer ends 1.5 s in
+        if route == "StreamPrompting":
+            request = v10_request(sdk.new_keypair(), miner_key.ss58_address, [MIXED], timeout=2.5)
+            started = time.monotonic()
+            response = await http.post(url + "/StreamPrompting", content=request.body, headers=request.headers)
+            text = response.text
+        else:
+            document = {"messages": [{"role": "user", "content": MIXED}], "stream": route == "chat stream"}
+            body, headers = sign_openai(sdk.new_keypair(), miner_key, document)
+            started = time.monotonic()
+            response = await http.post(url + "/v1/chat/completions", content=body,
+                                       headers={**headers, "X-Client-Timeout": "2.5"})
+            text = sse_text(response.text)[0] if route == "chat stream" else \
+                response.json()["choices"][0]["message"]["content"]
+        elapsed = time.monotonic() - started
     assert elapsed < 2.5, elapsed
     assert response.status_code == 200 and text == MIXED[:len(MIXED) // 4]
 
