@@ -53,7 +53,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neurons/miner.py",
-        description="minercore's text-prompting miner: serves StreamPrompting from minercore's engine.",
+        description="minercore's text-prompting miner, on bittensor 10 or 11: serves StreamPrompting (10.x "
+                    "Dendrites) and btauth/1-signed /v1/chat/completions and /v1/completions from minercore's "
+                    "engine (or an upstream server).",
         formatter_class=HelpFormatter)
     parser.add_argument("--netuid", type=int, default=DEFAULT_NETUID, help="The subnet to mine on.")
     parser.add_argument("--offline", action="store_true",
