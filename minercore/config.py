@@ -12,6 +12,8 @@ DEFAULT_MAX_CONTEXT = 4096
 BACKENDS = ("simulated", "hf", "upstream")
 MODES = ("echo", "generate")
 COMPILE_CHOICES = ("auto", "on", "off")
+GRAPH_CHOICES = ("auto", "torch", "manual", "off")  # runner.py says what each means
+ATTENTION_CHOICES = ("auto", "bucketed", "masked", "flex")
 PRESET_NAMES = ("tiny", "gpt2", "gpt2-medium")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -35,6 +37,8 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"  # auto | on | off
+    graphs: str = "auto"  # simulated, CUDA: torch (torch.compile's CUDA graphs) | manual (captured by hand) | off
+    attention: str = "auto"  # simulated: bucketed (power-of-two context buckets) | masked | flex (row lengths)
     max_context: int | None = None  # None: the model's own context, at most DEFAULT_MAX_CONTEXT
     seed: int = 0
     upstream_url: str | None = None  # upstream: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1
@@ -43,7 +47,8 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         # The one place the choices are checked: every runner and backend may rely on them.
-        for name, choices in (("backend", BACKENDS), ("mode", MODES), ("compile", COMPILE_CHOICES)):
+        for name, choices in (("backend", BACKENDS), ("mode", MODES), ("compile", COMPILE_CHOICES),
+                              ("graphs", GRAPH_CHOICES), ("attention", ATTENTION_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.preset not in PRESET_NAMES:
@@ -58,3 +63,4 @@ class EngineOptions:
     flush_ms: float = 50.0  # ...or this long after its last flush
     max_new_tokens: int = 4096  # ceiling on any request's max_new_tokens
     max_prompt_chars: int = 1_000_000  # larger prompts are rejected before tokenization
+    overlap: bool = True  # launch decode step N+1 before detokenizing and posting step N
