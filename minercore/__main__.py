@@ -51,11 +51,14 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--served-model-name", default=None, help='the API\'s model id (default "minercore-<preset>")')
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics here (default: off)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    serve.add_argument("--backend", default=model.backend, choices=("simulated", "hf", "upstream"))
-    serve.add_argument("--preset", default=model.preset, help="simulated: tiny | gpt2 | gpt2-medium")
+    serve.add_argument("--backend", default=model.backend, choices=("native", "simulated", "hf", "upstream"),
+                       help="native: the compiled core (GPT-2, Llama family; simulated is an alias); hf: transformers")
+    serve.add_argument("--preset", default=model.preset,
+                       help="native without --path, random weights: tiny | gpt2 | gpt2-medium | llama-tiny | llama3-8b")
     serve.add_argument("--mode", default=model.mode, choices=("echo", "generate"))
-    serve.add_argument("--weights", default=model.weights, help="simulated: GPT-2-family checkpoint directory")
-    serve.add_argument("--path", default=model.path, help="hf: model directory")
+    serve.add_argument("--weights", default=model.weights, help="native: GPT-2-family checkpoint directory")
+    serve.add_argument("--path", default=model.path,
+                       help="Hugging Face checkpoint directory: native for gpt2/llama/mistral/qwen2/qwen3, else hf")
     serve.add_argument("--tokenizer", default=model.tokenizer, help="gpt2 (bundled) or a Hugging Face name/directory")
     serve.add_argument("--device", default=model.device, help="auto|cpu|cuda|cuda:N|mps")
     serve.add_argument("--dtype", default=model.dtype, help="auto|float32|bfloat16|float16")

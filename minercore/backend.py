@@ -11,7 +11,7 @@ from .engine import Engine, EngineStats, GenerationRequest, Piece
 if TYPE_CHECKING:
     from .upstream import ErrorSink
 
-BACKENDS = ("simulated", "hf", "upstream")
+BACKENDS = ("native", "simulated", "hf", "upstream")  # simulated: the old name of native
 
 
 class Backend(Protocol):
@@ -19,6 +19,11 @@ class Backend(Protocol):
 
     warmup_seconds: float
     stream_loop: str
+
+    @property
+    def backend_name(self) -> str:
+        """What generates the text: native (the compiled core), hf (transformers, eager) or upstream."""
+        ...
 
     @property
     def runner_description(self) -> str: ...
@@ -33,7 +38,8 @@ class Backend(Protocol):
 
 
 def build_backend(model: ModelOptions, options: EngineOptions, *, metrics: ErrorSink | None = None) -> Backend:
-    """``model.backend`` picks: simulated and hf run the engine here; upstream forwards to ``model.upstream_url``.
+    """``model.backend`` picks: native (alias simulated) and hf run the engine here; upstream forwards to
+    ``model.upstream_url``.
 
     ``metrics`` (a ``minercore.metrics.Metrics``) receives the upstream's failed calls; the engine ignores it.
     """

@@ -16,12 +16,13 @@ def context_for(options_max_context: int | None, model_positions: int | None) ->
 
 @dataclass
 class ModelOptions:
-    # simulated (GPT-2 architecture) | hf (any AutoModelForCausalLM directory) | upstream (an OpenAI-compatible server)
-    backend: str = "simulated"
-    preset: str = "tiny"  # simulated: tiny | gpt2 | gpt2-medium
+    # native (the compiled core: GPT-2 and the Llama family; alias simulated) | hf (any AutoModelForCausalLM
+    # directory, eager) | upstream (an OpenAI-compatible server)
+    backend: str = "native"
+    preset: str = "tiny"  # native, without path: tiny | gpt2 | gpt2-medium | llama-tiny | llama3-8b (random weights)
     mode: str = "echo"  # echo: greedy output reproduces the prompt | generate: the model's own sampling
     weights: str | None = None  # simulated: GPT-2-family Hugging Face checkpoint directory (or hub name)
-    path: str | None = None  # hf: model directory
+    path: str | None = None  # a Hugging Face checkpoint directory: native if its model_type has an implementation
     tokenizer: str = "gpt2"  # gpt2 (bundled) or a Hugging Face tokenizer name/directory
     device: str = "auto"
     dtype: str = "auto"

@@ -241,6 +241,13 @@ class Engine:
         return self._tokenizer
 
     @property
+    def backend_name(self) -> str:
+        """native or hf: the runner's kind, once built (a native path may fall back to hf)."""
+        if self._runner is None:
+            return "hf" if self.model_options.backend == "hf" else "native"
+        return getattr(self._runner, "backend", "native")
+
+    @property
     def runner_description(self) -> str:
         return self._runner.description if self._runner is not None else "not started"
 

@@ -155,6 +155,13 @@ class SimulatedLM(nn.Module):
                     nn.init.zeros_(module.bias)
         return model
 
+    @property
+    def max_positions(self) -> int:
+        return self.config.n_positions
+
+    def describe(self) -> str:
+        return describe(self.config)
+
     def setup_caches(self, max_batch: int, max_context: int) -> int:
         """Allocate every layer's cache on the model's device and dtype; returns KV bytes per slot."""
         if max_context > self.config.n_positions:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,10 @@ from torch import Tensor, nn
 
 from .config import ModelOptions, context_for
 from .device import dtype_name, select
-from .model import PRESETS, SimulatedLM, describe, load_gpt2
+from .llama import FAMILIES as LLAMA_FAMILIES
+from .llama import PRESETS as LLAMA_PRESETS
+from .llama import LlamaConfig, LlamaLM, checkpoint_family, load_llama, read_config
+from .model import PRESETS, SimulatedLM, load_gpt2
 
 logger = logging.getLogger("minercore.runner")
 
@@ -55,6 +58,32 @@ class SlotParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class CachedLM(Protocol):
+    """A model with a static KV cache, as ``ModelRunner`` drives it: ``minercore.model.SimulatedLM`` (GPT-2) and
+    ``minercore.llama.LlamaLM`` (the Llama family). An ``nn.Module`` (the runner moves and casts it)."""
+
+    config: Any  # has vocab_size
+    max_positions: int
+
+    def describe(self) -> str: ...
+
+    def setup_caches(self, max_batch: int, max_context: int) -> int:
+        """Allocate caches for ``max_batch`` rows of ``max_context`` positions; returns KV bytes per slot."""
+        ...
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, V) logits, no cache (the reference)."""
+        ...
+
+    def prefill(self, idx: Tensor, slot: int) -> Tensor:
+        """(1, T) prompt -> (1, V) last logits; its keys/values land in cache row ``slot``."""
+        ...
+
+    def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
+        """(b,) tokens at (b,) positions -> (b, V) logits over cache rows [0, b), positions [0, ctx)."""
+        ...
 
 
 class ContextOverflow(ValueError):
@@ -169,7 +198,7 @@ def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return scaled.masked_fill(scaled < threshold, float("-inf"))
 
 
-# ---- the simulated model's runner ----
+# ---- the native runner ----
 
 class SlotState(nn.Module):
     """Per-slot decode state, on the device, indexed by slot."""
@@ -250,7 +279,7 @@ def slot_tokens(logits: Tensor, state: SlotState, rows: slice | Tensor, pos: Ten
                          state.top_p[rows], state.seed[rows], kind)
 
 
-def _decode_step(model: SimulatedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
+def _decode_step(model: CachedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
     """Rows [0, b) fed their last token, attending over positions [0, ctx); returns (b,) next ids."""
     # Rows outside the step (free, or live but not in this step) still compute; clamping keeps a stale
     # position inside the tables. Their cache write lands where their own next real token will overwrite it.
@@ -259,15 +288,15 @@ def _decode_step(model: SimulatedLM, state: SlotState, b: int, ctx: int, kind: i
     return slot_tokens(logits, state, slice(0, b), pos, kind)
 
 
-def _greedy_step(model: SimulatedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+def _greedy_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
     return _decode_step(model, state, b, ctx, GREEDY)
 
 
-def _sample_step(model: SimulatedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+def _sample_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
     return _decode_step(model, state, b, ctx, SAMPLE)
 
 
-def _filter_step(model: SimulatedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+def _filter_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
     return _decode_step(model, state, b, ctx, FILTER)
 
 
@@ -275,7 +304,7 @@ _STEPS = (_greedy_step, _sample_step, _filter_step)  # indexed by kind
 
 
 def _compile_steps(device: torch.device) -> tuple:
-    """The decode steps, compiled: the only torch.compile in minercore's simulated path.
+    """The decode steps, compiled: the only torch.compile in minercore's native path.
 
     ``dynamic=True``: one graph covers the batch and context buckets instead of one inductor compile per
     pair; dynamo still specialises batch 1, so two graphs per sampling kind, both compiled by ``warmup``
@@ -291,10 +320,12 @@ def _compile_steps(device: torch.device) -> tuple:
 
 
 class ModelRunner:
-    """A SimulatedLM (random or real GPT-2 weights) with its static KV cache: the ``Runner`` the engine drives
-    for ``backend="simulated"``."""
+    """A ``CachedLM`` (GPT-2 or a Llama-family model, random or real weights) with its static KV cache: the
+    ``Runner`` the engine drives for ``backend="native"``. One decode loop for every architecture."""
 
-    def __init__(self, model: SimulatedLM, *, max_batch: int, max_context: int, eos_id: int,
+    backend = "native"
+
+    def __init__(self, model: CachedLM, *, max_batch: int, max_context: int, eos_id: int,
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
                  name: str = "custom") -> None:
         if max_batch < 1:
@@ -326,7 +357,7 @@ class ModelRunner:
         self._kind = np.zeros(max_batch, dtype=np.int8)
         self._active = np.zeros(max_batch, dtype=bool)
         self._graph_thread: int | None = None  # the thread whose CUDA graph tree holds the warmed graphs
-        self.description = (f"simulated {name} [{describe(model.config)}], max_batch {max_batch}, "
+        self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
                             f"{'compiled' if compile else 'eager'}")
 
@@ -459,28 +490,59 @@ def _sampling_kinds(mode: str) -> tuple[int, ...]:
     raise ValueError(f"mode must be echo or generate, got {mode!r}")
 
 
+def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtype) -> tuple[CachedLM, str]:
+    """The model ``options`` name: a checkpoint directory (``path``: GPT-2 or the Llama family; ``weights``:
+    GPT-2), else a random-weight preset."""
+    if options.path:
+        if checkpoint_family(options.path) == "gpt2":
+            return load_gpt2(options.path), options.path
+        try:
+            config = LlamaConfig.from_hf(read_config(options.path))
+        except ValueError as exc:
+            raise ValueError(f"{options.path}: {exc}; backend hf serves it through transformers") from exc
+        return load_llama(options.path, device=device, dtype=dtype, config=config), options.path
+    if options.weights:
+        return load_gpt2(options.weights), options.weights
+    name = f"{options.preset} (seed {options.seed})"
+    if options.preset in LLAMA_PRESETS:
+        # Drawn on the device in the serving dtype: an 8B shape never exists in float32 on the host.
+        return LlamaLM.random(LLAMA_PRESETS[options.preset], options.seed, device, dtype), name
+    if options.preset in PRESETS:
+        return SimulatedLM.random(PRESETS[options.preset], seed=options.seed), name
+    raise ValueError(f"unknown preset {options.preset!r}; expected one of {', '.join([*PRESETS, *LLAMA_PRESETS])}")
+
+
 def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> ModelRunner:
     device, dtype = select(options.device, options.dtype)
-    if options.weights:
-        model = load_gpt2(options.weights)
-        name = options.weights
-    else:
-        if options.preset not in PRESETS:
-            raise ValueError(f"unknown preset {options.preset!r}; expected one of {', '.join(PRESETS)}")
-        model = SimulatedLM.random(PRESETS[options.preset], seed=options.seed)
-        name = f"{options.preset} (seed {options.seed})"
-    max_context = context_for(options.max_context, model.config.n_positions)
+    model, name = _native_model(options, device, dtype)
+    max_context = context_for(options.max_context, model.max_positions)
     return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id,
                        device=device, dtype=dtype, compile=_resolve_compile(options.compile, device),
                        kinds=_sampling_kinds(options.mode), name=name)
 
 
+NATIVE_BACKENDS = ("native", "simulated")  # simulated: the name before the Llama family joined
+
+
+def native_serves(path: str) -> bool:
+    """Whether the checkpoint directory's ``model_type`` has a native implementation."""
+    return checkpoint_family(path) in ("gpt2", *LLAMA_FAMILIES)
+
+
 def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> Runner:
-    """The runner for ``options.backend``: ``simulated`` (SimulatedLM) or ``hf`` (any causal LM directory)."""
-    if options.backend == "simulated":
+    """The runner for ``options.backend``: ``native`` (alias ``simulated``: GPT-2 and the Llama family, compiled,
+    one batched decode loop) or ``hf`` (any causal LM directory, eager). A native ``path`` of an architecture
+    without a native implementation goes to hf, with a log line."""
+    backend = options.backend
+    if backend in NATIVE_BACKENDS and options.path and not native_serves(options.path):
+        logger.warning("%s: model_type %r has no native implementation (native serves gpt2, %s); using the hf "
+                       "backend (eager, one forward per stream per step)", options.path,
+                       checkpoint_family(options.path), ", ".join(LLAMA_FAMILIES))
+        backend = "hf"
+    if backend in NATIVE_BACKENDS:
         return build_model_runner(options, max_batch=max_batch, eos_id=eos_id)
-    if options.backend == "hf":
+    if backend == "hf":
         from .hf_runner import HFRunner
 
         return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id)
-    raise ValueError(f"backend must be simulated or hf, got {options.backend!r}")
+    raise ValueError(f"backend must be native (or simulated) or hf, got {options.backend!r}")

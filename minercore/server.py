@@ -300,7 +300,7 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
         await backend.start()
         if metrics is not None:
             metrics.bind(backend)
-        log.info("serving %s: %s", served_model_name, backend.runner_description)
+        log.info("serving %s: backend %s, %s", served_model_name, backend.backend_name, backend.runner_description)
         yield
         await backend.shutdown(shutdown_grace)
 
@@ -327,7 +327,8 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served_model_name, "runner": backend.runner_description,
+        return {"status": "ok", "backend": backend.backend_name, "model": served_model_name,
+                "runner": backend.runner_description,
                 "stream_loop": backend.stream_loop, "warmup_seconds": backend.warmup_seconds,
                 "stats": backend.stats().as_dict()}
 
