@@ -382,29 +382,26 @@ def load_llama(directory: Path | str, *, device: torch.device | str = "cpu", dty
     device = torch.device(device)
     model = LlamaLM.empty(config, device, dtype)
     params = dict(model.named_parameters())  # a tied head appears once, as embed_tokens.weight
-    files = _tensor_files(directory)
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
     loaded = set()
-    for file, names in by_file.items():
-        # safetensors reads onto CUDA directly; "cpu" reads into host memory once.
+    for name, file in _tensor_files(directory).items():
+        ours = name.removeprefix("model.")
+        if ours == "lm_head.weight" and config.tie_embeddings:
+            continue  # some tied checkpoints store the head too; it equals the embedding
+        if ours not in params:
+            if ours.endswith("rotary_emb.inv_freq"):
+                continue  # old checkpoints saved the RoPE buffer; it is recomputed
+            raise ValueError(f"{directory}: unexpected tensor {name!r} for a {config.family} model")
+        # One mapping per tensor: the pages a read touches count as this process's memory until the file is
+        # unmapped, so a shard held open through all its tensors would look like a second copy of it.
+        # safetensors reads onto CUDA directly; the CPU read lands in the parameter's own memory via copy_.
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in names:
-                ours = name.removeprefix("model.")
-                if ours == "lm_head.weight" and config.tie_embeddings:
-                    continue  # some tied checkpoints store the head too; it equals the embedding
-                if ours not in params:
-                    if ours.endswith("rotary_emb.inv_freq"):
-                        continue  # old checkpoints saved the RoPE buffer; it is recomputed
-                    raise ValueError(f"{directory}: unexpected tensor {name!r} for a {config.family} model")
-                tensor = f.get_tensor(name)
-                if tensor.shape != params[ours].shape:
-                    raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                                     f"{tuple(params[ours].shape)}")
-                params[ours].copy_(tensor)
-                loaded.add(ours)
-                del tensor
+            tensor = f.get_tensor(name)
+            if tensor.shape != params[ours].shape:
+                raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                                 f"{tuple(params[ours].shape)}")
+            params[ours].copy_(tensor)
+            del tensor
+        loaded.add(ours)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"{directory} lacks {missing}")
