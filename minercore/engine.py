@@ -200,12 +200,22 @@ class Engine:
 
     def _build(self) -> None:
         from .token_bytes import token_bytes_table
-        from .tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer, stop_token_ids, tokenizer_for
 
+        options = self.model_options
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_options.tokenizer)
+            self._tokenizer = load_tokenizer(tokenizer_for(options.tokenizer, options.path))
         self._prompt_encoder = _prompt_encoder(self._tokenizer)
-        eos_id = self._tokenizer.eos_token_id
+        stops = stop_token_ids(self._tokenizer, options.path)
+        if not stops:
+            raise ValueError("the tokenizer has no EOS token and the checkpoint's configs name none")
+        eos_id = stops[0]
+        # A generated stream ends at any stop id (Llama 3: end of text and end of turn). The stream loop knows
+        # one EOS, so the others are handed to it as that one: they are special tokens and decode to nothing
+        # either way. Echo output is steered onto the prompt and ends at eos_id only.
+        self._eos_id = eos_id
+        self._other_stops = (np.array(stops[1:], dtype=np.int64)
+                             if options.mode == "generate" and len(stops) > 1 else None)
         if self._runner is None:
             from .runner import build_runner
 
@@ -339,6 +349,8 @@ class Engine:
                 raise InvalidRequest(f"prompt_ids must be token ids in [0, {vocab})")
             return ids
         text = request.prompt if request.prompt is not None else self._format_messages(request.messages)
+        if isinstance(text, list):
+            return text  # the chat template's ids
         if not isinstance(text, str):
             raise InvalidRequest("prompt must be a string")
         if len(text) > self.options.max_prompt_chars:
@@ -356,7 +368,9 @@ class Engine:
     def _encode(self, text: str) -> list[int]:
         return self._prompt_encoder(text)
 
-    def _format_messages(self, messages: Any) -> str:
+    def _format_messages(self, messages: Any) -> str | list[int]:
+        """The prompt for chat messages: the ids of the tokenizer's chat template with the generation prompt
+        (generate mode, a tokenizer with a template), else text."""
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list")
         for message in messages:
@@ -370,8 +384,14 @@ class Engine:
             raise InvalidRequest(f"messages hold {total} characters; the limit is {self.options.max_prompt_chars}")
         template = getattr(self._tokenizer, "chat_template", None)
         if template:
+            # The template's control tokens are tokens, so its text is tokenized with special tokens recognised:
+            # a message must not smuggle them in as text (a fake end of turn, a fake system message).
+            for token in _special_token_texts(self._tokenizer):
+                if any(token in m["content"] for m in messages):
+                    raise InvalidRequest(f"message content contains the model's control token {token!r}")
             try:
-                return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return list(self._tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                                add_generation_prompt=True))
             except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
                 raise InvalidRequest(f"messages do not fit the model's chat template: {exc}") from exc
         return "".join(f"{m.get('role') or 'user'}: {m['content']}\n" for m in messages) + "assistant:"
@@ -444,6 +464,8 @@ class Engine:
 
     def _consume(self, slots: np.ndarray, ids: np.ndarray, outbox: list) -> None:
         """Hand one token per slot to the stream loop (one call for the whole batch) and route its events."""
+        if self._other_stops is not None:
+            ids = np.where(np.isin(ids, self._other_stops), self._eos_id, ids)
         events = self._table.step(slots, ids)
         with self._cond:
             self._counts["tokens"] += len(slots)
@@ -614,6 +636,11 @@ def _validated_sampling(sampling: SamplingParams, ceiling: int) -> SamplingParam
         except UnicodeEncodeError as exc:
             raise InvalidRequest("stop strings must be valid Unicode text") from exc
     return dataclasses.replace(sampling, max_new_tokens=min(n, ceiling), stop=stop)
+
+
+def _special_token_texts(tokenizer: Any) -> list[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return [token.content for token in added.values() if token.special and token.content]
 
 
 def _prompt_encoder(tokenizer: Any):

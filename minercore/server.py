@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -512,7 +513,8 @@ def serve(model: ModelOptions, options: EngineOptions, *, host: str = "127.0.0.1
         bound = metrics.start_http(metrics_port, addr=host)
         log.info("metrics on http://%s:%d/metrics", host, bound)
     backend = build_backend(model, options, metrics=metrics)
-    app = create_app(backend, served_model_name or f"minercore-{model.preset}", metrics=metrics,
+    default_name = Path(model.path).name if model.path else f"minercore-{model.preset}"
+    app = create_app(backend, served_model_name or default_name, metrics=metrics,
                      shutdown_grace=shutdown_grace)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace)
