@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import KVCache
+from .model import KVCache, prompt_attention, prompt_rows
 
 # config.json model_type values this module serves (gpt2 is minercore.model's).
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -196,14 +196,14 @@ class Attention(nn.Module):
         b, _, t, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slot: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: int = 0) -> Tensor:
         q, k, v = self._heads(x, cos, sin)
-        if slot is not None:
-            self.cache.fill(slot, k, v)
+        if slots is not None:
+            k, v = self.cache.fill(slots, start, k, v)
         groups = self.n_head // self.n_kv_head
         # Prefill is compute-bound: repeating the KV heads up to the query heads costs little here.
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return self._merge(prompt_attention(q, k, v, start))
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
         q, k, v = self._heads(x, cos, sin)
@@ -236,8 +236,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slot: int | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slot)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
@@ -316,24 +316,29 @@ class LlamaLM(nn.Module):
         self.cos, self.sin = rope_table(c, positions, weight.device, weight.dtype)
         return 2 * c.n_layer * positions * c.n_kv_head * c.head_dim * weight.element_size()
 
-    def _run(self, idx: Tensor, slot: int | None) -> Tensor:
-        t = idx.shape[1]
-        if self.cos is not None and t <= self.cos.shape[0]:
-            cos, sin = self.cos[:t], self.sin[:t]
+    def _run(self, idx: Tensor, slots: Tensor | None, start: int = 0) -> Tensor:
+        end = start + idx.shape[1]
+        if self.cos is not None and end <= self.cos.shape[0]:
+            cos, sin = self.cos[start:end], self.sin[start:end]
         else:
-            cos, sin = rope_table(self.config, t, idx.device, self.embed_tokens.weight.dtype)
+            cos, sin = rope_table(self.config, end, idx.device, self.embed_tokens.weight.dtype)
+            cos, sin = cos[start:], sin[start:]
         x = self.embed_tokens(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, slot)
+            x = layer(x, cos, sin, slots, start)
         return self.norm(x)
 
     def forward(self, idx: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, V) logits, recomputing everything; touches no cache."""
         return self.lm_head(self._run(idx, None))
 
-    def prefill(self, idx: Tensor, slot: int) -> Tensor:
-        """(1, T) prompt -> (1, V) logits of its last position; keys/values stored in cache row ``slot``."""
-        return self.lm_head(self._run(idx, slot)[:, -1])
+    def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
+        """(B, T) prompt chunks at positions [start, start + T) -> (B, V) logits at index ``last`` of each row
+        (default: the chunk's end); keys/values stored in cache rows ``slots`` (right padding: see
+        SimulatedLM.prefill)."""
+        x = self._run(idx, prompt_rows(slots, idx.device), start)
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        return self.lm_head(x)
 
     def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
         """(b,) tokens at (b,) positions -> (b, V) logits; row i uses cache row i, positions [0, ctx)."""

@@ -77,8 +77,9 @@ class CachedLM(Protocol):
         """(B, T) ids -> (B, T, V) logits, no cache (the reference)."""
         ...
 
-    def prefill(self, idx: Tensor, slot: int) -> Tensor:
-        """(1, T) prompt -> (1, V) last logits; its keys/values land in cache row ``slot``."""
+    def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
+        """(B, T) right-padded prompt chunks at positions [start, start + T) -> (B, V) logits at each row's
+        ``last`` index (default T - 1); their keys/values land in cache rows ``slots``."""
         ...
 
     def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
@@ -113,6 +114,10 @@ class Runner(Protocol):
         """Run the prompt into ``slot``'s cache; return the first new id (one host sync). ValueError for an
         empty prompt, a bad slot or ids outside the vocabulary; ContextOverflow if len >= max_context."""
         ...
+
+    # Optional (ModelRunner has them; the engine falls back to ``prefill`` without them):
+    # prefill_batch(slots, prompts, params) -> first ids, whole prompts in one forward, and
+    # prefill_chunk(slot, prompt_ids, params, start, end) -> first id or None, a prompt in pieces.
 
     def decode(self, slots: np.ndarray) -> np.ndarray:
         """One step for the given prefilled slots (int64, any order): each slot's last id in, its next id
@@ -390,21 +395,62 @@ class ModelRunner:
                     seconds, self.description)
         return seconds
 
-    @torch.inference_mode()
     def prefill(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> int:
+        return self.prefill_batch([slot], [prompt_ids], [params])[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                      params: Sequence[SlotParams]) -> list[int]:
+        """Whole prompts into their slots in one forward, right-padded to the longest; the first new id of each
+        (one host sync). Errors as ``prefill``; nothing is written unless every request is valid."""
+        if not len(slots) == len(prompts) == len(params) or not slots:
+            raise ValueError("prefill_batch needs one prompt and one SlotParams per slot, and at least one slot")
+        for slot, p in zip(slots, params, strict=True):
+            check_slot(slot, self.max_batch)
+            p.validate()
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"prefill_batch: duplicate slots in {list(slots)}")
+        ids = [check_prompt(prompt, self.max_context, self.vocab_size) for prompt in prompts]
+        lengths = [len(i) for i in ids]
+        padded = torch.zeros((len(ids), max(lengths)), dtype=torch.int64)
+        for row, prompt in enumerate(ids):
+            padded[row, :len(prompt)] = prompt
+            self.state.start(slots[row], prompt.to(self.device), params[row], self.eos_id)
+        rows = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+        last = torch.tensor(lengths, dtype=torch.int64, device=self.device) - 1
+        logits = self.model.prefill(padded.to(self.device), rows, 0, last).float()
+        return self._first_tokens(list(slots), rows, logits, last, lengths, params)
+
+    @torch.inference_mode()
+    def prefill_chunk(self, slot: int, prompt_ids: Sequence[int], params: SlotParams, start: int,
+                      end: int) -> int | None:
+        """Prompt positions [start, end) into ``slot``'s cache, after [0, start) (chunked prefill: callers go in
+        order from 0). Returns None until ``end`` reaches the prompt's end, then its first new id."""
         check_slot(slot, self.max_batch)
-        params.validate()
-        ids = check_prompt(prompt_ids, self.max_context, self.vocab_size).to(self.device)
-        n = ids.shape[0]
-        self.state.start(slot, ids, params, self.eos_id)
-        logits = self.model.prefill(ids[None], slot).float()
-        last = torch.full((1,), n - 1, dtype=torch.int64, device=self.device)
-        token = slot_tokens(logits, self.state, slice(slot, slot + 1), last, params.kind())
-        self.state.tokens[slot] = token[0]
-        self._pos[slot] = n
-        self._live[slot] = True
-        self._kind[slot] = params.kind()
-        return int(token.item())
+        ids = check_prompt(prompt_ids, self.max_context, self.vocab_size)
+        if not 0 <= start < end <= len(ids):
+            raise ValueError(f"prefill_chunk: need 0 <= start < end <= {len(ids)}, got {start}, {end}")
+        if start == 0:
+            params.validate()
+            self._live[slot] = False
+            self.state.start(slot, ids.to(self.device), params, self.eos_id)
+        logits = self.model.prefill(ids[None, start:end].to(self.device), slot, start).float()
+        if end < len(ids):
+            return None
+        rows = torch.tensor([slot], dtype=torch.int64, device=self.device)
+        last = torch.full((1,), end - 1, dtype=torch.int64, device=self.device)
+        return self._first_tokens([slot], rows, logits, last, [end], [params])[0]
+
+    def _first_tokens(self, slots: list[int], rows: Tensor, logits: Tensor, last: Tensor, lengths: list[int],
+                      params: Sequence[SlotParams]) -> list[int]:
+        """Choose each prefilled slot's first id from its last prompt position's logits; the slots go live."""
+        kinds = [p.kind() for p in params]
+        token = slot_tokens(logits, self.state, rows, last, max(kinds))
+        self.state.tokens[rows] = token
+        self._pos[slots] = lengths
+        self._live[slots] = True
+        self._kind[slots] = kinds
+        return token.tolist()
 
     @torch.inference_mode()
     def decode(self, slots: np.ndarray) -> np.ndarray:

@@ -199,3 +199,36 @@ def test_presets_build_and_echo() -> None:
     out = [runner.prefill(1, ids, SlotParams(echo=True))]
     out += [int(runner.decode(np.array([1]))[0]) for _ in range(10)]
     assert out == [*ids, 50256]
+
+
+def _decode_all(runner, first: dict[int, int], steps: int) -> dict[int, list[int]]:
+    out = {slot: [token] for slot, token in first.items()}
+    slots = np.array(sorted(out))
+    for _ in range(steps):
+        for slot, token in zip(slots.tolist(), runner.decode(slots).tolist(), strict=True):
+            out[slot].append(token)
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])
+def test_batched_and_chunked_prefill_equal_one_prompt_at_a_time(checkpoints, name: str) -> None:
+    def make():
+        if name == "gpt2":  # the same prefill path serves GPT-2
+            return build_runner(ModelOptions(preset="tiny", device="cpu", dtype="float32", max_context=128,
+                                             compile="off", mode="generate"), max_batch=4, eos_id=VOCAB - 1)
+        return native_runner(checkpoints[name][0])
+
+    prompts = {0: prompt(5, 3), 2: prompt(50, 4), 3: prompt(17, 5), 1: prompt(1, 6)}
+    alone = greedy(make(), prompts, steps=12)
+    runner = make()
+    first = runner.prefill_batch(list(prompts), list(prompts.values()), [GREEDY] * len(prompts))
+    assert _decode_all(runner, dict(zip(prompts, first, strict=True)), steps=12) == alone
+    runner = make()
+    chunked = {}
+    for slot, ids in prompts.items():
+        bounds = [0, *range(7, len(ids), 7), len(ids)]  # 7-token chunks, the last one shorter
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            token = runner.prefill_chunk(slot, ids, GREEDY, start, end)
+            assert (token is None) == (end < len(ids))
+        chunked[slot] = token
+    assert _decode_all(runner, chunked, steps=12) == alone
