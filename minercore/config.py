@@ -42,3 +42,6 @@ class EngineOptions:
     flush_ms: float = 50.0  # ...or this long after its last flush
     max_new_tokens: int = 4096  # ceiling on any request's max_new_tokens
     max_prompt_chars: int = 1_000_000  # larger prompts are rejected before tokenization
+    # Prompt tokens prefilled per engine step: longer prompts are prefilled in chunks between decode steps, so
+    # a burst of long prompts delays running streams by at most about this many tokens of prefill per token.
+    prefill_tokens: int = 2048

@@ -135,7 +135,7 @@ class _Job:
     """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
 
     __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
-                 "mailbox", "slot", "joined_at_step")
+                 "mailbox", "slot", "joined_at_step", "prefilled")
 
     def __init__(self, request_id: str, prompt_ids: list[int], slot_params: Any, sampling: SamplingParams,
                  deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
@@ -148,7 +148,8 @@ class _Job:
         self.seq = seq
         self.mailbox = mailbox
         self.slot = -1
-        self.joined_at_step = 0  # the engine's decode-step count when the job got its slot
+        self.joined_at_step = -1  # the engine's decode-step count when its stream started (-1: not started)
+        self.prefilled = 0  # prompt tokens in its slot's cache so far (chunked prefill)
 
     def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
         return (-self.priority, self.seq) < (-other.priority, other.seq)
@@ -171,7 +172,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._waiting: list[_Job] = []  # heap
-        self._active: dict[int, _Job] = {}  # slot -> job; model thread only
+        self._active: dict[int, _Job] = {}  # slot -> job, decoding; model thread only
+        self._prefilling: dict[int, _Job] = {}  # slot -> job whose long prompt is prefilled in chunks; model thread
         self._admitted = 0  # jobs admitted to a slot and not finished; read under _cond for admission
         self._cancelled: collections.deque[_Job] = collections.deque()
         self._seq = itertools.count()
@@ -419,7 +421,8 @@ class Engine:
             return
         while True:
             with self._cond:
-                while (not self._abort and not self._active and not self._waiting and not self._cancelled):
+                while (not self._abort and not self._active and not self._prefilling and not self._waiting
+                       and not self._cancelled):
                     self._cond.wait()
                 if self._abort:
                     break
@@ -477,33 +480,105 @@ class Engine:
                 self._end(job, outbox, reason=reason, text=text, table_done=True)
 
     def _admit(self, now: float, outbox: list) -> None:
-        """Prefill waiting jobs into free slots, highest priority first. Each one's first text is posted as
-        soon as its own prefill is done, so a burst of arrivals does not wait for every prefill and a step."""
-        while self._free_slots:
-            with self._cond:
-                if not self._waiting:
-                    break
+        """Prefill waiting jobs into free slots, highest priority first, at most ``prefill_tokens`` prompt tokens
+        per engine step so that running streams keep decoding: a longer prompt is prefilled in chunks over the
+        next steps, and started chunks go before new prompts. Whole prompts admitted together share one
+        forward. Each first text is posted as soon as its prefill is done, not after the step."""
+        budget = max(1, self.options.prefill_tokens)
+        for job in list(self._prefilling.values()):
+            budget -= self._prefill_part(job, budget, now, outbox)
+            if budget <= 0:
+                return
+        chunked = hasattr(self._runner, "prefill_chunk")
+        whole: list[_Job] = []
+        while self._free_slots and budget > 0:
+            job = self._pop_waiting(now, outbox)
+            if job is None:
+                break
+            job.slot = heapq.heappop(self._free_slots)
+            if len(job.prompt_ids) <= budget or not chunked:
+                whole.append(job)
+                budget -= len(job.prompt_ids)
+            else:
+                self._prefilling[job.slot] = job
+                budget -= self._prefill_part(job, budget, now, outbox)
+        if whole:
+            self._prefill_whole(whole, outbox)
+
+    def _pop_waiting(self, now: float, outbox: list) -> _Job | None:
+        """The next waiting job to admit (counted as admitted), ending the expired ones on the way."""
+        with self._cond:
+            while self._waiting:
                 job = heapq.heappop(self._waiting)
                 if job.deadline is not None and now >= job.deadline:
                     self._counts["completed"] += 1
                     outbox.append((job.mailbox, "", FINISH_DEADLINE, None, self._request_stats(job, FINISH_DEADLINE)))
                     continue
                 self._admitted += 1
-            job.slot = heapq.heappop(self._free_slots)
-            job.joined_at_step = self._decode_steps
-            self._active[job.slot] = job
+                return job
+        return None
+
+    def _prefill_whole(self, jobs: list[_Job], outbox: list) -> None:
+        """Whole prompts: one batched forward when the runner has one; if it fails, one prompt at a time, so
+        only a prompt that fails alone fails its request."""
+        firsts = None
+        if len(jobs) > 1 and hasattr(self._runner, "prefill_batch"):
             try:
-                first = self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
-                self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
-                                include_stop=job.sampling.include_stop)
-            except Exception as exc:  # noqa: BLE001 - only this request fails
-                log.exception("prefill failed for %s", job.request_id)
+                firsts = self._runner.prefill_batch([j.slot for j in jobs], [j.prompt_ids for j in jobs],
+                                                    [j.slot_params for j in jobs])
+            except Exception:  # noqa: BLE001 - retried one by one below
+                log.warning("batched prefill of %d prompts failed; prefilling them one at a time", len(jobs),
+                            exc_info=True)
                 _free_cuda_cache()
-                self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"))
-                continue
-            self._consume(np.array([job.slot], dtype=np.int64), np.array([first], dtype=np.int64), outbox)
+        for i, job in enumerate(jobs):
+            if firsts is not None:
+                first = firsts[i]
+            else:
+                try:
+                    first = self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
+                except Exception as exc:  # noqa: BLE001 - only this request fails
+                    self._prefill_failed(job, exc, outbox)
+                    continue
+            self._start_stream(job, first, outbox)
+        self._post(outbox.copy())
+        outbox.clear()
+
+    def _prefill_part(self, job: _Job, budget: int, now: float, outbox: list) -> int:
+        """The next chunk (at most ``budget`` tokens) of a job's prompt; returns the tokens it took."""
+        if job.deadline is not None and now >= job.deadline:
+            self._end(job, outbox, reason=FINISH_DEADLINE, table_done=True)
+            return 0
+        start = job.prefilled
+        end = min(len(job.prompt_ids), start + budget)
+        try:
+            first = self._runner.prefill_chunk(job.slot, job.prompt_ids, job.slot_params, start, end)
+        except Exception as exc:  # noqa: BLE001 - only this request fails
+            self._prefill_failed(job, exc, outbox)
+            return end - start
+        job.prefilled = end
+        if first is not None:
+            del self._prefilling[job.slot]
+            self._start_stream(job, first, outbox)
             self._post(outbox.copy())
             outbox.clear()
+        return end - start
+
+    def _prefill_failed(self, job: _Job, exc: Exception, outbox: list) -> None:
+        log.error("prefill failed for %s", job.request_id, exc_info=exc)
+        _free_cuda_cache()
+        self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"), table_done=True)
+
+    def _start_stream(self, job: _Job, first: int, outbox: list) -> None:
+        """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
+        job.joined_at_step = self._decode_steps
+        self._active[job.slot] = job
+        try:
+            self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
+                            include_stop=job.sampling.include_stop)
+        except Exception as exc:  # noqa: BLE001 - only this request fails
+            self._prefill_failed(job, exc, outbox)
+            return
+        self._consume(np.array([job.slot], dtype=np.int64), np.array([first], dtype=np.int64), outbox)
 
     def _expire_waiting(self, now: float, outbox: list) -> None:
         """While every slot is busy, queued requests past their deadline end now: their callers stop waiting and
@@ -525,7 +600,7 @@ class Engine:
                 heapq.heapify(self._waiting)
                 self._counts["cancelled"] += 1
                 return
-        if self._active.get(job.slot) is job:
+        if self._active.get(job.slot) is job or self._prefilling.get(job.slot) is job:
             self._table.release(job.slot)
             self._release_slot(job)
             with self._cond:
@@ -547,7 +622,9 @@ class Engine:
             self._runner.release(job.slot)
         except Exception:  # noqa: BLE001 - a runner that cannot release still gets its slot reused by prefill
             log.exception("runner failed to release slot %d", job.slot)
-        del self._active[job.slot]
+        # A job ends while decoding, while its prompt is prefilled in chunks, or in a failed prefill (in neither).
+        self._active.pop(job.slot, None)
+        self._prefilling.pop(job.slot, None)
         heapq.heappush(self._free_slots, job.slot)
         with self._cond:
             self._admitted -= 1
@@ -556,7 +633,7 @@ class Engine:
         """TTFT is filled in on the event loop, where the first text is handed over."""
         duration = time.monotonic() - job.mailbox.submitted_at
         # One token from prefill, then one from every decode step since the job joined.
-        tokens = 0 if job.slot < 0 else 1 + self._decode_steps - job.joined_at_step
+        tokens = 0 if job.joined_at_step < 0 else 1 + self._decode_steps - job.joined_at_step
         return RequestStats(request_id=job.request_id, prompt_tokens=len(job.prompt_ids), tokens=tokens,
                             ttft_s=None, duration_s=duration,
                             tokens_per_s=tokens / duration if duration > 0 else 0.0,
@@ -567,6 +644,8 @@ class Engine:
         for job in list(self._active.values()):
             self._end(job, outbox, reason=FINISH_CANCELLED, text=self._table.finish(job.slot, drop_incomplete=True),
                       table_done=True)
+        for job in list(self._prefilling.values()):
+            self._end(job, outbox, reason=FINISH_CANCELLED, table_done=True)
         with self._cond:
             waiting, self._waiting = self._waiting, []
             self._counts["cancelled"] += len(waiting)

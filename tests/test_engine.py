@@ -299,3 +299,31 @@ async def test_model_work_never_runs_on_the_event_loop():
     assert len(calls) > 64
     assert threading.get_ident() not in calls
     assert set(calls) == {engine._thread.ident}
+
+
+async def test_long_prompts_are_prefilled_in_chunks_while_streams_decode():
+    """prefill_tokens 16: prompts of ~60-120 tokens take several steps each; every echo stays exact, a stream
+    that is already decoding keeps getting tokens in between, and a request cancelled mid-prefill frees its slot."""
+    async with running(runner_wrapper=SlowRunner, max_batch=4, prefill_tokens=16) as engine:
+        short = asyncio.create_task(collect(engine, GenerationRequest(prompt=prompt_for(0) * 6)))
+        await asyncio.sleep(0.3)
+        long_prompts = [" ".join(MIXED) + f" #{i}" for i in range(3)]
+        decoded_before = engine.stats().tokens
+        results = await asyncio.gather(*(collect(engine, GenerationRequest(prompt=p)) for p in long_prompts))
+        assert [text for text, _, _ in results] == long_prompts
+        assert all(reason == "eos" for _, reason, _ in results)
+        assert (await short)[0] == prompt_for(0) * 6
+        assert engine.stats().tokens > decoded_before
+        stream = engine.generate(GenerationRequest(prompt=" ".join(MIXED) * 2))
+        task = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await task
+        await stream.aclose()
+        for _ in range(200):
+            if engine.stats().active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats().active == 0
+        assert (await collect(engine, GenerationRequest(prompt="after")))[0] == "after"
