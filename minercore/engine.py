@@ -540,6 +540,9 @@ class Engine:
                     self._prefill_failed(job, exc, outbox)
                     continue
             self._start_stream(job, first, outbox)
+            if firsts is None:  # one prefill at a time: this first text need not wait for the next prefill
+                self._post(outbox.copy())
+                outbox.clear()
         self._post(outbox.copy())
         outbox.clear()
 
