@@ -174,6 +174,8 @@ class Engine:
         self._waiting: list[_Job] = []  # heap
         self._active: dict[int, _Job] = {}  # slot -> job, decoding; model thread only
         self._prefilling: dict[int, _Job] = {}  # slot -> job whose long prompt is prefilled in chunks; model thread
+        self._before_first_text: set[int] = set()  # slots whose stream has produced no text yet; model thread
+        self._strip_first_space = False
         self._admitted = 0  # jobs admitted to a slot and not finished; read under _cond for admission
         self._cancelled: collections.deque[_Job] = collections.deque()
         self._seq = itertools.count()
@@ -201,7 +203,7 @@ class Engine:
         await ready
 
     def _build(self) -> None:
-        from .token_bytes import token_bytes_table
+        from .token_bytes import strips_first_space, token_bytes_table
         from .tokenizer import load_tokenizer, stop_token_ids, tokenizer_for
 
         options = self.model_options
@@ -230,6 +232,9 @@ class Engine:
         # Models often pad their vocabulary past the tokenizer's (e.g. to a multiple of 64): ids the tokenizer
         # does not know decode to nothing, as tokenizer.decode would skip them, instead of failing the step.
         table += [b""] * (self._runner.vocab_size - len(table))
+        # SentencePiece-style tokenizers decode a text without the space their normalizer put before its first
+        # word; a stream's first text drops it the same way (the per-token table cannot know what is first).
+        self._strip_first_space = strips_first_space(self._tokenizer)
         self._table = streamloop.StreamTable(
             table, self.options.max_batch, eos_id=eos_id,
             flush_tokens=self.options.flush_tokens, flush_ms=self.options.flush_ms)
@@ -474,6 +479,9 @@ class Engine:
             self._counts["tokens"] += len(slots)
         for slot, text, reason in events:
             job = self._active[slot]
+            if text and slot in self._before_first_text:
+                self._before_first_text.discard(slot)
+                text = text.removeprefix(" ")
             if reason is None:
                 outbox.append((job.mailbox, text, None, None, None))
             else:
@@ -575,6 +583,8 @@ class Engine:
         """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
         job.joined_at_step = self._decode_steps
         self._active[job.slot] = job
+        if self._strip_first_space:
+            self._before_first_text.add(job.slot)
         try:
             self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
                             include_stop=job.sampling.include_stop)
@@ -628,6 +638,7 @@ class Engine:
         # A job ends while decoding, while its prompt is prefilled in chunks, or in a failed prefill (in neither).
         self._active.pop(job.slot, None)
         self._prefilling.pop(job.slot, None)
+        self._before_first_text.discard(job.slot)
         heapq.heappush(self._free_slots, job.slot)
         with self._cond:
             self._admitted -= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -136,3 +137,44 @@ async def test_serve_path_generate_matches_transformers(checkpoint) -> None:
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=30)[0].decode()
     assert process.returncode == 0, output
+
+
+def _sentencepiece_tokenizer():
+    """Llama 2's tokenizer pipeline, trained on a small corpus: "▁" prepended and for spaces, BPE with byte
+    fallback (<0xNN> pieces for anything outside the vocabulary), decoded with a leading-space Strip."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "streams of text"] * 20
+    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    learned = json.loads(trained.to_str())["model"]
+    # As in Llama 2's vocabulary: control tokens, then the 256 byte pieces as ordinary tokens, then the rest.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in learned["vocab"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+async def test_echo_is_exact_with_a_sentencepiece_byte_fallback_tokenizer() -> None:
+    tok = _sentencepiece_tokenizer()
+    texts = ["hello world", "the quick brown fox", "Zürich → 東京 🙂 naïve", "  two leading spaces", "x"]
+    assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in tok.encode(texts[2]))  # byte fallback
+    engine = Engine(ModelOptions(preset="llama-tiny", device="cpu", dtype="float32", compile="off",
+                                 max_context=256), EngineOptions(max_batch=4), tokenizer=tok)
+    await engine.start()
+    try:
+        for text in texts:
+            pieces = [p async for p in engine.generate(GenerationRequest(prompt=text))]
+            assert "".join(p.text for p in pieces) == tok.decode(tok.encode(text)) == text
+            assert pieces[-1].finish_reason == "eos"
+    finally:
+        await engine.shutdown(grace=0)
