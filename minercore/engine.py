@@ -209,7 +209,9 @@ class Engine:
         options = self.model_options
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(tokenizer_for(options.tokenizer, options.path))
-        self._prompt_encoder = _prompt_encoder(self._tokenizer)
+        # Generated text continues the prompt as the model was trained to see it: with the tokenizer's BOS where
+        # it adds one (Llama, Mistral). An echo reproduces the text, so it gets the text's tokens only.
+        self._prompt_encoder = _prompt_encoder(self._tokenizer, add_special_tokens=options.mode == "generate")
         stops = stop_token_ids(self._tokenizer, options.path)
         if not stops:
             raise ValueError("the tokenizer has no EOS token and the checkpoint's configs name none")
@@ -736,17 +738,18 @@ def _special_token_texts(tokenizer: Any) -> list[str]:
     return [token.content for token in added.values() if token.special and token.content]
 
 
-def _prompt_encoder(tokenizer: Any):
-    """Encode prompts so that text such as "<|endoftext|>" stays text: clients must not inject control ids."""
+def _prompt_encoder(tokenizer: Any, add_special_tokens: bool = False):
+    """Encode prompts so that text such as "<|endoftext|>" stays text: clients must not inject control ids.
+    ``add_special_tokens``: what the tokenizer's post-processor adds around a text (a BOS), if anything."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return lambda text: tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return lambda text: tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
     from tokenizers import Tokenizer
 
     # A private copy: the flag would change how the shared tokenizer treats special tokens elsewhere.
     encoder = Tokenizer.from_str(backend.to_str())
     encoder.encode_special_tokens = True
-    return lambda text: encoder.encode(text, add_special_tokens=False).ids
+    return lambda text: encoder.encode(text, add_special_tokens=add_special_tokens).ids
 
 
 def _free_cuda_cache() -> None:

@@ -178,3 +178,26 @@ async def test_echo_is_exact_with_a_sentencepiece_byte_fallback_tokenizer() -> N
             assert pieces[-1].finish_reason == "eos"
     finally:
         await engine.shutdown(grace=0)
+
+
+async def test_generated_completions_start_with_the_tokenizers_bos() -> None:
+    """Generate mode encodes a prompt as the tokenizer does by default (Llama's BOS first); echo does not."""
+    from tokenizers import processors
+
+    tok = _sentencepiece_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    text = "hello world"
+    with_bos, plain = tok(text).input_ids, tok(text, add_special_tokens=False).input_ids
+    assert with_bos == [1, *plain]
+    for mode, expected in (("generate", len(with_bos)), ("echo", len(plain))):
+        engine = Engine(ModelOptions(preset="llama-tiny", device="cpu", dtype="float32", compile="off",
+                                     max_context=64, mode=mode), EngineOptions(max_batch=1), tokenizer=tok)
+        await engine.start()
+        try:
+            pieces = [p async for p in engine.generate(GenerationRequest(
+                prompt=text, sampling=SamplingParams(max_new_tokens=3)))]
+            assert pieces[-1].stats.prompt_tokens == expected
+            if mode == "echo":
+                assert "".join(p.text for p in pieces) == text
+        finally:
+            await engine.shutdown(grace=0)
