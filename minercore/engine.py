@@ -512,8 +512,8 @@ class Engine:
             else:
                 self._prefilling[job.slot] = job
                 budget -= self._prefill_part(job, budget, now, outbox)
-        if whole:
-            self._prefill_whole(whole, outbox)
+        for group in _padding_groups(whole):
+            self._prefill_whole(group, outbox)
 
     def _pop_waiting(self, now: float, outbox: list) -> _Job | None:
         """The next waiting job to admit (counted as admitted), ending the expired ones on the way."""
@@ -731,6 +731,25 @@ def _validated_sampling(sampling: SamplingParams, ceiling: int) -> SamplingParam
         except UnicodeEncodeError as exc:
             raise InvalidRequest("stop strings must be valid Unicode text") from exc
     return dataclasses.replace(sampling, max_new_tokens=min(n, ceiling), stop=stop)
+
+
+_MAX_PADDING = 1.5  # a batched prefill computes at most this many times its prompts' own tokens
+
+
+def _padding_groups(jobs: list[_Job]) -> list[list[_Job]]:
+    """Jobs in groups of similar prompt lengths: each group is one forward padded to its longest prompt, so a
+    short prompt is not padded to a long one (one 2,000-token prompt among 8 short ones would cost 8 x 2,000)."""
+    groups: list[list[_Job]] = []
+    tokens = 0
+    for job in sorted(jobs, key=lambda j: len(j.prompt_ids)):
+        n = len(job.prompt_ids)  # the longest so far: the group's padded length if it joins
+        if groups and (len(groups[-1]) + 1) * n <= _MAX_PADDING * (tokens + n):
+            groups[-1].append(job)
+            tokens += n
+        else:
+            groups.append([job])
+            tokens = n
+    return groups
 
 
 def _special_token_texts(tokenizer: Any) -> list[str]:

@@ -327,3 +327,18 @@ async def test_long_prompts_are_prefilled_in_chunks_while_streams_decode():
             await asyncio.sleep(0.01)
         assert engine.stats().active == 0
         assert (await collect(engine, GenerationRequest(prompt="after")))[0] == "after"
+
+
+def test_prompts_prefilled_together_have_similar_lengths():
+    from minercore.engine import _padding_groups
+
+    class Job:
+        def __init__(self, n):
+            self.prompt_ids = [0] * n
+
+    lengths = (10, 2000, 12, 9, 1900, 300, 11, 250, 1)
+    groups = [[len(j.prompt_ids) for j in g] for g in _padding_groups([Job(n) for n in lengths])]
+    assert sorted(n for g in groups for n in g) == sorted(lengths)
+    for group in groups:  # padding to the group's longest costs at most 1.5x its own tokens
+        assert len(group) * max(group) <= 1.5 * sum(group)
+    assert [1900, 2000] in groups and [250, 300] in groups
