@@ -67,8 +67,10 @@ def hf_twin(model: LlamaLM, config: LlamaConfig):
     with torch.device("meta"):
         twin = LlamaForCausalLM(hf_config)
     twin = twin.to(dtype=weight.dtype).to_empty(device=weight.device).eval()
-    for name, param in twin.named_parameters(remove_duplicate=False):
-        param.data.copy_(model.get_parameter(name.removeprefix("model.")))
+    twin.tie_weights()
+    views = model.checkpoint_views()
+    for name, param in twin.named_parameters():
+        param.data.copy_(views[name.removeprefix("model.")])
     for name, buffer in twin.named_buffers():  # RoPE inverse frequencies: empty after to_empty
         if name.endswith("inv_freq"):
             buffer.copy_(rope_frequencies(config))

@@ -171,9 +171,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         d, q, kv = config.hidden_size, config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(d, q, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, kv, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, kv, bias=config.qkv_bias)
+        # q, k and v in one matrix (one read of x, one larger GEMV per decode step); checkpoints' separate
+        # q_proj/k_proj/v_proj load into its row blocks (see LlamaLM.checkpoint_views).
+        self.qkv_proj = nn.Linear(d, q + 2 * kv, bias=config.qkv_bias)
+        self.split = (q, kv, kv)
         self.o_proj = nn.Linear(q, d, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -184,9 +185,10 @@ class Attention(nn.Module):
 
     def _heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(b, t, self.n_head, self.head_dim)
+        k = k.view(b, t, self.n_kv_head, self.head_dim)
+        v = v.view(b, t, self.n_kv_head, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
@@ -220,12 +222,12 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         d, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(d, m, bias=bias)
-        self.up_proj = nn.Linear(d, m, bias=bias)
+        self.gate_up_proj = nn.Linear(d, 2 * m, bias=bias)  # gate rows, then up rows: one GEMV for both
         self.down_proj = nn.Linear(m, d, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -293,6 +295,23 @@ class LlamaLM(nn.Module):
     @property
     def max_positions(self) -> int:
         return self.config.max_positions
+
+    def checkpoint_views(self) -> dict[str, Tensor]:
+        """Hugging Face tensor name (without ``model.``) -> the parameter, or the rows of a fused parameter,
+        that holds it. Loading writes each checkpoint tensor into its view; a tied head is the embedding."""
+        views = {name: param for name, param in self.named_parameters()  # a tied head: embed_tokens only
+                 if ".qkv_proj." not in name and ".gate_up_proj." not in name}
+        for i, layer in enumerate(self.layers):
+            for fused, parts, sizes in (
+                    (layer.self_attn.qkv_proj, ("q_proj", "k_proj", "v_proj"), layer.self_attn.split),
+                    (layer.mlp.gate_up_proj, ("gate_proj", "up_proj"), (self.config.intermediate_size,) * 2)):
+                module = "self_attn" if parts[0] == "q_proj" else "mlp"
+                for kind in ("weight", "bias"):
+                    tensor = getattr(fused, kind)
+                    if tensor is not None:
+                        for part, rows in zip(parts, tensor.split(sizes), strict=True):
+                            views[f"layers.{i}.{module}.{part}.{kind}"] = rows
+        return views
 
     def describe(self) -> str:
         c = self.config
@@ -386,7 +405,7 @@ def load_llama(directory: Path | str, *, device: torch.device | str = "cpu", dty
     config = config or LlamaConfig.from_hf(read_config(directory))
     device = torch.device(device)
     model = LlamaLM.empty(config, device, dtype)
-    params = dict(model.named_parameters())  # a tied head appears once, as embed_tokens.weight
+    params = model.checkpoint_views()
     loaded = set()
     for name, file in _tensor_files(directory).items():
         ours = name.removeprefix("model.")
