@@ -61,7 +61,7 @@ def write_checkpoint(directory: Path, dtype_name: str, shard_bytes: int = 1 << 3
     (directory / "config.json").write_text(json.dumps({**SHAPE, "torch_dtype": dtype_name}))
     with torch.device("meta"):
         names = {f"model.{n}" if n != "lm_head.weight" else n: p.shape
-                 for n, p in LlamaLM(LlamaConfig.from_hf(SHAPE)).named_parameters()}
+                 for n, p in LlamaLM(LlamaConfig.from_hf(SHAPE)).checkpoint_views().items()}
     generator = torch.Generator().manual_seed(0)
     weight_map, shard, shard_size, total, index = {}, {}, 0, 0, 0
 
@@ -88,8 +88,10 @@ def write_checkpoint(directory: Path, dtype_name: str, shard_bytes: int = 1 << 3
 
 
 def measure(loader: str, directory: Path, dtype_name: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, loader, str(directory), dtype_name], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, loader, str(directory), dtype_name], capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise RuntimeError(f"loading with {loader} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
