@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, GenerationRequest, SamplingParams
+from minercore.engine import Engine
+from minercore.generation import GenerationRequest, SamplingParams
 from minercore.llama import PRESETS
 from minercore.tokenizer import load_tokenizer
 

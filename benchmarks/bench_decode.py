@@ -16,7 +16,8 @@ import torch
 
 from minercore.config import ModelOptions
 from minercore.model import PRESETS
-from minercore.runner import Runner, SlotParams, build_runner
+from minercore.runners import Runner, build_runner
+from minercore.sampling import SlotParams
 
 PROMPT = 128
 STEPS = 32

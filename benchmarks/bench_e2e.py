@@ -31,7 +31,8 @@ import pytest
 import torch
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, GenerationRequest, SamplingParams
+from minercore.engine import Engine
+from minercore.generation import GenerationRequest, SamplingParams
 from minercore.miner import client
 from minercore.tokenizer import load_tokenizer
 

@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, GenerationRequest
+from minercore.engine import Engine
+from minercore.generation import GenerationRequest
 
 PROMPT_WORDS = ("Streams of text", "ça coule", "流れる文字", "🚰💬", "and more words to echo back")
 

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, GenerationRequest, SamplingParams
+from minercore.engine import Engine
+from minercore.generation import GenerationRequest, SamplingParams
 from minercore.upstream import UpstreamBackend
 
 WORDS = ("Streams of text", "ça coule très bien", "流れる文字", "🚰💬", "naïve café", "κόσμε", "and more words\n")

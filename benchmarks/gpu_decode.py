@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from minercore.model import PRESETS, describe, load_gpt2
-from minercore.runner import GREEDY, ModelRunner, SlotParams
+from minercore.runner import ModelRunner
+from minercore.sampling import GREEDY, SlotParams
 
 TARGETS = {1: 3_000, 64: 60_000, 256: 120_000}  # H100, bf16, gpt2 preset: decode tok/s
 

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, GenerationRequest, SamplingParams
-from minercore.runner import SlotParams, build_runner
+from minercore.engine import Engine
+from minercore.generation import GenerationRequest, SamplingParams
+from minercore.runners import build_runner
+from minercore.sampling import SlotParams
 from minercore.tokenizer import load_tokenizer
 
 

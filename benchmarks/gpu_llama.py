@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from minercore.llama import PRESETS, LlamaConfig, LlamaLM, rope_frequencies
-from minercore.runner import ModelRunner, SlotParams
+from minercore.runner import ModelRunner
+from minercore.sampling import SlotParams
 
 PROMPT, NEW, MAX_BATCH = 32, 128, 64
 TARGET_OF_LIMIT = 0.85

@@ -6,12 +6,11 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
 from .config import EngineOptions, ModelOptions
-from .engine import Engine, EngineStats, GenerationRequest, Piece
+from .engine import Engine
+from .generation import EngineStats, GenerationRequest, Piece
 
 if TYPE_CHECKING:
     from .upstream import ErrorSink
-
-BACKENDS = ("native", "simulated", "hf", "upstream")  # simulated: the old name of native
 
 
 class Backend(Protocol):
@@ -43,8 +42,6 @@ def build_backend(model: ModelOptions, options: EngineOptions, *, metrics: Error
 
     ``metrics`` (a ``minercore.metrics.Metrics``) receives the upstream's failed calls; the engine ignores it.
     """
-    if model.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {model.backend!r}")
     if model.backend == "upstream":
         from .upstream import UpstreamBackend  # aiohttp is only needed here
 

@@ -1,10 +1,25 @@
-"""Options shared by the model runner, the engine, the miner and the server (plain dataclasses, no parsing)."""
+"""Options shared by the model runner, the engine, the miner and the server (plain dataclasses, no parsing), and
+the names they may take. Torch-free, so command lines can be built (and ``--help`` answered) without loading it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 DEFAULT_MAX_CONTEXT = 4096
+
+# The choices, written once: checked here, offered by both command lines (minercore.options). PRESETS in
+# model.py and DTYPES in device.py hold what these names stand for (tests check that they agree).
+# native: the compiled core (GPT-2 and the Llama family); simulated: its name before the Llama family joined.
+BACKENDS = ("native", "simulated", "hf", "upstream")
+NATIVE_BACKENDS = ("native", "simulated")
+MODES = ("echo", "generate")
+COMPILE_CHOICES = ("auto", "on", "off")
+# model.py's presets, then llama.py's (random weights; llama3-8b is Llama-3-8B's shape, for GPU benchmarks).
+PRESET_NAMES = ("tiny", "gpt2", "gpt2-medium", "llama-tiny", "llama3-8b")
+# config.json model_type values the native backend implements; a checkpoint of another type goes to hf.
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+NATIVE_MODEL_TYPES = ("gpt2", *LLAMA_MODEL_TYPES)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def context_for(options_max_context: int | None, model_positions: int | None) -> int:
@@ -32,6 +47,14 @@ class ModelOptions:
     upstream_url: str | None = None  # upstream: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1
     upstream_model: str | None = None  # upstream: model name to request; None asks the upstream's /models
     upstream_api_key_env: str | None = None  # upstream: name of the environment variable holding the API key
+
+    def __post_init__(self) -> None:
+        # The one place the choices are checked: every runner and backend may rely on them.
+        for name, choices in (("backend", BACKENDS), ("mode", MODES), ("compile", COMPILE_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.preset not in PRESET_NAMES:
+            raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join(PRESET_NAMES)}")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The engine: one decode loop for every concurrent stream (continuous batching), off the event loop.
 
 ``async for piece in engine.generate(request)`` yields ``Piece`` objects; the last one carries the
-finish reason. Errors reach only the request they concern, as the exceptions defined here.
+finish reason. Errors reach only the request they concern, as ``minercore.generation``'s exceptions.
 """
 
 from __future__ import annotations
@@ -12,108 +12,52 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import math
 import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from . import streamloop
 from .config import EngineOptions, ModelOptions
+from .generation import (
+    FINISH_CANCELLED,
+    FINISH_DEADLINE,
+    EngineClosed,
+    EngineOverloaded,
+    EngineStats,
+    GenerationFailed,
+    GenerationRequest,
+    InvalidRequest,
+    Piece,
+    RequestStats,
+    SamplingParams,
+    check_messages,
+    check_one_source,
+    check_prompt_text,
+    validated_sampling,
+)
+
+if TYPE_CHECKING:
+    from .runners import Runner
+    from .sampling import SlotParams
 
 log = logging.getLogger("minercore.engine")
 
-FINISH_EOS = "eos"
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-FINISH_DEADLINE = "deadline"
-FINISH_CANCELLED = "cancelled"
-
 _RATE_WINDOW_STEPS = 256
 _INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread, off the event loop
-_MAX_STOP_STRINGS = 16
-_MAX_STOP_CHARS = 256
-
-_request_ids = itertools.count(1)
 
 
-class InvalidRequest(ValueError):
-    """The request itself is wrong (empty prompt, too long, absurd parameters); nothing was generated."""
+class _Delivery(NamedTuple):
+    """One entry of the model thread's outbox: what ``_deliver`` hands to a mailbox on the event loop."""
 
-
-class EngineOverloaded(RuntimeError):
-    """Every slot is busy and the waiting queue is full; the request was rejected at once."""
-
-
-class GenerationFailed(RuntimeError):
-    """A model step failed (an exception, CUDA out-of-memory); the request ended with this error."""
-
-
-class EngineClosed(RuntimeError):
-    """The engine is shutting down or stopped and accepts no new requests."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0 is greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    include_stop: bool = False
-
-
-@dataclass
-class GenerationRequest:
-    """Exactly one of ``prompt`` (text), ``prompt_ids`` or ``messages`` ([{"role": ..., "content": ...}])."""
-
-    prompt: str | None = None
-    prompt_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    timeout: float | None = None  # seconds from submission; past it the stream ends with FINISH_DEADLINE
-    priority: float = 0.0  # higher is admitted first when requests wait for a slot
-    request_id: str = field(default_factory=lambda: f"req-{next(_request_ids)}")
-
-
-@dataclass(frozen=True)
-class Piece:
+    mailbox: _Mailbox
     text: str
-    finish_reason: str | None = None  # set on the last piece only
-    stats: RequestStats | None = None  # set on the last piece only
-
-
-@dataclass(frozen=True)
-class RequestStats:
-    request_id: str
-    prompt_tokens: int
-    tokens: int
-    ttft_s: float | None  # submission to the first text handed to the consumer
-    duration_s: float
-    tokens_per_s: float
-    finish_reason: str
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    active: int
-    queued: int
-    completed: int
-    failed: int
-    cancelled: int
-    rejected: int
-    steps: int
-    tokens: int
-    steps_per_s: float  # over the recent window of steps
-    tokens_per_s: float
-
-    def as_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
+    reason: str | None = None  # the finish reason, on a stream's last delivery
+    error: BaseException | None = None
+    stats: RequestStats | None = None
 
 
 class _Mailbox:
@@ -137,7 +81,7 @@ class _Job:
     __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
                  "mailbox", "slot", "joined_at_step", "prefilled")
 
-    def __init__(self, request_id: str, prompt_ids: list[int], slot_params: Any, sampling: SamplingParams,
+    def __init__(self, request_id: str, prompt_ids: list[int], slot_params: SlotParams, sampling: SamplingParams,
                  deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -163,7 +107,7 @@ class Engine:
     """
 
     def __init__(self, model: ModelOptions | None = None, options: EngineOptions | None = None, *,
-                 runner: Any = None, tokenizer: Any = None) -> None:
+                 runner: Runner | None = None, tokenizer: Any = None) -> None:
         self.model_options = model or ModelOptions()
         self.options = options or EngineOptions()
         self._runner = runner
@@ -223,7 +167,7 @@ class Engine:
         self._other_stops = (np.array(stops[1:], dtype=np.int64)
                              if options.mode == "generate" and len(stops) > 1 else None)
         if self._runner is None:
-            from .runner import build_runner
+            from .runners import build_runner
 
             self._runner = build_runner(self.model_options, max_batch=self.options.max_batch, eos_id=eos_id)
         if self._runner.max_batch < self.options.max_batch:
@@ -316,7 +260,7 @@ class Engine:
                     self._cond.notify()
 
     async def _submit(self, request: GenerationRequest) -> _Job:
-        sampling = _validated_sampling(request.sampling, self.options.max_new_tokens)
+        sampling = validated_sampling(request.sampling, self.options.max_new_tokens)
         prompt_ids = await self._prompt_ids(request)
         room = self._runner.max_context - len(prompt_ids)
         if room < 1:
@@ -325,7 +269,7 @@ class Engine:
         if room < sampling.max_new_tokens:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         deadline = None if request.timeout is None else time.monotonic() + max(0.0, float(request.timeout))
-        from .runner import SlotParams
+        from .sampling import SlotParams  # torch: loaded with the runner, not with the contract
 
         slot_params = SlotParams(
             echo=self.model_options.mode == "echo", temperature=sampling.temperature, top_k=sampling.top_k,
@@ -346,9 +290,7 @@ class Engine:
         return job
 
     async def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        given = [x is not None for x in (request.prompt, request.prompt_ids, request.messages)]
-        if sum(given) != 1:
-            raise InvalidRequest("give exactly one of prompt, prompt_ids or messages")
+        check_one_source(request)
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
             vocab = len(self._tokenizer)
@@ -360,16 +302,7 @@ class Engine:
         text = request.prompt if request.prompt is not None else self._format_messages(request.messages)
         if isinstance(text, list):
             return text  # the chat template's ids
-        if not isinstance(text, str):
-            raise InvalidRequest("prompt must be a string")
-        if len(text) > self.options.max_prompt_chars:
-            raise InvalidRequest(f"prompt is {len(text)} characters; the limit is {self.options.max_prompt_chars}")
-        if not text:
-            raise InvalidRequest("prompt is empty")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidRequest("prompt is not valid Unicode text (it contains a lone surrogate)") from exc
+        text = check_prompt_text(text, self.options.max_prompt_chars)
         if len(text) <= _INLINE_TOKENIZE_CHARS:
             return self._encode(text)
         return await asyncio.to_thread(self._encode, text)
@@ -380,17 +313,9 @@ class Engine:
     def _format_messages(self, messages: Any) -> str | list[int]:
         """The prompt for chat messages: the ids of the tokenizer's chat template with the generation prompt
         (generate mode, a tokenizer with a template), else text."""
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("messages must be a non-empty list")
-        for message in messages:
-            if not (isinstance(message, dict) and isinstance(message.get("content"), str)
-                    and isinstance(message.get("role", ""), str)):
-                raise InvalidRequest("each message must be {'role': str, 'content': str}")
+        messages = check_messages(messages, self.options.max_prompt_chars)
         if self.model_options.mode == "echo":
             return messages[-1]["content"]  # the seed's behaviour: answer the last message
-        total = sum(len(m["content"]) for m in messages)
-        if total > self.options.max_prompt_chars:
-            raise InvalidRequest(f"messages hold {total} characters; the limit is {self.options.max_prompt_chars}")
         template = getattr(self._tokenizer, "chat_template", None)
         if template:
             # The template's control tokens are tokens, so its text is tokenized with special tokens recognised:
@@ -403,7 +328,7 @@ class Engine:
                                                                 add_generation_prompt=True))
             except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
                 raise InvalidRequest(f"messages do not fit the model's chat template: {exc}") from exc
-        return "".join(f"{m.get('role') or 'user'}: {m['content']}\n" for m in messages) + "assistant:"
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
     # ---- stats -------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -435,7 +360,7 @@ class Engine:
                     break
                 cancelled = list(self._cancelled)
                 self._cancelled.clear()
-            outbox: list[tuple[_Mailbox, str, str | None, BaseException | None, RequestStats | None]] = []
+            outbox: list[_Delivery] = []
             try:
                 self._iterate(cancelled, outbox)
             except Exception as exc:  # noqa: BLE001 - a bug here must not kill the thread serving everyone
@@ -445,7 +370,7 @@ class Engine:
             self._post(outbox)
         self._abort_all()
 
-    def _iterate(self, cancelled: list[_Job], outbox: list) -> None:
+    def _iterate(self, cancelled: list[_Job], outbox: list[_Delivery]) -> None:
         for job in cancelled:
             self._cancel(job)
         now = time.monotonic()
@@ -472,7 +397,7 @@ class Engine:
             self._counts["steps"] += 1
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
 
-    def _consume(self, slots: np.ndarray, ids: np.ndarray, outbox: list) -> None:
+    def _consume(self, slots: np.ndarray, ids: np.ndarray, outbox: list[_Delivery]) -> None:
         """Hand one token per slot to the stream loop (one call for the whole batch) and route its events."""
         if self._other_stops is not None:
             ids = np.where(np.isin(ids, self._other_stops), self._eos_id, ids)
@@ -485,11 +410,11 @@ class Engine:
                 self._before_first_text.discard(slot)
                 text = text.removeprefix(" ")
             if reason is None:
-                outbox.append((job.mailbox, text, None, None, None))
+                outbox.append(_Delivery(job.mailbox, text))
             else:
                 self._end(job, outbox, reason=reason, text=text, table_done=True)
 
-    def _admit(self, now: float, outbox: list) -> None:
+    def _admit(self, now: float, outbox: list[_Delivery]) -> None:
         """Prefill waiting jobs into free slots, highest priority first, at most ``prefill_tokens`` prompt tokens
         per engine step so that running streams keep decoding: a longer prompt is prefilled in chunks over the
         next steps, and started chunks go before new prompts. Whole prompts admitted together share one
@@ -515,20 +440,20 @@ class Engine:
         for group in _padding_groups(whole):
             self._prefill_whole(group, outbox)
 
-    def _pop_waiting(self, now: float, outbox: list) -> _Job | None:
+    def _pop_waiting(self, now: float, outbox: list[_Delivery]) -> _Job | None:
         """The next waiting job to admit (counted as admitted), ending the expired ones on the way."""
         with self._cond:
             while self._waiting:
                 job = heapq.heappop(self._waiting)
                 if job.deadline is not None and now >= job.deadline:
                     self._counts["completed"] += 1
-                    outbox.append((job.mailbox, "", FINISH_DEADLINE, None, self._request_stats(job, FINISH_DEADLINE)))
+                    outbox.append(self._unserved(job, FINISH_DEADLINE))
                     continue
                 self._admitted += 1
                 return job
         return None
 
-    def _prefill_whole(self, jobs: list[_Job], outbox: list) -> None:
+    def _prefill_whole(self, jobs: list[_Job], outbox: list[_Delivery]) -> None:
         """Whole prompts: one batched forward when the runner has one; if it fails, one prompt at a time, so
         only a prompt that fails alone fails its request."""
         firsts = None
@@ -556,7 +481,7 @@ class Engine:
         self._post(outbox.copy())
         outbox.clear()
 
-    def _prefill_part(self, job: _Job, budget: int, now: float, outbox: list) -> int:
+    def _prefill_part(self, job: _Job, budget: int, now: float, outbox: list[_Delivery]) -> int:
         """The next chunk (at most ``budget`` tokens) of a job's prompt; returns the tokens it took."""
         if job.deadline is not None and now >= job.deadline:
             self._end(job, outbox, reason=FINISH_DEADLINE, table_done=True)
@@ -576,12 +501,12 @@ class Engine:
             outbox.clear()
         return end - start
 
-    def _prefill_failed(self, job: _Job, exc: Exception, outbox: list) -> None:
+    def _prefill_failed(self, job: _Job, exc: Exception, outbox: list[_Delivery]) -> None:
         log.error("prefill failed for %s", job.request_id, exc_info=exc)
         _free_cuda_cache()
         self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"), table_done=True)
 
-    def _start_stream(self, job: _Job, first: int, outbox: list) -> None:
+    def _start_stream(self, job: _Job, first: int, outbox: list[_Delivery]) -> None:
         """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
         job.joined_at_step = self._decode_steps
         self._active[job.slot] = job
@@ -595,7 +520,7 @@ class Engine:
             return
         self._consume(np.array([job.slot], dtype=np.int64), np.array([first], dtype=np.int64), outbox)
 
-    def _expire_waiting(self, now: float, outbox: list) -> None:
+    def _expire_waiting(self, now: float, outbox: list[_Delivery]) -> None:
         """While every slot is busy, queued requests past their deadline end now: their callers stop waiting and
         their queue places are freed for new arrivals."""
         with self._cond:
@@ -606,7 +531,7 @@ class Engine:
             heapq.heapify(self._waiting)
             self._counts["completed"] += len(expired)
         for job in expired:
-            outbox.append((job.mailbox, "", FINISH_DEADLINE, None, self._request_stats(job, FINISH_DEADLINE)))
+            outbox.append(self._unserved(job, FINISH_DEADLINE))
 
     def _cancel(self, job: _Job) -> None:
         with self._cond:
@@ -621,7 +546,7 @@ class Engine:
             with self._cond:
                 self._counts["cancelled"] += 1
 
-    def _end(self, job: _Job, outbox: list, *, reason: str | None = None, text: str = "",
+    def _end(self, job: _Job, outbox: list[_Delivery], *, reason: str | None = None, text: str = "",
              error: BaseException | None = None, table_done: bool = False) -> None:
         if not table_done:
             self._table.release(job.slot)
@@ -630,7 +555,7 @@ class Engine:
             self._counts["failed" if error is not None else "cancelled" if reason == FINISH_CANCELLED
                          else "completed"] += 1
         stats = None if error is not None else self._request_stats(job, reason)
-        outbox.append((job.mailbox, text, reason, error, stats))
+        outbox.append(_Delivery(job.mailbox, text, reason, error, stats))
 
     def _release_slot(self, job: _Job) -> None:
         try:
@@ -655,8 +580,12 @@ class Engine:
                             tokens_per_s=tokens / duration if duration > 0 else 0.0,
                             finish_reason=reason or "")
 
+    def _unserved(self, job: _Job, reason: str) -> _Delivery:
+        """The end of a request that never got a slot."""
+        return _Delivery(job.mailbox, "", reason, None, self._request_stats(job, reason))
+
     def _abort_all(self) -> None:
-        outbox: list = []
+        outbox: list[_Delivery] = []
         for job in list(self._active.values()):
             self._end(job, outbox, reason=FINISH_CANCELLED, text=self._table.finish(job.slot, drop_incomplete=True),
                       table_done=True)
@@ -666,10 +595,10 @@ class Engine:
             waiting, self._waiting = self._waiting, []
             self._counts["cancelled"] += len(waiting)
         for job in waiting:
-            outbox.append((job.mailbox, "", FINISH_CANCELLED, None, self._request_stats(job, FINISH_CANCELLED)))
+            outbox.append(self._unserved(job, FINISH_CANCELLED))
         self._post(outbox)
 
-    def _post(self, outbox: list) -> None:
+    def _post(self, outbox: list[_Delivery]) -> None:
         if not outbox:
             return
         try:
@@ -687,7 +616,7 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-def _deliver(outbox: list) -> None:
+def _deliver(outbox: list[_Delivery]) -> None:
     now = time.monotonic()
     for mailbox, text, reason, error, stats in outbox:
         if text:
@@ -702,35 +631,6 @@ def _deliver(outbox: list) -> None:
                 stats = dataclasses.replace(stats, ttft_s=mailbox.first_text_at - mailbox.submitted_at)
             mailbox.stats = stats
         mailbox.ready.set()
-
-
-def _validated_sampling(sampling: SamplingParams, ceiling: int) -> SamplingParams:
-    if not isinstance(sampling, SamplingParams):
-        raise InvalidRequest("sampling must be SamplingParams")
-    n = sampling.max_new_tokens
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise InvalidRequest(f"max_new_tokens must be a positive integer, got {n!r}")
-    t = sampling.temperature
-    if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise InvalidRequest(f"temperature must be a finite number >= 0, got {t!r}")
-    if not isinstance(sampling.top_k, int) or sampling.top_k < 0:
-        raise InvalidRequest(f"top_k must be an integer >= 0, got {sampling.top_k!r}")
-    p = sampling.top_p
-    if not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
-        raise InvalidRequest(f"top_p must be in (0, 1], got {p!r}")
-    if sampling.seed is not None and (not isinstance(sampling.seed, int) or sampling.seed < 0):
-        raise InvalidRequest(f"seed must be a non-negative integer, got {sampling.seed!r}")
-    stop = tuple(sampling.stop)
-    if len(stop) > _MAX_STOP_STRINGS:
-        raise InvalidRequest(f"at most {_MAX_STOP_STRINGS} stop strings")
-    for s in stop:
-        if not isinstance(s, str) or not s or len(s) > _MAX_STOP_CHARS:
-            raise InvalidRequest(f"stop strings must be non-empty strings of at most {_MAX_STOP_CHARS} characters")
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidRequest("stop strings must be valid Unicode text") from exc
-    return dataclasses.replace(sampling, max_new_tokens=min(n, ceiling), stop=stop)
 
 
 _MAX_PADDING = 1.5  # a batched prefill computes at most this many times its prompts' own tokens

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ModelOptions, context_for
 from .device import dtype_name, select
-from .runner import SlotParams, SlotState, check_prompt, check_room, check_slot, slot_tokens
+from .sampling import SlotParams, SlotState, check_room, check_slot, prefill_slot, slot_tokens
 
 logger = logging.getLogger("minercore.runner")
 
@@ -86,8 +86,6 @@ class HFRunner:
             raise ValueError(f"backend hf needs path = a local model directory, got {options.path!r}")
         if options.compile == "on":
             raise ValueError("backend hf runs eager; use compile=auto or off")
-        if options.mode not in ("echo", "generate"):
-            raise ValueError(f"mode must be echo or generate, got {options.mode!r}")
         from transformers import AutoModelForCausalLM
 
         device, dtype = select(options.device, options.dtype)
@@ -111,20 +109,17 @@ class HFRunner:
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> int:
-        check_slot(slot, self.max_batch)
-        params.validate()
-        ids = check_prompt(prompt_ids, self.max_context, self.vocab_size).to(self.device)
-        n = ids.shape[0]
-        self._past.pop(slot, None)
-        self.state.start(slot, ids, params, self.eos_id)
-        out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
-        last = torch.full((1,), n - 1, dtype=torch.int64, device=self.device)
-        token = slot_tokens(out.logits[:, -1].float(), self.state, slice(slot, slot + 1), last, params.kind())
-        self.state.tokens[slot] = token[0]
-        self._past[slot] = out.past_key_values
-        self._pos[slot] = n
+        def last_logits(ids: torch.Tensor) -> torch.Tensor:
+            self._past.pop(slot, None)  # before the forward, so the old cache is freed before the new one grows
+            out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
+            self._past[slot] = out.past_key_values
+            return out.logits[:, -1].float()
+
+        first = prefill_slot(self.state, slot, prompt_ids, params, vocab_size=self.vocab_size, eos_id=self.eos_id,
+                             last_logits=last_logits)
+        self._pos[slot] = len(prompt_ids)
         self._kind[slot] = params.kind()
-        return int(token.item())
+        return first
 
     @torch.inference_mode()
     def decode(self, slots: np.ndarray) -> np.ndarray:

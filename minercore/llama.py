@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import LLAMA_MODEL_TYPES
 from .model import KVCache, prompt_attention, prompt_rows
 
-# config.json model_type values this module serves (gpt2 is minercore.model's).
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is minercore.model's)
 
 
 @dataclass(frozen=True)
@@ -431,10 +431,3 @@ def load_llama(directory: Path | str, *, device: torch.device | str = "cpu", dty
         raise ValueError(f"{directory} lacks {missing}")
     return model
 
-
-def checkpoint_family(directory: Path | str) -> str | None:
-    """``model_type`` of a checkpoint directory's config.json (None without one)."""
-    try:
-        return read_config(directory).get("model_type")
-    except FileNotFoundError:
-        return None

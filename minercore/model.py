@@ -40,6 +40,7 @@ class GPTConfig:
 
 # tiny: GPT-2's vocabulary (echo must reproduce any GPT-2 token) with a model small enough for 2 CPU cores;
 # its cost per step is mostly the 128 x 50257 LM head.
+# Named in config.PRESET_NAMES too, so that command lines offer them without importing torch.
 PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(n_positions=4096, n_layer=2, n_head=4, n_embd=128),
     "gpt2": GPTConfig(),

@@ -27,15 +27,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .backend import Backend, build_backend
 from .config import EngineOptions, ModelOptions
-from .engine import (
+from .generation import (
     EngineClosed,
     EngineOverloaded,
+    GenerationError,
     GenerationFailed,
     GenerationRequest,
     InvalidRequest,
     Piece,
     SamplingParams,
 )
+from .observe import RequestTimer, disconnected
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -74,15 +76,21 @@ class _ClientGone(Exception):
     pass
 
 
-def _backend_error(exc: Exception) -> tuple[ApiError, str]:
-    """The API error for a backend exception, and the outcome label metrics record for it."""
-    if isinstance(exc, InvalidRequest):
-        return ApiError(400, str(exc), "invalid_request_error", code="invalid_request"), "invalid"
-    if isinstance(exc, EngineOverloaded):
-        return ApiError(429, str(exc), "overloaded_error", code="engine_overloaded"), "overloaded"
-    if isinstance(exc, EngineClosed):
-        return ApiError(503, str(exc), "service_unavailable_error", code="engine_closed"), "closed"
-    return ApiError(500, str(exc), "server_error", code="generation_failed"), "failed"
+# OpenAI's error type and code for each failure. The status is the contract's, except that an overload answers
+# 429, which OpenAI clients retry (after Retry-After), where the miner answers the contract's 503.
+_ERROR_KINDS: dict[type[GenerationError], tuple[str, str]] = {
+    InvalidRequest: ("invalid_request_error", "invalid_request"),
+    EngineOverloaded: ("overloaded_error", "engine_overloaded"),
+    EngineClosed: ("service_unavailable_error", "engine_closed"),
+}
+_OVERLOADED_STATUS = 429
+
+
+def _backend_error(exc: GenerationError) -> ApiError:
+    """The API error for a backend exception (its outcome label for the metrics is ``exc.outcome``)."""
+    type_, code = _ERROR_KINDS.get(type(exc), ("server_error", "generation_failed"))
+    status = _OVERLOADED_STATUS if isinstance(exc, EngineOverloaded) else exc.http_status
+    return ApiError(status, str(exc), type_, code=code)
 
 
 def _bad(message: str, param: str | None) -> ApiError:
@@ -205,18 +213,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 # ---- client disconnects ---------------------------------------------------------------------------------
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """``work``'s result, or ``_ClientGone`` (with ``work`` cancelled) if the client leaves first.
 
     Needed until the response starts: afterwards Starlette itself watches for the disconnect.
     """
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
+    watch = asyncio.ensure_future(disconnected(request.receive))
     try:
         await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -234,42 +237,15 @@ async def _first(pieces: AsyncIterator[Piece]) -> Piece:
     return await anext(pieces)
 
 
-async def _all(pieces: AsyncIterator[Piece], trace: _Trace) -> tuple[str, Piece]:
+async def _all(pieces: AsyncIterator[Piece], timer: RequestTimer) -> tuple[str, Piece]:
     parts = []
     async for piece in pieces:
-        trace.saw(piece)
+        if piece.text:
+            timer.text_sent()
         parts.append(piece.text)
         if piece.finish_reason is not None:
             return "".join(parts), piece
     raise GenerationFailed("the backend ended the stream without a finish reason")
-
-
-class _Trace:
-    """Timings and the outcome of one request, for the metrics."""
-
-    __slots__ = ("arrived", "first_at", "last_at", "gaps", "outcome", "tokens")
-
-    def __init__(self) -> None:
-        self.arrived = time.monotonic()
-        self.first_at: float | None = None
-        self.last_at: float | None = None
-        self.gaps: list[float] = []
-        self.outcome = "cancelled"  # until the request ends on its own
-        self.tokens = 0
-
-    def saw(self, piece: Piece) -> None:
-        if not piece.text:
-            return
-        now = time.monotonic()
-        if self.first_at is None:
-            self.first_at = now
-        else:
-            self.gaps.append(now - self.last_at)
-        self.last_at = now
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_at is None else self.first_at - self.arrived
 
 
 class _EventStream(StreamingResponse):
@@ -317,10 +293,6 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
         # A bug here must still answer in the shape OpenAI clients parse; Starlette logs the traceback.
         return ApiError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error").response()
 
-    def observe(trace: _Trace) -> None:
-        if metrics is not None:
-            metrics.observe_request(trace.outcome, CALLER_CLASS, trace.ttft_s, trace.gaps, trace.tokens)
-
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": started,
@@ -352,12 +324,12 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
         return generation, stream, include_usage
 
     async def handle(request: Request, chat: bool) -> Response:
-        trace = _Trace()
+        timer = RequestTimer(CALLER_CLASS, outcome="cancelled")  # until the request ends on its own
         try:
             generation, stream, include_usage = parse(request, await _json_body(request), chat)
         except ApiError:
-            trace.outcome = "invalid"
-            observe(trace)
+            timer.outcome = InvalidRequest.outcome
+            timer.report(metrics)
             raise
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         pieces = backend.generate(generation)
@@ -365,27 +337,26 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
             if stream:
                 first = await _unless_disconnected(request, _first(pieces))
             else:
-                text, last = await _unless_disconnected(request, _all(pieces, trace))
+                text, last = await _unless_disconnected(request, _all(pieces, timer))
         except _ClientGone:
-            observe(trace)
+            timer.report(metrics)
             return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
-        except (InvalidRequest, EngineOverloaded, EngineClosed, GenerationFailed) as exc:
+        except GenerationError as exc:
             await pieces.aclose()
-            error, trace.outcome = _backend_error(exc)
-            observe(trace)
-            return error.response()
+            timer.outcome = exc.outcome
+            timer.report(metrics)
+            return _backend_error(exc).response()
         if not stream:
             await pieces.aclose()
-            trace.outcome = last.finish_reason or "eos"
-            trace.tokens = last.stats.tokens if last.stats is not None else 0
-            observe(trace)
+            timer.ended(last)
+            timer.report(metrics)
             return JSONResponse(_whole(chat, ident, served_model_name, text, last))
 
         async def done() -> None:
             await pieces.aclose()
-            observe(trace)
+            timer.report(metrics)
 
-        return _EventStream(_events(chat, ident, served_model_name, pieces, first, include_usage, trace), done)
+        return _EventStream(_events(chat, ident, served_model_name, pieces, first, include_usage, timer), done)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -420,8 +391,8 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 
 async def _events(chat: bool, ident: str, model: str, pieces: AsyncIterator[Piece], first: Piece,
-                  include_usage: bool, trace: _Trace) -> AsyncIterator[bytes]:
-    """The SSE body; ``trace`` records how it ended (the response closes ``pieces`` in every case)."""
+                  include_usage: bool, timer: RequestTimer) -> AsyncIterator[bytes]:
+    """The SSE body; ``timer`` records how it ended (the response closes ``pieces`` in every case)."""
     created = int(time.time())
     head: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                             "created": created, "model": model}
@@ -442,7 +413,8 @@ async def _events(chat: bool, ident: str, model: str, pieces: AsyncIterator[Piec
     role_sent = False
     try:
         while True:
-            trace.saw(piece)
+            if piece.text:
+                timer.text_sent()
             if piece.finish_reason is None:
                 yield chunk(piece.text, None, role=chat and not role_sent)
                 role_sent = True
@@ -458,14 +430,13 @@ async def _events(chat: bool, ident: str, model: str, pieces: AsyncIterator[Piec
                 yield chunk(piece.text, finish)
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(piece)})
-            trace.outcome = piece.finish_reason
-            trace.tokens = piece.stats.tokens if piece.stats is not None else 0
+            timer.ended(piece)
             yield b"data: [DONE]\n\n"
             return
-    except (InvalidRequest, EngineOverloaded, EngineClosed, GenerationFailed) as exc:
+    except GenerationError as exc:
         # Headers are out: the failure becomes an error event, then the stream ends as usual.
-        error, trace.outcome = _backend_error(exc)
-        yield _sse(error.payload())
+        timer.outcome = exc.outcome
+        yield _sse(_backend_error(exc).payload())
         yield b"data: [DONE]\n\n"
 
 

@@ -3,7 +3,8 @@
 ``UpstreamBackend`` lets the miner front a model that does not fit this process: each request becomes one
 streamed ``/chat/completions`` (messages) or ``/completions`` (prompt or prompt ids) call, and the upstream's
 deltas come back as ``Piece`` objects chunked like the engine's own output. Admission (slots plus a bounded
-queue), deadlines, cancellation and the exceptions are the engine's, so callers cannot tell the two apart.
+queue), deadlines, cancellation, the request checks and the exceptions are the engine's (``minercore.generation``),
+so callers cannot tell the two apart.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from .config import EngineOptions, ModelOptions
-from .engine import (
+from .generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     FINISH_EOS,
@@ -37,7 +38,10 @@ from .engine import (
     InvalidRequest,
     Piece,
     RequestStats,
-    _validated_sampling,
+    check_messages,
+    check_one_source,
+    check_prompt_text,
+    validated_sampling,
 )
 
 log = logging.getLogger("minercore.upstream")
@@ -271,11 +275,9 @@ class UpstreamBackend:
             self._release()
 
     def _prepare(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        # The engine's own rules, so that a request valid for one backend is valid for the other.
-        sampling = _validated_sampling(request.sampling, self.options.max_new_tokens)
-        given = [x is not None for x in (request.prompt, request.prompt_ids, request.messages)]
-        if sum(given) != 1:
-            raise InvalidRequest("give exactly one of prompt, prompt_ids or messages")
+        # The contract's checks, the engine's too: a request valid for one backend is valid for the other.
+        sampling = validated_sampling(request.sampling, self.options.max_new_tokens)
+        check_one_source(request)
         body: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True},
                                 "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                                 "top_p": sampling.top_p}
@@ -288,7 +290,7 @@ class UpstreamBackend:
         if sampling.include_stop:
             body["include_stop_str_in_output"] = True  # vLLM's name for it; minercore serve reads it too
         if request.messages is not None:
-            body["messages"] = _checked_messages(request.messages, self.options.max_prompt_chars)
+            body["messages"] = check_messages(request.messages, self.options.max_prompt_chars)
             return "/chat/completions", body
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
@@ -296,7 +298,7 @@ class UpstreamBackend:
                 raise InvalidRequest("prompt_ids must be a non-empty list of token ids")
             body["prompt"] = ids
             return "/completions", body
-        body["prompt"] = _checked_text(request.prompt, "prompt", self.options.max_prompt_chars)
+        body["prompt"] = check_prompt_text(request.prompt, self.options.max_prompt_chars)
         return "/completions", body
 
     async def _acquire(self, priority: float, deadline: float | None) -> bool | str:
@@ -574,33 +576,6 @@ async def _error_message(response: aiohttp.ClientResponse) -> str:
     if isinstance(error, dict) and error.get("message"):
         return str(error["message"])
     return str(error or text[:500])
-
-
-def _checked_text(text: Any, name: str, limit: int) -> str:
-    if not isinstance(text, str) or not text:
-        raise InvalidRequest(f"{name} must be a non-empty string")
-    if len(text) > limit:
-        raise InvalidRequest(f"{name} is {len(text)} characters; the limit is {limit}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequest(f"{name} is not valid Unicode text (it contains a lone surrogate)") from exc
-    return text
-
-
-def _checked_messages(messages: Any, limit: int) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty list")
-    checked = []
-    for message in messages:
-        if not (isinstance(message, dict) and isinstance(message.get("content"), str)
-                and isinstance(message.get("role", "user"), str)):
-            raise InvalidRequest("each message must be {'role': str, 'content': str}")
-        checked.append({"role": message.get("role") or "user", "content": message["content"]})
-    total = sum(len(m["content"]) for m in checked)
-    if total > limit:
-        raise InvalidRequest(f"messages hold {total} characters; the limit is {limit}")
-    return checked
 
 
 def _api_base(url: str) -> str:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_miner_online import MIXED, FakeEngine, free_port, new_keypair, running_miner
+from helpers import MIXED, FakeEngine, free_port, new_keypair, running_miner
 
 from minercore.miner import client
 from minercore.miner.offline import ensure_wallet

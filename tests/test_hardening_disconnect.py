@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 
 import aiohttp
-import numpy as np
-from test_hardening_input import SignedRequest, sign, tiny_engine
-from test_miner_online import new_keypair, running_miner, target
+from helpers import SignedRequest, new_keypair, running_miner, sign, target, tiny_engine
+from runner_wrappers import SlowRunner
 
-from minercore.engine import Engine, EngineStats
+from minercore.engine import Engine
+from minercore.generation import EngineStats
 from minercore.miner import client
 from minercore.miner.protocol import StreamPrompting
 
@@ -26,22 +26,8 @@ LONG = " ".join(f"token{i}" for i in range(300))  # ~600 tokens: 30 s to echo, f
 OTHERS = [f"other stream {i}: " + " ".join(["Crème brûlée, 東京, 😀 — fine."] * 4) for i in range(3)]
 
 
-class Paced:
-    """A runner whose decode steps take at least ``delay`` seconds, so that streams stay in flight."""
-
-    def __init__(self, runner, delay: float = STEP_S) -> None:
-        self._runner, self.delay = runner, delay
-
-    def __getattr__(self, name: str):
-        return getattr(self._runner, name)
-
-    def decode(self, slots: np.ndarray) -> np.ndarray:
-        time.sleep(self.delay)
-        return self._runner.decode(slots)
-
-
 def paced_engine(max_batch: int = 8) -> Engine:
-    return tiny_engine(max_batch=max_batch, max_context=1024, runner_wrapper=Paced)
+    return tiny_engine(max_batch=max_batch, max_context=1024, runner_wrapper=lambda runner: SlowRunner(runner, STEP_S))
 
 
 async def until(engine: Engine, condition: Callable[[EngineStats], bool], within: float = 10.0) -> EngineStats:

@@ -6,16 +6,15 @@ import asyncio
 
 import pytest
 import torch
-from test_hardening_disconnect import Paced
-from test_hardening_input import tiny_engine
-from test_miner_online import LogRecorder, new_keypair, running_miner, target
+from helpers import new_keypair, running_miner, target, tiny_engine
+from runner_wrappers import SlowRunner
 
-from minercore.miner import client, neuron
+from minercore.miner import client
 
 PROMPTS = [f"stream {i}: " + " ".join(["naïve café, 漢字, 🎉 and more words."] * 4) for i in range(3)]
 
 
-class FaultSwitch(Paced):
+class FaultSwitch(SlowRunner):
     """Raises the armed exception from the next decode step or prefill (set on the loop, read by the model
     thread: a single attribute swap)."""
 
@@ -35,13 +34,6 @@ class FaultSwitch(Paced):
         if fault is not None:
             raise fault
         return self._runner.prefill(slot, prompt_ids, params)
-
-
-@pytest.fixture
-def logs(monkeypatch) -> LogRecorder:
-    recorder = LogRecorder()
-    monkeypatch.setattr(neuron, "log", recorder)
-    return recorder
 
 
 def assert_still_serving(miner) -> None:

@@ -1,81 +1,23 @@
 """Bad input through a real axon: the miner in-process over the real tiny engine, called by real dendrites and by
 hand-signed raw requests (for bodies a dendrite cannot send). Each case gets a clear status and message, and the
 next normal request succeeds. (The checks below the axon: test_hardening_units.py.)
-
-``tiny_engine``, ``sign``, ``post`` and ``SignedRequest`` are shared with the other hardening tests.
 """
 
-import json
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
-from bittensor_wallet import Keypair
-from test_miner_online import new_keypair, running_miner, target
+from helpers import CONTEXT, new_keypair, post, running_miner, sign, target, tiny_engine
 
-from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine
 from minercore.miner import client
 from minercore.miner.neuron import Miner
 from minercore.miner.protocol import StreamPrompting
-from minercore.runner import build_runner
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"),
               # model_construct() bodies the protocol's types refuse make pydantic warn as it serializes them
               pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")]
-
-GPT2_EOS = 50256
-CONTEXT = 256  # small, so that "longer than the model's context" is cheap to send and to tokenize
-
-
-def tiny_engine(*, max_batch: int = 8, max_context: int = CONTEXT, runner_wrapper: Callable[[Any], Any] | None = None,
-                **options: Any) -> Engine:
-    """The real engine over the tiny simulated model on CPU; ``runner_wrapper`` wraps its runner (slow, faulty)."""
-    model = ModelOptions(preset="tiny", compile="off", device="cpu", max_context=max_context)
-    runner = build_runner(model, max_batch=max_batch, eos_id=GPT2_EOS)
-    if runner_wrapper is not None:
-        runner = runner_wrapper(runner)
-    return Engine(model, EngineOptions(max_batch=max_batch, **options), runner=runner)
-
-
-@dataclass
-class SignedRequest:
-    """A request exactly as a dendrite would send it, for the test to alter before sending."""
-
-    url: str
-    headers: dict[str, str]
-    body: dict[str, Any] = field(default_factory=dict)
-
-
-async def sign(miner: Miner, synapse: StreamPrompting, *, keypair: Keypair | None = None,
-               timeout: float = 60.0) -> SignedRequest:
-    """Sign ``synapse`` for ``miner`` with bittensor's own dendrite code (``model_construct`` builds bodies that
-    the protocol's types refuse, and they are signed honestly all the same)."""
-    async with client.make_dendrite(keypair or new_keypair()) as dendrite:
-        signed = dendrite.preprocess_synapse_for_request(target(miner), synapse, timeout)
-    return SignedRequest(f"http://127.0.0.1:{miner.info['port']}/StreamPrompting", signed.to_headers(),
-                         signed.model_dump())
-
-
-async def post(request: SignedRequest, *, data: bytes | None = None, timeout: float = 60.0) -> tuple[int, str]:
-    """Send it (as JSON unless the headers say otherwise); the status and the error message (or, for 200, the
-    text)."""
-    body = data if data is not None else json.dumps(request.body).encode()
-    headers = {"content-type": "application/json", **request.headers}
-    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-                session.post(request.url, headers=headers, data=body) as response):
-        text = await response.text(errors="replace")
-    if response.status == 200:
-        return 200, text
-    try:
-        return response.status, json.loads(text)["message"]
-    except (ValueError, KeyError, TypeError):
-        return response.status, text
-
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def miner(tmp_path_factory):

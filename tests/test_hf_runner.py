@@ -9,7 +9,9 @@ import torch
 from minercore.config import ModelOptions
 from minercore.hf_runner import HFRunner
 from minercore.model import load_gpt2
-from minercore.runner import ContextOverflow, ModelRunner, SlotParams, build_runner
+from minercore.runner import ModelRunner
+from minercore.runners import build_runner
+from minercore.sampling import ContextOverflow, SlotParams
 
 VOCAB, EOS = 128, 127
 

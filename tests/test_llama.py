@@ -17,7 +17,9 @@ import torch
 from minercore.config import ModelOptions
 from minercore.hf_runner import HFRunner
 from minercore.llama import LlamaConfig, LlamaLM, load_llama
-from minercore.runner import ModelRunner, SlotParams, build_runner
+from minercore.runner import ModelRunner
+from minercore.runners import build_runner
+from minercore.sampling import SlotParams
 
 VOCAB = 256
 GREEDY = SlotParams(echo=False)

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
+from minercore.engine import Engine
+from minercore.generation import GenerationRequest, InvalidRequest, SamplingParams
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

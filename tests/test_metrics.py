@@ -5,26 +5,19 @@ import socket
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import scrape
 
 from minercore.backend import build_backend
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine, EngineStats, GenerationFailed, GenerationRequest
+from minercore.engine import Engine
+from minercore.generation import EngineStats, GenerationFailed, GenerationRequest
 from minercore.metrics import Metrics
 from minercore.server import create_app, serving
 
 MIXED = "Prometheus sees «ça», 世界 and 🙂\n" * 3
 
 
-def scrape(port: int) -> dict[str, float]:
-    """{'name{label="value",...}': value} for every sample on the endpoint."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
+
 
 
 class FixedStats:

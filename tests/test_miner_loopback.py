@@ -2,21 +2,15 @@
 through real dendrites on loopback: byte-exact echoes, concurrency, errors, both stream loops, shutdown."""
 
 import asyncio
-import contextlib
 import itertools
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from bittensor_wallet import Keypair
+from helpers import miner_process
 from streamloop_corpus import CORPUS
-from test_miner_online import free_port
 
 from minercore.miner import client
 from minercore.tokenizer import load_tokenizer
@@ -44,64 +38,6 @@ def mixed_prompt(max_tokens: int) -> str:
 
 
 MIXED_2K = mixed_prompt(2000)
-
-
-@dataclass
-class MinerProcess:
-    process: subprocess.Popen
-    info: dict
-    info_file: Path
-    log_file: Path
-    terminated: bool = False
-
-    @property
-    def target(self):
-        return client.target_from_info_file(str(self.info_file))
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    def terminate(self) -> None:
-        """One SIGTERM (a second one, arriving once the miner has finished, would be the default: death)."""
-        if not self.terminated and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.terminated = True
-
-    def stop(self, timeout: float = 60.0) -> int:
-        self.terminate()
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            pytest.fail(f"the miner ignored SIGTERM for {timeout:g}s:\n{self.log()}")
-
-
-@contextlib.contextmanager
-def miner_process(directory: Path, *args: str, env: dict[str, str] | None = None):
-    info_file, log_file = directory / "axon.json", directory / "miner.log"
-    command = [sys.executable, "neurons/miner.py", "--offline", "--axon.port", str(free_port()),
-               "--wallet.path", str(directory / "wallets"), "--axon.info_file", str(info_file),
-               "--model.preset", "tiny", "--device", "cpu", *args]
-    with open(log_file, "wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    miner = None
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not info_file.exists():
-            if process.poll() is not None:
-                pytest.fail(f"the miner exited with {process.returncode}:\n{log_file.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the miner did not start in {START_TIMEOUT_S}s:\n{log_file.read_text()}")
-            time.sleep(0.1)
-        miner = MinerProcess(process, json.loads(info_file.read_text()), info_file, log_file)
-        yield miner
-    finally:
-        if miner is not None:
-            miner.stop()
-        elif process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

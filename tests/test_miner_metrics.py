@@ -3,9 +3,7 @@
 import asyncio
 
 import pytest
-from test_hardening_input import tiny_engine
-from test_metrics import scrape
-from test_miner_online import free_port, new_keypair, running_miner, target
+from helpers import free_port, new_keypair, running_miner, scrape, target, tiny_engine
 
 from minercore.miner import client
 

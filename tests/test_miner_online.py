@@ -2,125 +2,31 @@
 
 Online start-up runs against a fake subtensor (registration, serving, metagraph sync and its failures); the
 request-path cases (rate limit, priority, newline framing, bad input, shutdown) run offline. ``FakeEngine``
-and ``running_miner`` are shared with test_client.py.
+and ``running_miner`` live in helpers.py.
 """
 
 import asyncio
-import contextlib
 import itertools
 import socket
 import threading
 import types
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from bittensor_wallet import Keypair
+from helpers import MIXED, FakeEngine, free_port, new_keypair, running_miner, target
 
-from minercore.engine import (
+from minercore.generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     EngineOverloaded,
     GenerationFailed,
     InvalidRequest,
-    Piece,
 )
 from minercore.miner import client, neuron
 from minercore.miner.config import build_config
 from minercore.miner.neuron import Miner, StartupError
 from minercore.miner.offline import ensure_wallet, read_axon_info
 from minercore.miner.protocol import StreamPrompting
-
-MIXED = "Crème brûlée — naïve café.\n漢字とかな、한국어 😀🎉👩‍👩‍👧\n\n\tend"
-
-
-class FakeEngine:
-    """The Engine's interface: echoes the last message in ``chunk``-character pieces, ``delay`` s apart."""
-
-    runner_description = "fake engine"
-    backend_name = "native"
-    warmup_seconds = 0.0
-    stream_loop = "python"
-
-    def __init__(self, chunk: int = 7, delay: float = 0.0) -> None:
-        self.chunk = chunk
-        self.delay = delay
-        self.requests = []
-        self.closed = 0  # generators closed (finished, failed or abandoned)
-        self.fail_after: int | None = None  # pieces before a GenerationFailed
-        self.error: Exception | None = None  # raised before any text
-        self.ends_at_once: str | None = None  # a finish reason to end with before any text
-        self.shutting_down = asyncio.Event()
-        self.cancel_at_shutdown = False
-
-    async def start(self) -> None:
-        pass
-
-    async def shutdown(self, grace: float = 5.0) -> None:
-        self.shutting_down.set()
-        await asyncio.sleep(min(grace, 0.05))
-
-    async def generate(self, request) -> AsyncIterator[Piece]:
-        self.requests.append(request)
-        try:
-            if self.error is not None:
-                raise self.error
-            if self.ends_at_once is not None:
-                yield Piece("", self.ends_at_once)
-                return
-            text = request.messages[-1]["content"]
-            if not text:
-                raise InvalidRequest("prompt is empty")
-            for index, start in enumerate(range(0, len(text), self.chunk)):
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                if self.fail_after is not None and index == self.fail_after:
-                    raise GenerationFailed("model step failed: simulated")
-                if self.cancel_at_shutdown and self.shutting_down.is_set():
-                    yield Piece(text[start:start + self.chunk], FINISH_CANCELLED)
-                    return
-                end = start + self.chunk
-                yield Piece(text[start:end], "eos" if end >= len(text) else None)
-        finally:
-            self.closed += 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def new_keypair() -> Keypair:
-    return Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
-
-
-@contextlib.asynccontextmanager
-async def running_miner(tmp_path, *args: str, engine=None, subtensor=None,
-                        sync_interval: float = 12.0) -> AsyncIterator[Miner]:
-    """A started miner on a free loopback port (``--offline`` unless a subtensor is given)."""
-    base = ["--axon.port", str(free_port()), "--wallet.path", str(tmp_path / "wallets"),
-            "--axon.info_file", str(tmp_path / "axon.json")]
-    if subtensor is None:
-        base.append("--offline")
-    else:
-        base += ["--axon.ip", "127.0.0.1", "--axon.external_ip", "127.0.0.1"]
-    miner = Miner(build_config([*base, *args]), engine=engine or FakeEngine(), subtensor=subtensor,
-                  sync_interval=sync_interval)
-    task = asyncio.create_task(miner.run())
-    while miner.info is None:
-        if task.done():
-            task.result()  # raises the start-up error
-        await asyncio.sleep(0.01)
-    try:
-        yield miner
-    finally:
-        miner.stop()
-        await task
-
-
-def target(miner: Miner):
-    return client.axon_info(miner.info["ip"], miner.info["port"], miner.info["hotkey"])
 
 
 class FakeSubtensor:
@@ -156,24 +62,6 @@ class FakeSubtensor:
 
     def close(self) -> None:
         self.closed = True
-
-
-class LogRecorder:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def __getattr__(self, level: str):
-        return lambda message, *args, **kwargs: self.lines.append((level, message))
-
-    def at(self, level: str) -> list[str]:
-        return [message for lvl, message in self.lines if lvl == level]
-
-
-@pytest.fixture
-def logs(monkeypatch) -> LogRecorder:
-    recorder = LogRecorder()
-    monkeypatch.setattr(neuron, "log", recorder)
-    return recorder
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from streamloop_corpus import CORPUS
 
 from minercore.miner import client
@@ -57,11 +58,6 @@ def mixed_prompt(max_tokens: int, salt: str = "") -> str:
         text = longer
     raise AssertionError("unreachable")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, chars: int = 4000) -> str:

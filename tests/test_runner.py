@@ -11,18 +11,9 @@ import torch
 from minercore.config import ModelOptions
 from minercore.device import DeviceError
 from minercore.model import GPTConfig, SimulatedLM
-from minercore.runner import (
-    CPU_AUTO_COMPILE,
-    FILTER,
-    GREEDY,
-    KINDS,
-    SAMPLE,
-    ContextOverflow,
-    ModelRunner,
-    SlotParams,
-    build_runner,
-    choose_tokens,
-)
+from minercore.runner import CPU_AUTO_COMPILE, ModelRunner
+from minercore.runners import build_runner
+from minercore.sampling import FILTER, GREEDY, KINDS, SAMPLE, ContextOverflow, SlotParams, choose_tokens
 from minercore.tokenizer import load_tokenizer
 
 SMALL = GPTConfig(vocab_size=97, n_positions=128, n_layer=2, n_head=4, n_embd=32)
@@ -150,7 +141,7 @@ def test_sampling_distribution_and_top_k_top_p_support() -> None:
 def test_top_k_top_p_keeps_what_hf_warpers_keep() -> None:
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    from minercore.runner import _top_k_top_p
+    from minercore.sampling import _top_k_top_p
 
     torch.manual_seed(0)
     scaled = torch.randn(6, 300) * 3

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,12 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+from helpers import free_port
 from runner_wrappers import SlowRunner
 
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import (
-    Engine,
-    EngineClosed,
-    EngineStats,
-    GenerationFailed,
-    GenerationRequest,
-    Piece,
-    RequestStats,
-)
+from minercore.engine import Engine
+from minercore.generation import EngineClosed, EngineStats, GenerationFailed, GenerationRequest, Piece, RequestStats
 from minercore.server import create_app, serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -223,7 +216,7 @@ async def test_openai_client_abandoning_a_stream_frees_the_slot(api, engine):
 @contextlib.asynccontextmanager
 async def small_server():
     """One slot and one queue place, slowed down: room for exactly two requests."""
-    from minercore.runner import build_runner
+    from minercore.runners import build_runner
 
     model = ModelOptions(preset="tiny", compile="off")
     engine = Engine(model, EngineOptions(max_batch=1, max_queue=1),
@@ -316,11 +309,6 @@ async def test_failure_before_any_text_has_its_status(error, status):
             assert response.status_code == status
             assert response.json()["error"]["message"] == str(error)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_the_serve_command():

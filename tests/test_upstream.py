@@ -16,8 +16,8 @@ from aiohttp import web
 
 from minercore.backend import build_backend
 from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import (
-    Engine,
+from minercore.engine import Engine
+from minercore.generation import (
     EngineClosed,
     EngineOverloaded,
     GenerationFailed,

@@ -14,15 +14,12 @@ import bittensor as bt
 from bittensor.core.config import DefaultMunch
 from bittensor.core.settings import DEFAULTS
 
-from ..backend import BACKENDS
+from .. import options
 from ..config import EngineOptions, ModelOptions
-from ..device import DTYPES
-from ..model import PRESETS
+from ..options import non_negative_float, non_negative_int, positive_float, positive_int
 from .blacklist import BlacklistOptions, hotkey_set
 
 FRAMINGS = ("raw", "newline")
-MODES = ("echo", "generate")
-COMPILE = ("auto", "on", "off")
 DEFAULT_NETUID = 1  # the text-prompting subnet
 OFFLINE_WALLET_PATH = "~/.bittensor/minercore-wallets"  # --offline keys never mix with real wallets
 OFFLINE_IP = "127.0.0.1"
@@ -67,66 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--axon.info_file", type=str, default=None,
                         help="Once the axon listens, write its ip, port, hotkey, coldkey and pid here as JSON "
                              "(for neurons/client.py --axon.info_file); removed at shutdown.")
-    parser.add_argument("--axon.max_body_bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
+    parser.add_argument("--axon.max_body_bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
                         help="Requests with a larger body get 413 before it is read (requests without a "
                              "Content-Length get 411). A prompt takes 1 byte per ASCII character in the JSON "
                              "body, up to 12 for others.")
-    parser.add_argument("--axon.max_timeout", type=_positive_float, default=DEFAULT_MAX_TIMEOUT_S,
+    parser.add_argument("--axon.max_timeout", type=positive_float, default=DEFAULT_MAX_TIMEOUT_S,
                         help="Largest request timeout (seconds) accepted; larger, non-finite or non-positive ones "
                              "get 401. The timeout is not signed and widens bittensor's window for a caller's "
                              "first nonce (4 s plus the timeout), so this bounds how long a captured request "
                              "could be replayed.")
 
-    defaults = ModelOptions()
-    model = parser.add_argument_group("model")
-    model.add_argument("--model.backend", choices=BACKENDS, default=defaults.backend,
-                       help="simulated: a GPT-2-shaped model in this process; hf: any Hugging Face causal LM "
-                            "directory (--model.path); upstream: an OpenAI-compatible server (--model.upstream_url).")
-    model.add_argument("--model.preset", choices=tuple(PRESETS), default=defaults.preset,
-                       help="Size of the simulated model.")
-    model.add_argument("--model.mode", choices=MODES, default=defaults.mode,
-                       help="echo: answer the last message byte for byte (the seed's behaviour); "
-                            "generate: the model's own sampling.")
-    model.add_argument("--model.weights", default=defaults.weights,
-                       help="Simulated backend: a GPT-2-family checkpoint directory or hub name (default: "
-                            "random weights from --model.seed).")
-    model.add_argument("--model.path", default=defaults.path, help="hf backend: the model directory.")
-    model.add_argument("--model.tokenizer", default=defaults.tokenizer,
-                       help="gpt2 (bundled, offline) or a Hugging Face tokenizer name or directory.")
-    model.add_argument("--model.compile", choices=COMPILE, default=defaults.compile,
-                       help="torch.compile the decode step (auto: on; CUDA graphs on CUDA). Costs seconds of "
-                            "warm-up at start-up.")
-    model.add_argument("--model.max_context", type=_positive_int, default=defaults.max_context,
-                       help="Longest prompt plus answer, in tokens (default: the model's own context, at most "
-                            "4096). Echo answers prompts of up to (max_context - 1) / 2 tokens in full.")
-    model.add_argument("--model.seed", type=int, default=defaults.seed,
-                       help="Seed of the simulated model's random weights.")
-    model.add_argument("--model.upstream_url", default=defaults.upstream_url,
-                       help="upstream backend: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1.")
-    model.add_argument("--model.upstream_model", default=defaults.upstream_model,
-                       help="upstream backend: the model name to request (default: the upstream's first model).")
-    model.add_argument("--model.upstream_api_key_env", default=defaults.upstream_api_key_env,
-                       help="upstream backend: name of the environment variable holding the API key.")
-    model.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N | mps.")
-    model.add_argument("--dtype", choices=("auto", *DTYPES), default=defaults.dtype,
-                       help="auto: bfloat16 on recent CUDA GPUs, float16 on older ones, float32 elsewhere.")
-
-    engine_defaults = EngineOptions()
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--engine.max_batch", type=_positive_int, default=engine_defaults.max_batch,
-                        help="Streams decoded together in one batch.")
-    engine.add_argument("--engine.max_queue", type=_non_negative_int, default=engine_defaults.max_queue,
-                        help="Requests that may wait for a free slot; past it requests get 503 at once.")
-    engine.add_argument("--engine.max_new_tokens", type=_positive_int, default=engine_defaults.max_new_tokens,
-                        help="Longest answer, in tokens.")
-    engine.add_argument("--engine.max_prompt_chars", type=_positive_int, default=engine_defaults.max_prompt_chars,
-                        help="Longer prompts get 400 before they are tokenized.")
-
-    stream = parser.add_argument_group("stream")
-    stream.add_argument("--stream.flush_tokens", type=_positive_int, default=engine_defaults.flush_tokens,
-                        help="After a stream's first text, send once this many tokens are pending...")
-    stream.add_argument("--stream.flush_ms", type=_non_negative_float, default=engine_defaults.flush_ms,
-                        help="...or this many milliseconds after the stream's last send.")
+    groups = options.add_miner_arguments(parser)  # model, engine and stream: the core's option table
+    stream = groups["stream"]
     stream.add_argument("--stream.framing", choices=FRAMINGS, default="raw",
                         help="raw: the answer's UTF-8 text in chunks of whole characters. newline: every chunk "
                              "followed by '\\n', for validators that parse the seed's way (split on newlines, "
@@ -137,18 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Accept hotkeys that are not registered on --netuid.")
     blacklist.add_argument("--blacklist.require_validator_permit", action="store_true",
                            help="Accept only hotkeys holding a validator permit.")
-    blacklist.add_argument("--blacklist.min_stake", type=_non_negative_float, default=0.0,
+    blacklist.add_argument("--blacklist.min_stake", type=non_negative_float, default=0.0,
                            help="Accept only hotkeys with at least this stake.")
     blacklist.add_argument("--blacklist.allow", nargs="+", default=[], metavar="HOTKEY",
                            help="Hotkeys always accepted (past the registration, permit and stake checks; the "
                                 "rate limit still applies). With --offline, only these are accepted.")
     blacklist.add_argument("--blacklist.deny", nargs="+", default=[], metavar="HOTKEY",
                            help="Hotkeys always refused.")
-    blacklist.add_argument("--blacklist.rate_limit", type=_non_negative_int, default=0,
+    blacklist.add_argument("--blacklist.rate_limit", type=non_negative_int, default=0,
                            help="Requests each hotkey may make per --blacklist.rate_window (a token bucket, so "
                                 "this is also the largest burst); 0 disables. Counted after the signature check, "
                                 "so refusals read 401 'Not Verified with error: rate limit exceeded ...'.")
-    blacklist.add_argument("--blacklist.rate_window", type=_positive_float, default=60.0,
+    blacklist.add_argument("--blacklist.rate_window", type=positive_float, default=60.0,
                            help="Seconds over which --blacklist.rate_limit requests are allowed.")
 
     priority = parser.add_argument_group("priority")
@@ -167,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Address the metrics endpoint listens on (loopback unless a scraper elsewhere needs it).")
 
     neuron = parser.add_argument_group("neuron")
-    neuron.add_argument("--neuron.sync_every_blocks", type=_positive_int, default=100,
+    neuron.add_argument("--neuron.sync_every_blocks", type=positive_int, default=100,
                         help="Re-sync the metagraph (in the background) every this many blocks.")
-    neuron.add_argument("--neuron.shutdown_grace", type=_non_negative_float, default=10.0,
+    neuron.add_argument("--neuron.shutdown_grace", type=non_negative_float, default=10.0,
                         help="On SIGINT/SIGTERM, seconds running streams get to finish before they are cancelled.")
     return parser
 
@@ -212,20 +161,23 @@ def check_config(config: bt.Config) -> None:
         raise ConfigError(f"hotkeys on both the allow and the deny list: {', '.join(sorted(allow & deny))}")
 
 
+def core_options(config: bt.Config) -> tuple[ModelOptions, EngineOptions]:
+    return options.core_options(lambda option: _lookup(config, option.miner_dest))
+
+
 def model_options(config: bt.Config) -> ModelOptions:
-    model = config.model
-    return ModelOptions(backend=model.backend, preset=model.preset, mode=model.mode, weights=model.weights,
-                        path=model.path, tokenizer=model.tokenizer, device=config.device, dtype=config.dtype,
-                        compile=model.compile, max_context=model.max_context, seed=model.seed,
-                        upstream_url=model.upstream_url, upstream_model=model.upstream_model,
-                        upstream_api_key_env=model.upstream_api_key_env)
+    return core_options(config)[0]
 
 
 def engine_options(config: bt.Config) -> EngineOptions:
-    return EngineOptions(max_batch=config.engine.max_batch, max_queue=config.engine.max_queue,
-                         flush_tokens=config.stream.flush_tokens, flush_ms=config.stream.flush_ms,
-                         max_new_tokens=config.engine.max_new_tokens,
-                         max_prompt_chars=config.engine.max_prompt_chars)
+    return core_options(config)[1]
+
+
+def _lookup(config: bt.Config, dest: str) -> object:
+    node = config
+    for part in dest.split("."):
+        node = node[part]
+    return node
 
 
 def blacklist_options(config: bt.Config) -> BlacklistOptions:
@@ -262,31 +214,3 @@ def _default_depends_on_offline(parser: argparse.ArgumentParser, dest: str, defa
             action.help = f"{action.help} (default: {default_text})"
             return
     raise LookupError(f"no --{dest} option")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value

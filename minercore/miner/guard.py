@@ -30,6 +30,8 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..observe import disconnected
+
 # Where RequestGuard leaves its per-request state in the ASGI scope, which every layer down to the endpoint
 # shares (bittensor's middleware passes the same scope dict on).
 _EXCHANGE_KEY = "minercore.exchange"
@@ -124,7 +126,7 @@ class WatchedStreamingResponse(bt.StreamingSynapse.BTStreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.create_task(self._stream(scope, send))
-        watch = asyncio.create_task(_disconnected(receive))
+        watch = asyncio.create_task(disconnected(receive))
         try:
             await asyncio.wait((stream, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -145,19 +147,6 @@ class WatchedStreamingResponse(bt.StreamingSynapse.BTStreamingResponse):
             if exchange is not None:
                 exchange.broken = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Return once the server reports that the caller has gone (the request body was read before this).
-
-    If ``receive`` fails instead, never return: a stream that cannot be watched still runs to its end, as
-    bittensor's own response would run it.
-    """
-    try:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    except Exception:  # noqa: BLE001 - losing the watch must not cut a healthy stream
-        await asyncio.get_running_loop().create_future()
 
 
 def body_checker(synapse_types: Mapping[str, type[bt.Synapse]]) -> Callable[[Request], Awaitable[dict[str, Any]]]:

@@ -38,19 +38,21 @@ from bittensor.core.stream import BTStreamingResponseModel
 from bittensor.utils.axon_utils import ALLOWED_DELTA
 from starlette.types import Send
 
-from ..backend import build_backend
-from ..engine import (
+from ..backend import Backend, build_backend
+from ..generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     EngineClosed,
-    EngineOverloaded,
+    GenerationError,
     GenerationFailed,
     GenerationRequest,
     InvalidRequest,
     Piece,
     SamplingParams,
+    check_messages,
 )
 from ..metrics import Metrics
+from ..observe import RequestTimer
 from . import config as miner_config
 from .blacklist import BlacklistPolicy, MetagraphView
 from .guard import RequestGuard, StreamBroken, WatchedStreamingResponse, body_checker, prune_nonces
@@ -113,17 +115,24 @@ def freshness_problem(synapse: StreamPrompting, max_timeout: float) -> str | Non
 
 
 def request_problem(synapse: StreamPrompting, max_chars: int) -> str | None:
-    """What is wrong with the request's shape, or None. The engine judges the content (empty, too long)."""
+    """What is wrong with the request's shape, or None: the synapse's own (one role per message), then the
+    contract's message checks. The backend judges the content (an empty prompt, one too long for the model)."""
     roles, messages = synapse.roles, synapse.messages
     if not messages:
         return "messages is empty"
     if len(roles) != len(messages):
         return (f"roles has {len(roles)} entries and messages has {len(messages)}: give exactly one role per "
                 "message")
-    total = sum(len(message) for message in messages)
-    if total > max_chars:
-        return f"messages hold {total} characters; the limit is {max_chars}"
+    try:
+        check_messages(synapse_messages(synapse), max_chars)
+    except InvalidRequest as exc:
+        return str(exc)
     return None
+
+
+def synapse_messages(synapse: StreamPrompting) -> list[dict[str, str]]:
+    """The synapse's parallel roles and messages as the contract's [{"role", "content"}]."""
+    return [{"role": role, "content": message} for role, message in zip(synapse.roles, synapse.messages, strict=True)]
 
 
 class _Admissions:
@@ -171,7 +180,7 @@ class Miner:
     is how often, in seconds, the sync thread polls the chain's block height (a block is about 12 s).
     """
 
-    def __init__(self, config: bt.Config, *, engine: Any = None, subtensor: Any = None,
+    def __init__(self, config: bt.Config, *, engine: Backend | None = None, subtensor: Any = None,
                  sync_interval: float = 12.0) -> None:
         self.config = config
         self.offline = bool(config.offline)
@@ -457,34 +466,32 @@ class Miner:
         arrived = time.monotonic()
         priority, caller = self._admissions.take(synapse.dendrite, self.policy.options.unknown_priority)
         if self.policy.closing:
-            raise self._rejected(synapse, caller, "closed", 503, "miner is shutting down")
+            raise self._refused(synapse, caller, EngineClosed("miner is shutting down"))
         problem = request_problem(synapse, self.config.engine.max_prompt_chars)
         if problem is not None:
-            raise self._rejected(synapse, caller, "invalid", 400, problem)
+            raise self._refused(synapse, caller, InvalidRequest(problem))
         timeout = synapse.timeout if synapse.timeout and synapse.timeout > 0 else None
-        messages = [{"role": role, "content": message}
-                    for role, message in zip(synapse.roles, synapse.messages, strict=True)]
-        request = GenerationRequest(messages=messages, sampling=self.sampling, timeout=timeout, priority=priority)
+        request = GenerationRequest(messages=synapse_messages(synapse), sampling=self.sampling, timeout=timeout,
+                                    priority=priority)
         pieces = self.engine.generate(request)
         # The status line goes out with the first byte, so wait for the first piece: errors that come before
         # any text still get their own status.
         try:
             first = await anext(pieces)
-        except InvalidRequest as exc:
-            raise self._rejected(synapse, caller, "invalid", 400, str(exc)) from exc
-        except EngineOverloaded as exc:
-            raise self._rejected(synapse, caller, "overloaded", 503, str(exc)) from exc
-        except EngineClosed as exc:
-            raise self._rejected(synapse, caller, "closed", 503, str(exc)) from exc
-        except GenerationFailed as exc:
-            raise self._rejected(synapse, caller, "failed", 500, str(exc)) from exc
+        except GenerationError as exc:
+            raise self._refused(synapse, caller, exc) from exc
         if not first.text and first.finish_reason in _NOT_ANSWERED:
             # Ended before any text: a 200 with an empty body would read as an empty answer.
             await pieces.aclose()
             raise self._rejected(synapse, caller, first.finish_reason, 503,
                                  _NOT_ANSWERED[first.finish_reason].format(timeout=timeout))
-        streamer = functools.partial(self._stream, request.request_id, first, pieces, _Observation(caller, arrived))
+        streamer = functools.partial(self._stream, request.request_id, first, pieces, RequestTimer(caller, arrived))
         return WatchedStreamingResponse(BTStreamingResponseModel(token_streamer=streamer), synapse=synapse)
+
+    def _refused(self, synapse: StreamPrompting, caller: str, error: GenerationError) -> RequestRejected:
+        """A request that failed before streaming: the contract's status and outcome for ``error`` (the miner
+        answers an overload with the contract's 503)."""
+        return self._rejected(synapse, caller, error.outcome, error.http_status, str(error))
 
     def _rejected(self, synapse: StreamPrompting, caller: str, outcome: str, status: int,
                   message: str) -> RequestRejected:
@@ -492,7 +499,7 @@ class Miner:
             self.metrics.observe_request(outcome, caller)
         return RequestRejected(synapse, status, message)
 
-    async def _stream(self, request_id: str, first: Piece, pieces: AsyncIterator[Piece], seen: "_Observation",
+    async def _stream(self, request_id: str, first: Piece, pieces: AsyncIterator[Piece], seen: RequestTimer,
                       send: Send) -> None:
         """Send the pieces as they come. The status (200) went out before the first; an answer that cannot be
         finished after that raises ``StreamBroken``, which cuts the connection before the body's end marker."""
@@ -504,12 +511,13 @@ class Miner:
                     await send({"type": "http.response.body", "body": (piece.text + self.chunk_suffix).encode(),
                                 "more_body": True})
                     sent += len(piece.text)
-                    seen.chunk_sent()
+                    seen.text_sent()
                 if piece.finish_reason is not None:
+                    seen.ended(piece)
                     break
                 piece = await anext(pieces)
         except GenerationFailed as exc:
-            seen.outcome = "failed"
+            seen.outcome = exc.outcome
             log.error(f"{request_id}: generation failed after {sent} characters were streamed; cutting the "
                       f"connection so that the caller sees an incomplete answer: {exc}")
             raise StreamBroken(str(exc)) from exc
@@ -519,39 +527,12 @@ class Miner:
             raise
         finally:
             await pieces.aclose()  # a stream that ends early (send failed, task cancelled) frees its engine slot
-            if self.metrics is not None:
-                seen.report(self.metrics, piece)
+            seen.report(self.metrics)
         if piece.finish_reason in _CUT_SHORT:
             log.warning(f"{request_id}: {_CUT_SHORT[piece.finish_reason]} after {sent} characters; cutting the "
                         "connection so that the caller sees an incomplete answer")
             raise StreamBroken(piece.finish_reason)
         log.debug(f"{request_id}: finished ({piece.finish_reason})")
-
-
-class _Observation:
-    """What the metrics learn about one streamed answer: its caller class, TTFT and the gaps between chunks."""
-
-    __slots__ = ("caller", "arrived", "last_chunk", "ttft", "gaps", "outcome")
-
-    def __init__(self, caller: str, arrived: float) -> None:
-        self.caller, self.arrived = caller, arrived
-        self.last_chunk: float | None = None
-        self.ttft: float | None = None
-        self.gaps: list[float] = []
-        self.outcome: str | None = None  # set when the stream ends without its finish reason
-
-    def chunk_sent(self) -> None:
-        now = time.monotonic()
-        if self.last_chunk is None:
-            self.ttft = now - self.arrived
-        else:
-            self.gaps.append(now - self.last_chunk)
-        self.last_chunk = now
-
-    def report(self, metrics: Metrics, last: Piece) -> None:
-        tokens = last.stats.tokens if last.stats is not None else 0
-        metrics.observe_request(self.outcome or last.finish_reason or "failed", self.caller, ttft_s=self.ttft,
-                                chunk_gaps=self.gaps, tokens=tokens)
 
 
 def _reachable(host: str | None) -> str:

@@ -1,0 +1,160 @@
+"""The one table of the core's options (``ModelOptions`` and ``EngineOptions`` fields): name, type and bounds,
+choices, default and help. Both command lines are built from it: ``python -m minercore serve`` spells an option
+``--max-batch``, the miner ``--engine.max_batch``. A new core option is added here once, and both get it.
+
+Torch-free (the miner's ``--help`` must not load torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import BACKENDS, COMPILE_CHOICES, DTYPE_NAMES, MODES, PRESET_NAMES, EngineOptions, ModelOptions
+
+
+# ---- argument types with their bounds (also used by the miner's own options) ------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One field of ``section``. ``group`` is the miner's dotted prefix ("" for a bare ``--name``); ``help`` may
+    name other options as ``{field}``, filled in with each command line's spelling."""
+
+    name: str
+    section: type[ModelOptions] | type[EngineOptions]
+    group: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def default(self) -> Any:
+        return getattr(self.section(), self.name)
+
+    @property
+    def serve_flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def miner_dest(self) -> str:
+        return f"{self.group}.{self.name}" if self.group else self.name
+
+    @property
+    def miner_flag(self) -> str:
+        return "--" + self.miner_dest
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("backend", ModelOptions, "model", choices=BACKENDS,
+           help="native: the compiled core in this process (GPT-2 and the Llama family: a {path} checkpoint or a "
+                "{preset}; simulated is its old name); hf: any Hugging Face causal LM directory ({path}), eager; "
+                "upstream: an OpenAI-compatible server ({upstream_url})."),
+    Option("preset", ModelOptions, "model", choices=PRESET_NAMES,
+           help="Native model with random weights when no {path} or {weights} is given (llama3-8b: Llama-3-8B's "
+                "shape, for GPU benchmarks)."),
+    Option("mode", ModelOptions, "model", choices=MODES,
+           help="echo: answer the prompt (the last message) byte for byte (the seed's behaviour); generate: the "
+                "model's own sampling."),
+    Option("weights", ModelOptions, "model",
+           help="Native backend: a GPT-2-family checkpoint directory or hub name (default: random weights from "
+                "{seed})."),
+    Option("path", ModelOptions, "model",
+           help="A Hugging Face checkpoint directory: served natively when its model_type is gpt2, llama, "
+                "mistral, qwen2 or qwen3, else by the hf backend (logged)."),
+    Option("tokenizer", ModelOptions, "model",
+           help="gpt2 (bundled, offline) or a Hugging Face tokenizer name or directory; with {path}, that "
+                "directory's own tokenizer unless another is named."),
+    Option("compile", ModelOptions, "model", choices=COMPILE_CHOICES,
+           help="torch.compile the decode step (auto: on; CUDA graphs on CUDA). Costs seconds of warm-up at "
+                "start-up."),
+    Option("max_context", ModelOptions, "model", type=positive_int,
+           help="Longest prompt plus answer, in tokens (default: the model's own context, at most 4096). Echo "
+                "answers prompts of up to (max_context - 1) / 2 tokens in full."),
+    Option("seed", ModelOptions, "model", type=int, help="Seed of the simulated model's random weights."),
+    Option("upstream_url", ModelOptions, "model",
+           help="upstream backend: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1."),
+    Option("upstream_model", ModelOptions, "model",
+           help="upstream backend: the model name to request (default: the upstream's first model)."),
+    Option("upstream_api_key_env", ModelOptions, "model",
+           help="upstream backend: name of the environment variable holding the API key."),
+    Option("device", ModelOptions, "", help="auto | cpu | cuda | cuda:N | mps."),
+    Option("dtype", ModelOptions, "", choices=("auto", *DTYPE_NAMES),
+           help="auto: bfloat16 on recent CUDA GPUs, float16 on older ones, float32 elsewhere."),
+    Option("max_batch", EngineOptions, "engine", type=positive_int, help="Streams decoded together in one batch."),
+    Option("max_queue", EngineOptions, "engine", type=non_negative_int,
+           help="Requests that may wait for a free slot; past it requests are refused at once as overloaded."),
+    Option("max_new_tokens", EngineOptions, "engine", type=positive_int,
+           help="Longest answer, in tokens (the ceiling on any request's own limit)."),
+    Option("max_prompt_chars", EngineOptions, "engine", type=positive_int,
+           help="Longer prompts get 400 before they are tokenized."),
+    Option("prefill_tokens", EngineOptions, "engine", type=positive_int,
+           help="Prompt tokens prefilled per engine step; longer prompts are prefilled in chunks between decode "
+                "steps, so running streams keep flowing while long prompts arrive."),
+    Option("flush_tokens", EngineOptions, "stream", type=positive_int,
+           help="After a stream's first text, send once this many tokens are pending..."),
+    Option("flush_ms", EngineOptions, "stream", type=non_negative_float,
+           help="...or this many milliseconds after the stream's last send."),
+)
+
+
+def _add(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, dest: str, option: Option,
+         flags: Mapping[str, str]) -> None:
+    parser.add_argument(flag, dest=dest, type=option.type, choices=option.choices, default=option.default,
+                        help=option.help.format_map(flags))
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option as ``--max-batch`` (dest ``max_batch``)."""
+    flags = {option.name: option.serve_flag for option in OPTIONS}
+    for option in OPTIONS:
+        _add(parser, option.serve_flag, option.name, option, flags)
+
+
+def add_miner_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """Every option as ``--engine.max_batch`` (dest ``engine.max_batch``), in argument groups named by section
+    ("model", "engine", "stream"); returns the groups so the miner can add its own options to them."""
+    flags = {option.name: option.miner_flag for option in OPTIONS}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in OPTIONS:
+        title = option.group or "model"
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        _add(groups[title], option.miner_flag, option.miner_dest, option, flags)
+    return groups
+
+
+def core_options(value: Callable[[Option], Any]) -> tuple[ModelOptions, EngineOptions]:
+    """The dataclasses from each option's parsed value (``value(option)``)."""
+    fields = {section: {option.name: value(option) for option in OPTIONS if option.section is section}
+              for section in (ModelOptions, EngineOptions)}
+    return ModelOptions(**fields[ModelOptions]), EngineOptions(**fields[EngineOptions])
+

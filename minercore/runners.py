@@ -1,0 +1,94 @@
+"""What the engine drives (the ``Runner`` interface) and the factory that picks one for ``ModelOptions.backend``.
+
+The concrete runners (``runner.ModelRunner``, ``hf_runner.HFRunner``) import torch and are loaded only when
+built, so importing this module costs nothing; neither runner imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from .config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .config import ModelOptions
+    from .sampling import SlotParams
+
+log = logging.getLogger("minercore.runner")
+
+
+class Runner(Protocol):
+    """What the engine drives, from one thread (its model thread; call warmup there too: CUDA graph trees
+    are per thread, and a compiled CUDA runner re-warms on the first decode from another thread). Slots are
+    ints in [0, max_batch), allocated lowest first so the batch bucket stays small."""
+
+    max_batch: int
+    max_context: int
+    vocab_size: int
+    eos_id: int
+    device: torch.device
+    dtype: torch.dtype
+    compiled: bool
+    description: str
+    kv_cache_bytes_per_slot: int  # K and V bytes one slot holds at max_context
+
+    def warmup(self) -> float:
+        """Compile / warm every shape serving uses; returns (and logs) the seconds it took."""
+        ...
+
+    def prefill(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> int:
+        """Run the prompt into ``slot``'s cache; return the first new id (one host sync). ValueError for an
+        empty prompt, a bad slot or ids outside the vocabulary; ContextOverflow if len >= max_context."""
+        ...
+
+    # Optional (ModelRunner has them; the engine falls back to ``prefill`` without them):
+    # prefill_batch(slots, prompts, params) -> first ids, whole prompts in one forward, and
+    # prefill_chunk(slot, prompt_ids, params, start, end) -> first id or None, a prompt in pieces.
+
+    def decode(self, slots: np.ndarray) -> np.ndarray:
+        """One step for the given prefilled slots (int64, any order): each slot's last id in, its next id
+        out (int64, aligned with ``slots``). One host sync. The caller bounds max_new_tokens by
+        max_context - prompt_len; past that, ContextOverflow."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """The slot is free; the next prefill overwrites its cache."""
+        ...
+
+
+def checkpoint_model_type(path: str) -> str | None:
+    """``model_type`` of a checkpoint directory's config.json (None without one)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+
+
+def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> Runner:
+    """The runner for ``options.backend``: ``native`` (alias ``simulated``: GPT-2 and the Llama family, compiled,
+    one batched decode loop) or ``hf`` (any causal LM directory, eager). A native ``path`` of an architecture
+    without a native implementation goes to hf, with a log line."""
+    backend = options.backend
+    if backend in NATIVE_BACKENDS and options.path:
+        model_type = checkpoint_model_type(options.path)
+        if model_type not in NATIVE_MODEL_TYPES:
+            log.warning("%s: model_type %r has no native implementation (native serves %s); using the hf backend "
+                        "(eager, one forward per stream per step)", options.path, model_type,
+                        ", ".join(NATIVE_MODEL_TYPES))
+            backend = "hf"
+    if backend in NATIVE_BACKENDS:
+        from .runner import build_model_runner
+
+        return build_model_runner(options, max_batch=max_batch, eos_id=eos_id)
+    if backend == "hf":
+        from .hf_runner import HFRunner
+
+        return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id)
+    raise ValueError(f"backend must be native (or simulated) or hf, got {options.backend!r}")
