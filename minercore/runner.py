@@ -83,7 +83,7 @@ def pow2_buckets(floor: int, cap: int) -> list[int]:
     return buckets
 
 
-# ---- the simulated model's runner ----
+# ---- the native runner ----
 
 def _decode_step(model: CachedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
     """Rows [0, b) fed their last token, attending over positions [0, ctx); returns (b,) next ids."""
