@@ -4,9 +4,10 @@
 
 - ``sequential``: each prompt prefilled alone and all of them before the next decode step (minercore before
   batched and chunked prefill; the runner's ``prefill_batch`` and ``prefill_chunk`` are hidden from the engine);
-- ``batched``: the 8 prompts in one padded forward, still all before the next decode step;
-- ``chunked``: batched, and at most ``prefill_tokens`` (2,048, the default) prompt tokens per engine step;
-  ``chunked-512``: 512.
+- ``batched``: the 8 prompts in one padded forward (``prefill_batch_tokens`` raised past 16,000), still all
+  before the next decode step;
+- ``chunked``: the defaults: at most ``prefill_tokens`` (2,048) prompt tokens per engine step, batches of at most
+  the runner's ``prefill_batch_tokens`` (256 on a CPU: these prompts go one at a time); ``chunked-512``: 512.
 
 extra_info: ``median_ttft_s`` and ``max_ttft_s`` over the 8 prompts (submission to first text), and the
 inter-token gaps of the stream that was already running when the burst arrived (``running_max_gap_s``, the
@@ -83,6 +84,8 @@ def test_prefill_burst(benchmark, impl: str) -> None:
     budget = {"chunked": 2048, "chunked-512": 512}.get(impl, 1 << 30)
     engine_options = EngineOptions(max_batch=16, flush_tokens=1, prefill_tokens=budget)
     runner = build_runner(options, max_batch=engine_options.max_batch, eos_id=50256)
+    if impl == "batched":
+        runner.prefill_batch_tokens = PROMPTS * PROMPT_TOKENS
     engine = Engine(options, engine_options, runner=WholePromptsOnly(runner) if impl == "sequential" else runner)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.start())

@@ -437,7 +437,7 @@ class Engine:
             else:
                 self._prefilling[job.slot] = job
                 budget -= self._prefill_part(job, budget, now, outbox)
-        for group in _padding_groups(whole):
+        for group in _prefill_groups(whole, getattr(self._runner, "prefill_batch_tokens", 0)):
             self._prefill_whole(group, outbox)
 
     def _pop_waiting(self, now: float, outbox: list[_Delivery]) -> _Job | None:
@@ -636,14 +636,17 @@ def _deliver(outbox: list[_Delivery]) -> None:
 _MAX_PADDING = 1.5  # a batched prefill computes at most this many times its prompts' own tokens
 
 
-def _padding_groups(jobs: list[_Job]) -> list[list[_Job]]:
-    """Jobs in groups of similar prompt lengths: each group is one forward padded to its longest prompt, so a
-    short prompt is not padded to a long one (one 2,000-token prompt among 8 short ones would cost 8 x 2,000)."""
+def _prefill_groups(jobs: list[_Job], max_tokens: int) -> list[list[_Job]]:
+    """Jobs in groups that are each one batched prefill, shortest prompts first: a group is padded to its
+    longest prompt, so only similar lengths share one (one 2,000-token prompt among 8 short ones would cost
+    8 x 2,000), and holds at most ``max_tokens`` padded tokens, the runner's saturation point: past it a batch
+    computes no faster than its prompts one after another, and only delays the first ones' first tokens."""
     groups: list[list[_Job]] = []
     tokens = 0
     for job in sorted(jobs, key=lambda j: len(j.prompt_ids)):
         n = len(job.prompt_ids)  # the longest so far: the group's padded length if it joins
-        if groups and (len(groups[-1]) + 1) * n <= _MAX_PADDING * (tokens + n):
+        padded = (len(groups[-1]) + 1) * n if groups else 0
+        if groups and padded <= _MAX_PADDING * (tokens + n) and padded <= max_tokens:
             groups[-1].append(job)
             tokens += n
         else:

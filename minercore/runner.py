@@ -163,6 +163,11 @@ class ModelRunner:
         self._kind = np.zeros(max_batch, dtype=np.int8)
         self._active = np.zeros(max_batch, dtype=bool)
         self._graph_thread: int | None = None  # the thread whose CUDA graph tree holds the warmed graphs
+        # Prompt tokens one batched prefill may hold (the engine groups prompts up to it): past about this many,
+        # a forward is compute-bound, so batching more only delays the first prompts' first tokens. On a CPU
+        # one 256-token prompt already is (benchmarks/bench_prefill.py: batched median TTFT 640 ms against 436
+        # ms one prompt at a time); a GPU has room for thousands.
+        self.prefill_batch_tokens = 2048 if device.type == "cuda" else 256
         self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
                             f"{'compiled' if compile else 'eager'}")

@@ -330,15 +330,20 @@ async def test_long_prompts_are_prefilled_in_chunks_while_streams_decode():
 
 
 def test_prompts_prefilled_together_have_similar_lengths():
-    from minercore.engine import _padding_groups
+    from minercore.engine import _prefill_groups
 
     class Job:
         def __init__(self, n):
             self.prompt_ids = [0] * n
 
     lengths = (10, 2000, 12, 9, 1900, 300, 11, 250, 1)
-    groups = [[len(j.prompt_ids) for j in g] for g in _padding_groups([Job(n) for n in lengths])]
+    jobs = [Job(n) for n in lengths]
+    groups = [[len(j.prompt_ids) for j in g] for g in _prefill_groups(jobs, max_tokens=8192)]
     assert sorted(n for g in groups for n in g) == sorted(lengths)
     for group in groups:  # padding to the group's longest costs at most 1.5x its own tokens
         assert len(group) * max(group) <= 1.5 * sum(group)
     assert [1900, 2000] in groups and [250, 300] in groups
+    # A runner saturated by 600 tokens gets no batch larger than that; with 0, every prompt goes alone.
+    assert [[len(j.prompt_ids) for j in g] for g in _prefill_groups(jobs, max_tokens=600)][-3:] == [
+        [250, 300], [1900], [2000]]
+    assert all(len(g) == 1 for g in _prefill_groups(jobs, max_tokens=0))
