@@ -1,11 +1,17 @@
-"""Decode throughput of the simulated runner, eager vs compiled (group ``decode``).
+"""Decode throughput of the simulated runner, eager vs compiled (group ``decode``), and the compiled step's two
+forms (group ``decode-steps``).
 
     pytest benchmarks/bench_decode.py --benchmark-only -p no:cacheprovider
 
 A round is ``STEPS`` decode steps for ``streams`` echo streams (128-token prompts, prefilled in the untimed
 setup); ``extra_info["tokens"]`` is the tokens a round produces, so tokens/s = tokens / mean. Compilation
-happens in ``runner.warmup()``, outside the timed part. The ``tiny`` group runs on CPU; with CUDA, the
+happens in ``runner.warmup()``, outside the timed part. The ``tiny`` groups run on CPU; with CUDA, the
 ``gpt2`` preset groups run too.
+
+``decode-steps`` compares, on the CPU, the step ``graphs=off`` compiles (``dynamic=True``, context buckets,
+tokens advanced after the step) with the static-buffer step ``graphs=manual`` compiles (``dynamic=False``,
+masked attention over the whole context, tokens advanced inside the step: the step CUDA graphs capture), both
+at a 256-token context with batch buckets 1 and 8.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import pytest
 import torch
 
 from minercore.config import ModelOptions
-from minercore.model import PRESETS
+from minercore.model import PRESETS, SimulatedLM
+from minercore.runner import ModelRunner
 from minercore.runners import Runner, build_runner
-from minercore.sampling import SlotParams
+from minercore.sampling import GREEDY, SlotParams
 
 PROMPT = 128
 STEPS = 32
@@ -78,3 +85,29 @@ def test_decode_tiny_cpu(benchmark, runners, impl: str, streams: int) -> None:
 @pytest.mark.parametrize("impl", ["eager", "compiled"])
 def test_decode_gpt2_cuda(benchmark, runners, impl: str, streams: int) -> None:
     _bench(benchmark, runners("gpt2", "cuda", impl, 256), impl, streams)
+
+
+@pytest.fixture(scope="module")
+def step_runners():
+    """``step_runners(graphs)``: tiny preset, CPU, compiled, 256-token context, batch buckets 1 and 8."""
+    cache: dict[str, Runner] = {}
+
+    def get(graphs: str) -> Runner:
+        if graphs not in cache:
+            runner = ModelRunner(SimulatedLM.random(PRESETS["tiny"]), max_batch=8, max_context=256, eos_id=50256,
+                                 device=torch.device("cpu"), dtype=torch.float32, compile=True, kinds=(GREEDY,),
+                                 graphs=graphs, attention="masked" if graphs == "manual" else "bucketed",
+                                 batch_buckets=(1, 8))
+            runner.warmup()
+            cache[graphs] = runner
+        return cache[graphs]
+
+    yield get
+    cache.clear()
+
+
+@pytest.mark.benchmark(group="decode-steps")
+@pytest.mark.parametrize("streams", [1, 8])
+@pytest.mark.parametrize("graphs", ["off", "manual"])
+def test_decode_step_forms_tiny_cpu(benchmark, step_runners, graphs: str, streams: int) -> None:
+    _bench(benchmark, step_runners(graphs), f"compiled-{graphs}", streams)

@@ -14,6 +14,8 @@ BACKENDS = ("native", "simulated", "hf", "upstream")
 NATIVE_BACKENDS = ("native", "simulated")
 MODES = ("echo", "generate")
 COMPILE_CHOICES = ("auto", "on", "off")
+GRAPH_CHOICES = ("auto", "torch", "manual", "off")  # runner.py says what each means
+ATTENTION_CHOICES = ("auto", "bucketed", "masked", "flex")
 # model.py's presets, then llama.py's (random weights; llama3-8b is Llama-3-8B's shape, for GPU benchmarks).
 PRESET_NAMES = ("tiny", "gpt2", "gpt2-medium", "llama-tiny", "llama3-8b")
 # config.json model_type values the native backend implements; a checkpoint of another type goes to hf.
@@ -42,6 +44,8 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"  # auto | on | off
+    graphs: str = "auto"  # native, CUDA: torch (torch.compile's CUDA graphs) | manual (captured by hand) | off
+    attention: str = "auto"  # native: bucketed (power-of-two context buckets) | masked | flex (row lengths)
     max_context: int | None = None  # None: the model's own context, at most DEFAULT_MAX_CONTEXT
     seed: int = 0
     upstream_url: str | None = None  # upstream: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1
@@ -50,7 +54,8 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         # The one place the choices are checked: every runner and backend may rely on them.
-        for name, choices in (("backend", BACKENDS), ("mode", MODES), ("compile", COMPILE_CHOICES)):
+        for name, choices in (("backend", BACKENDS), ("mode", MODES), ("compile", COMPILE_CHOICES),
+                              ("graphs", GRAPH_CHOICES), ("attention", ATTENTION_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.preset not in PRESET_NAMES:
@@ -68,3 +73,4 @@ class EngineOptions:
     # Prompt tokens prefilled per engine step: longer prompts are prefilled in chunks between decode steps, so
     # a burst of long prompts delays running streams by at most about this many tokens of prefill per token.
     prefill_tokens: int = 2048
+    overlap: bool = True  # launch decode step N+1 before detokenizing and posting step N

@@ -43,6 +43,7 @@ from .generation import (
 if TYPE_CHECKING:
     from .runners import Runner
     from .sampling import SlotParams
+    from .steps import Launched
 
 log = logging.getLogger("minercore.engine")
 
@@ -79,7 +80,7 @@ class _Job:
     """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
 
     __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
-                 "mailbox", "slot", "joined_at_step", "prefilled")
+                 "mailbox", "slot", "tokens", "prefilled")
 
     def __init__(self, request_id: str, prompt_ids: list[int], slot_params: SlotParams, sampling: SamplingParams,
                  deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
@@ -92,7 +93,7 @@ class _Job:
         self.seq = seq
         self.mailbox = mailbox
         self.slot = -1
-        self.joined_at_step = -1  # the engine's decode-step count when its stream started (-1: not started)
+        self.tokens = 0  # ids handed to the stream loop for this job, set when it leaves its slot
         self.prefilled = 0  # prompt tokens in its slot's cache so far (chunked prefill)
 
     def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
@@ -113,6 +114,8 @@ class Engine:
         self._runner = runner
         self._tokenizer = tokenizer
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._posted: list[_Delivery] = []  # deliveries the event loop has been woken for and not yet made
+        self._posted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._waiting: list[_Job] = []  # heap
@@ -127,7 +130,9 @@ class Engine:
         self._abort = False
         self._stopped = False
         self._counts = collections.Counter()
-        self._decode_steps = 0  # successful decode steps; model thread only
+        # The decode step launched and not yet collected (overlap): its Launched and the tenancy of each of its
+        # slots at launch, so that ids for a job that has left its slot since are dropped; model thread only.
+        self._in_flight: tuple[Launched, np.ndarray] | None = None
         # (time, tokens so far) at each of the recent decode steps: the window the rates are measured over
         self._recent_steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW_STEPS)
         self.warmup_seconds = 0.0
@@ -174,6 +179,10 @@ class Engine:
             raise ValueError(f"runner holds {self._runner.max_batch} slots, engine wants {self.options.max_batch}")
         self._free_slots = list(range(self.options.max_batch))
         heapq.heapify(self._free_slots)
+        # Per slot, counted with one array operation per step (no per-job Python work): ids handed to the stream
+        # loop for its current job, and its tenancy, advanced each time a job leaves it.
+        self._slot_tokens = np.zeros(self.options.max_batch, dtype=np.int64)
+        self._tenancy = np.zeros(self.options.max_batch, dtype=np.int64)
         table = token_bytes_table(self._tokenizer)
         # Models often pad their vocabulary past the tokenizer's (e.g. to a multiple of 64): ids the tokenizer
         # does not know decode to nothing, as tokenizer.decode would skip them, instead of failing the step.
@@ -354,7 +363,7 @@ class Engine:
         while True:
             with self._cond:
                 while (not self._abort and not self._active and not self._prefilling and not self._waiting
-                       and not self._cancelled):
+                       and not self._cancelled and self._in_flight is None):
                     self._cond.wait()
                 if self._abort:
                     break
@@ -365,6 +374,7 @@ class Engine:
                 self._iterate(cancelled, outbox)
             except Exception as exc:  # noqa: BLE001 - a bug here must not kill the thread serving everyone
                 log.exception("engine iteration failed; failing the active requests")
+                self._in_flight = None
                 for job in list(self._active.values()):
                     self._end(job, outbox, error=GenerationFailed(f"engine error: {exc}"))
             self._post(outbox)
@@ -380,28 +390,61 @@ class Engine:
         if not self._free_slots:
             self._expire_waiting(now, outbox)
         self._admit(now, outbox)
-        if not self._active:
-            return
-        slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
+        self._step(outbox)
+
+    def _step(self, outbox: list[_Delivery]) -> None:
+        """Launch the next decode step for every active slot, then collect the one in flight, if any, and hand
+        its ids to the stream loop: with ``overlap``, the device runs step N+1 while the host detokenizes and
+        posts step N (the next step's fed tokens are already on the device). A job that ended with step N
+        (EOS, stop, length, deadline, cancellation) still sits in step N+1; its id from there is dropped, as is
+        any id for a slot that another job has taken since."""
+        launched = None
+        if self._active:
+            slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
+            try:
+                launched = (self._runner.launch(slots), self._tenancy[slots])
+            except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
+                self._fail_step(exc, len(slots), outbox)
+                return
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._collect(previous, outbox)
+        if not self.options.overlap and self._in_flight is not None:
+            current, self._in_flight = self._in_flight, None
+            self._collect(current, outbox)
+
+    def _collect(self, in_flight: tuple[Launched, np.ndarray], outbox: list[_Delivery]) -> None:
+        step, tenancy = in_flight
         try:
-            ids = self._runner.decode(slots)
-        except Exception as exc:  # noqa: BLE001 - includes CUDA out-of-memory; the step's requests fail
-            log.exception("decode step failed for %d requests", len(slots))
-            _free_cuda_cache()
-            for job in list(self._active.values()):
-                self._end(job, outbox, error=GenerationFailed(f"model step failed: {exc}"))
+            ids = self._runner.collect(step)
+        except Exception as exc:  # noqa: BLE001 - a device fault surfaces when its ids are read
+            self._fail_step(exc, len(tenancy), outbox)
             return
-        self._decode_steps += 1
+        slots = step.slots
+        keep = self._tenancy[slots] == tenancy
+        if not keep.all():
+            slots, ids = slots[keep], ids[keep]
         self._consume(slots, ids, outbox)
         with self._cond:
             self._counts["steps"] += 1
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
 
+    def _fail_step(self, exc: Exception, size: int, outbox: list[_Delivery]) -> None:
+        """Every active request fails (their next ids may never come), and the step in flight is dropped."""
+        log.error("decode step failed for %d requests", size, exc_info=exc)
+        _free_cuda_cache()
+        self._in_flight = None
+        for job in list(self._active.values()):
+            self._end(job, outbox, error=GenerationFailed(f"model step failed: {exc}"))
+
     def _consume(self, slots: np.ndarray, ids: np.ndarray, outbox: list[_Delivery]) -> None:
         """Hand one token per slot to the stream loop (one call for the whole batch) and route its events."""
+        if not slots.size:
+            return
         if self._other_stops is not None:
             ids = np.where(np.isin(ids, self._other_stops), self._eos_id, ids)
         events = self._table.step(slots, ids)
+        self._slot_tokens[slots] += 1
         with self._cond:
             self._counts["tokens"] += len(slots)
         for slot, text, reason in events:
@@ -508,7 +551,6 @@ class Engine:
 
     def _start_stream(self, job: _Job, first: int, outbox: list[_Delivery]) -> None:
         """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
-        job.joined_at_step = self._decode_steps
         self._active[job.slot] = job
         if self._strip_first_space:
             self._before_first_text.add(job.slot)
@@ -566,6 +608,9 @@ class Engine:
         self._active.pop(job.slot, None)
         self._prefilling.pop(job.slot, None)
         self._before_first_text.discard(job.slot)
+        job.tokens = int(self._slot_tokens[job.slot])
+        self._slot_tokens[job.slot] = 0
+        self._tenancy[job.slot] += 1
         heapq.heappush(self._free_slots, job.slot)
         with self._cond:
             self._admitted -= 1
@@ -573,8 +618,7 @@ class Engine:
     def _request_stats(self, job: _Job, reason: str | None) -> RequestStats:
         """TTFT is filled in on the event loop, where the first text is handed over."""
         duration = time.monotonic() - job.mailbox.submitted_at
-        # One token from prefill, then one from every decode step since the job joined.
-        tokens = 0 if job.joined_at_step < 0 else 1 + self._decode_steps - job.joined_at_step
+        tokens = job.tokens
         return RequestStats(request_id=job.request_id, prompt_tokens=len(job.prompt_ids), tokens=tokens,
                             ttft_s=None, duration_s=duration,
                             tokens_per_s=tokens / duration if duration > 0 else 0.0,
@@ -599,12 +643,27 @@ class Engine:
         self._post(outbox)
 
     def _post(self, outbox: list[_Delivery]) -> None:
+        """Queue deliveries for the event loop, waking it only if it has not been woken for earlier ones yet:
+        while it is busy, each step's deliveries join the pending batch instead of paying for another wake-up
+        (a self-pipe write, on which the model thread gives up the GIL)."""
         if not outbox:
             return
+        with self._posted_lock:
+            wake = not self._posted
+            self._posted.extend(outbox)
+        if not wake:
+            return
         try:
-            self._loop.call_soon_threadsafe(_deliver, outbox)
+            self._loop.call_soon_threadsafe(self._deliver_posted)
         except RuntimeError:  # the loop is closed: nobody is left to read these
-            log.debug("event loop closed; dropped %d deliveries", len(outbox))
+            with self._posted_lock:
+                dropped, self._posted = len(self._posted), []
+            log.debug("event loop closed; dropped %d deliveries", dropped)
+
+    def _deliver_posted(self) -> None:
+        with self._posted_lock:
+            posted, self._posted = self._posted, []
+        _deliver(posted)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from .config import ModelOptions, context_for
 from .device import dtype_name, select
 from .sampling import SlotParams, SlotState, check_room, check_slot, prefill_slot, slot_tokens
+from .steps import Launched
 
 logger = logging.getLogger("minercore.runner")
 
@@ -122,10 +123,11 @@ class HFRunner:
         return first
 
     @torch.inference_mode()
-    def decode(self, slots: np.ndarray) -> np.ndarray:
+    def launch(self, slots: np.ndarray) -> Launched:
+        """Synchronous: the step is done, its ids on the host, when this returns."""
         slots = np.asarray(slots, dtype=np.int64)
         if slots.size == 0:
-            return np.empty(0, dtype=np.int64)
+            return Launched(slots, np.empty(0, dtype=np.int64))
         if len(set(slots.tolist())) != slots.size or not all(int(s) in self._past for s in slots):
             raise ValueError(f"decode: slots must be distinct and prefilled; got {slots}")
         check_room(self._pos, slots, self.max_context)
@@ -141,7 +143,13 @@ class HFRunner:
         self.state.tokens[rows] = ids
         self.state.pos[rows] += 1
         self._pos[slots] += 1
-        return ids.cpu().numpy()  # the step's one host sync
+        return Launched(slots, ids.cpu().numpy())  # the step's one host sync
+
+    def collect(self, step: Launched) -> np.ndarray:
+        return step.host_ids
+
+    def decode(self, slots: np.ndarray) -> np.ndarray:
+        return self.collect(self.launch(slots))
 
     def release(self, slot: int) -> None:
         check_slot(slot, self.max_batch)

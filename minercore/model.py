@@ -4,9 +4,12 @@ Architecture: learned positional embeddings, pre-LayerNorm blocks, GELU(tanh) ML
 LM head tied to the token embedding. Three entry points:
 
 - ``forward(idx)``: full causal recompute, no cache (the reference the cached paths are tested against);
-- ``prefill(idx, slot)``: one prompt, its keys/values written into row ``slot`` of every layer's cache;
+- ``prefill(idx, slots, start, last)``: prompt chunks (right-padded), their keys/values written into rows
+  ``slots`` of every layer's cache at positions [start, start + T);
 - ``decode(tokens, pos, ctx)``: one new token for each of the first ``len(tokens)`` cache rows, each
-  attending over its own row's first ``ctx`` positions (masked beyond its own position).
+  attending over its own row's first ``ctx`` positions (masked beyond its own position). With
+  ``flex_attention`` set, FlexAttention with a block mask built from the positions visits only the key blocks
+  up to each row's own position (as gpt-fast does), so one ``ctx`` serves every length.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+FLEX_BLOCK = 128  # keys per FlexAttention block: a row reads whole blocks up to the one holding its position
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,15 @@ class Attention(nn.Module):
             k, v = self.cache.fill(slots, start, k, v)
         return self._merge(prompt_attention(q, k, v, start))
 
-    def step(self, x: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
+    def step(self, x: Tensor, pos: Tensor, mask: Tensor | BlockMask, ctx: int) -> Tensor:
         q, k, v = self._heads(x)
         keys, values = self.cache.append(pos, k, v, ctx)
+        if isinstance(mask, BlockMask):
+            if q.device.type == "cpu":
+                # Inductor's CPU FlexAttention template (torch 2.13) fails to lower a query that is a view of the
+                # projection's output; a copy of a few values per row sidesteps it. CUDA lowers the view.
+                q = q.clone()
+            return self._merge(flex_attention(q, keys, values, block_mask=mask))
         return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
 
 
@@ -143,7 +155,7 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), slots, start)
         return x + self.mlp(self.ln_2(x))
 
-    def step(self, x: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
+    def step(self, x: Tensor, pos: Tensor, mask: Tensor | BlockMask, ctx: int) -> Tensor:
         x = x + self.attn.step(self.ln_1(x), pos, mask, ctx)
         return x + self.mlp(self.ln_2(x))
 
@@ -158,6 +170,7 @@ class SimulatedLM(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
+        self.flex_attention = False  # decode with FlexAttention over each row's own length (see the module doc)
 
     @classmethod
     def random(cls, config: GPTConfig, seed: int = 0) -> SimulatedLM:
@@ -220,11 +233,29 @@ class SimulatedLM(nn.Module):
     def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
         """(b,) tokens at (b,) positions -> (b, V) logits; row i uses cache row i, positions [0, ctx)."""
         x = (self.wte(tokens) + self.wpe(pos))[:, None, :]
-        # True = attend: each row sees its own positions up to and including the one being written.
-        mask = (torch.arange(ctx, device=pos.device) <= pos[:, None])[:, None, None, :]
+        if self.flex_attention:
+            mask = row_length_mask(pos, ctx)
+        else:
+            # True = attend: each row sees its own positions up to and including the one being written.
+            mask = (torch.arange(ctx, device=pos.device) <= pos[:, None])[:, None, None, :]
         for block in self.blocks:
             x = block.step(x, pos, mask, ctx)
         return self.lm_head(self.ln_f(x[:, 0]))
+
+
+def row_length_mask(pos: Tensor, ctx: int) -> BlockMask:
+    """A FlexAttention block mask for one query per row over ``ctx`` keys: row i visits the key blocks up to the
+    one holding ``pos[i]`` and, inside that one, the keys at or before it. Plain tensor work, so it runs inside
+    a compiled step and a CUDA graph."""
+    rows = pos.shape[0]
+    blocks = -(-ctx // FLEX_BLOCK)
+    visited = (pos // FLEX_BLOCK + 1).to(torch.int32).view(rows, 1, 1)
+    order = torch.arange(blocks, device=pos.device, dtype=torch.int32).expand(rows, 1, 1, blocks).contiguous()
+
+    def visible(row: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
+        return key <= pos[row]
+
+    return BlockMask.from_kv_blocks(visited, order, BLOCK_SIZE=FLEX_BLOCK, mask_mod=visible, seq_lengths=(1, ctx))
 
 
 # ---- real GPT-2-family weights (Hugging Face checkpoint layout) ----

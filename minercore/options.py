@@ -12,7 +12,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import BACKENDS, COMPILE_CHOICES, DTYPE_NAMES, MODES, PRESET_NAMES, EngineOptions, ModelOptions
+from .config import (
+    ATTENTION_CHOICES,
+    BACKENDS,
+    COMPILE_CHOICES,
+    DTYPE_NAMES,
+    GRAPH_CHOICES,
+    MODES,
+    PRESET_NAMES,
+    EngineOptions,
+    ModelOptions,
+)
 
 
 # ---- argument types with their bounds (also used by the miner's own options) ------------------------------------
@@ -35,6 +45,12 @@ def positive_float(text: str) -> float:
     if not value > 0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"must be on or off, got {text!r}")
+    return text == "on"
 
 
 def non_negative_float(text: str) -> float:
@@ -96,10 +112,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("compile", ModelOptions, "model", choices=COMPILE_CHOICES,
            help="torch.compile the decode step (auto: on; CUDA graphs on CUDA). Costs seconds of warm-up at "
                 "start-up."),
+    Option("graphs", ModelOptions, "model", choices=GRAPH_CHOICES,
+           help="Native backend on CUDA: how the compiled decode step is replayed. torch: torch.compile's own "
+                "CUDA graphs; manual: one CUDA graph per batch bucket, captured by hand around a static compile; "
+                "off: none. auto: torch until a device run shows manual faster."),
+    Option("attention", ModelOptions, "model", choices=ATTENTION_CHOICES,
+           help="Native backend: the keys a decode step reads. bucketed: a power-of-two prefix holding every "
+                "row; masked: the whole context, masked per row; flex: FlexAttention over each row's own length. "
+                "auto: masked with graphs manual, else bucketed."),
     Option("max_context", ModelOptions, "model", type=positive_int,
            help="Longest prompt plus answer, in tokens (default: the model's own context, at most 4096). Echo "
                 "answers prompts of up to (max_context - 1) / 2 tokens in full."),
-    Option("seed", ModelOptions, "model", type=int, help="Seed of the simulated model's random weights."),
+    Option("seed", ModelOptions, "model", type=int, help="Seed of the native model's random weights."),
     Option("upstream_url", ModelOptions, "model",
            help="upstream backend: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1."),
     Option("upstream_model", ModelOptions, "model",
@@ -119,6 +143,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefill_tokens", EngineOptions, "engine", type=positive_int,
            help="Prompt tokens prefilled per engine step; longer prompts are prefilled in chunks between decode "
                 "steps, so running streams keep flowing while long prompts arrive."),
+    Option("overlap", EngineOptions, "engine", type=on_off,
+           help="on: launch decode step N+1 before step N is detokenized and sent, so the device never waits for "
+                "the host (on or off)."),
     Option("flush_tokens", EngineOptions, "stream", type=positive_int,
            help="After a stream's first text, send once this many tokens are pending..."),
     Option("flush_ms", EngineOptions, "stream", type=non_negative_float,

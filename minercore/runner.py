@@ -1,10 +1,23 @@
-"""The decode loop the engine drives: prefill one slot, then one step for every active slot at a time.
+"""The decode loop the engine drives: prefill slots (batched, or a long prompt in chunks), then one step for
+every active slot at a time.
 
 State lives on the device in fixed-size per-slot buffers (last token, position, sampling parameters, echo
 targets) next to the model's static KV cache, so a step needs no host-to-device copy and exactly one host
-sync (reading the sampled ids). The step runs over a prefix of the cache rows (the batch bucket) and a
-prefix of the positions (the context bucket), both powers of two, so a few short streams do not pay for
-``max_batch`` x ``max_context``. ``_compile_steps`` is the one place torch.compile is applied.
+sync (reading the sampled ids). The step runs over a prefix of the cache rows (the batch bucket) and, with
+bucketed attention, a prefix of the positions (the context bucket), both powers of two, so a few short streams
+do not pay for ``max_batch`` x ``max_context``. ``_compile_steps`` is the one place torch.compile is applied.
+
+A step is split in two so the host can work while the device runs: ``launch`` queues it (on CUDA it returns
+before the device is done; the sampled ids travel to pinned host memory on a side stream) and ``collect`` waits
+for its ids. How a step reaches the device is the ``graphs`` choice:
+
+- ``torch``: torch.compile with ``dynamic=True``; on CUDA ``mode="reduce-overhead"`` (inductor's CUDA-graph
+  trees record a graph per shape, and dynamo checks its guards before every replay);
+- ``manual``: a static-buffer step (the fed tokens, positions and sampled ids live in fixed device buffers and
+  are advanced inside the step), compiled with ``dynamic=False`` and no CUDA graphs; on CUDA, warmup captures
+  it once per (batch bucket, context bucket, sampling kind) into ``torch.cuda.CUDAGraph`` objects sharing one
+  memory pool, and a step is one ``graph.replay()`` with nothing in between (as SGLang and vLLM do);
+- ``off``: no CUDA graphs (the compiled or eager step is launched kernel by kernel).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ModelOptions, context_for
+from .config import ATTENTION_CHOICES, GRAPH_CHOICES, ModelOptions, context_for
 from .device import dtype_name, select
 from .llama import PRESETS as LLAMA_PRESETS
 from .llama import LlamaConfig, LlamaLM, load_llama, read_config
@@ -37,10 +50,18 @@ from .sampling import (
     prefill_slot,
     slot_tokens,
 )
+from .steps import Launched
 
 logger = logging.getLogger("minercore.runner")
 
 MIN_CTX_BUCKET = 64  # smallest attended-context bucket; below it the saving is noise
+
+GRAPH_MODES = tuple(c for c in GRAPH_CHOICES if c != "auto")  # torch | manual | off, as the module doc says
+# bucketed: attend over the smallest power-of-two prefix of the cache holding every row's position (a shape per
+# bucket); masked: always over the whole max_context, masked per row (one shape per batch bucket); flex:
+# FlexAttention over the whole max_context, each row reading only the key blocks up to its own position (one
+# shape per batch bucket, the cost of each row's own length).
+ATTENTION_MODES = tuple(c for c in ATTENTION_CHOICES if c != "auto")
 
 
 class CachedLM(Protocol):
@@ -109,37 +130,118 @@ def _filter_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
 _STEPS = (_greedy_step, _sample_step, _filter_step)  # indexed by kind
 
 
-def _compile_steps(device: torch.device) -> tuple:
+def _static_step(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int, kind: int) -> None:
+    """The whole step on fixed buffers, so a CUDA graph can replay it with no work on the host: rows [0, b)
+    read their fed token and position from ``state``, the ids land in ``sampled[:b]``, and the active rows
+    advance (token and position) in place."""
+    ids = _decode_step(model, state, b, ctx, kind)
+    active = state.active[:b]
+    state.tokens[:b] = torch.where(active, ids, state.tokens[:b])
+    state.pos[:b] += active
+    sampled[:b] = ids
+
+
+def _static_greedy(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+    _static_step(model, state, sampled, b, ctx, GREEDY)
+
+
+def _static_sample(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+    _static_step(model, state, sampled, b, ctx, SAMPLE)
+
+
+def _static_filter(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+    _static_step(model, state, sampled, b, ctx, FILTER)
+
+
+_STATIC_STEPS = (_static_greedy, _static_sample, _static_filter)  # indexed by kind
+
+
+def _compile_steps(device: torch.device, graphs: str) -> tuple:
     """The decode steps, compiled: the only torch.compile in minercore's native path.
 
-    ``dynamic=True``: one graph covers the batch and context buckets instead of one inductor compile per
-    pair; dynamo still specialises batch 1, so two graphs per sampling kind, both compiled by ``warmup``
+    ``graphs="manual"``: the static steps with ``dynamic=False`` and no CUDA graphs of inductor's own; one
+    graph per (batch bucket, context bucket) and kind, all compiled by ``warmup`` (the runner raises dynamo's
+    recompile limit to fit them) and then captured by hand on CUDA.
+
+    Otherwise ``dynamic=True``: one graph covers the batch and context buckets instead of one inductor compile
+    per pair; dynamo still specialises batch 1, so two graphs per sampling kind, both compiled by ``warmup``
     (the cache's spare position keeps the full-context bucket in the dynamic graph). One function per kind
     gives each its own dynamo cache and recompile limit. That cache is per function, not per runner, and
     cache shapes are static: each further runner configuration (max_batch, max_context, dtype, model) in
     the same process adds two graphs per kind, so past four of them dynamo's default limit of 8 sends the
-    step back to eager, with a warning. On CUDA, reduce-overhead records a CUDA graph per distinct shape;
-    the caller clones the output before the next replay.
+    step back to eager, with a warning. With ``graphs="torch"`` on CUDA, reduce-overhead records a CUDA
+    graph per distinct shape; the caller clones the output before the next replay.
     """
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    if graphs == "manual":
+        return tuple(torch.compile(step, fullgraph=True, dynamic=False) for step in _STATIC_STEPS)
+    mode = "reduce-overhead" if device.type == "cuda" and graphs == "torch" else None
     return tuple(torch.compile(step, fullgraph=True, dynamic=True, mode=mode) for step in _STEPS)
+
+
+class _HostCopy:
+    """Sampled ids from the device to the host without stalling the next launch.
+
+    CUDA: the copy runs on a side stream into one of two pinned buffers (one step is collected while the next
+    is in flight) and records an event that ``collect`` waits on; before the next step may overwrite the ids
+    it copies from, the compute stream waits (on the device, not the host) for that copy. CPU: a plain copy,
+    done when ``start`` returns."""
+
+    def __init__(self, max_batch: int, device: torch.device) -> None:
+        self._device = device
+        self._cuda = device.type == "cuda"
+        self._buffers = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=self._cuda) for _ in range(2)]
+        self._turn = 0
+        self._stream = torch.cuda.Stream(device) if self._cuda else None
+        self._last_copy: Any = None
+
+    def before_step(self) -> None:
+        if self._last_copy is not None:
+            torch.cuda.current_stream(self._device).wait_event(self._last_copy)
+
+    def start(self, ids: Tensor) -> tuple[Tensor, Any]:
+        host = self._buffers[self._turn][:ids.shape[0]]
+        self._turn ^= 1
+        if not self._cuda:
+            host.copy_(ids)
+            return host, None
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(self._stream):
+            host.copy_(ids, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self._last_copy = done
+        return host, done
 
 
 class ModelRunner:
     """A ``CachedLM`` (GPT-2 or a Llama-family model, random or real weights) with its static KV cache: the
-    ``Runner`` the engine drives for ``backend="native"``. One decode loop for every architecture."""
+    ``Runner`` the engine drives for ``backend="native"``. One decode loop for every architecture.
+
+    ``graphs`` and ``attention`` are described in the module docstring; ``batch_buckets`` are the batch sizes
+    a step runs at (a step pads to the smallest one that holds its highest slot; default: powers of two up
+    to ``max_batch``); a benchmark that only needs a few sizes saves their compiles and captures."""
 
     backend = "native"
 
     def __init__(self, model: CachedLM, *, max_batch: int, max_context: int, eos_id: int,
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
-                 name: str = "custom") -> None:
+                 name: str = "custom", graphs: str = "off", attention: str = "bucketed",
+                 batch_buckets: Sequence[int] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {max_context}")
         if not 0 <= eos_id < model.config.vocab_size:
             raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {model.config.vocab_size})")
+        if graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, got {graphs!r}")
+        if graphs == "torch" and not compile:
+            raise ValueError("graphs=torch records torch.compile's CUDA graphs: it needs compile on")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+        buckets = sorted(set(batch_buckets or pow2_buckets(1, max_batch)))
+        if buckets[0] < 1 or buckets[-1] != max_batch:
+            raise ValueError(f"batch_buckets must be >= 1 and end at max_batch {max_batch}, got {batch_buckets}")
         self.max_batch = max_batch
         self.max_context = max_context
         self.vocab_size = model.config.vocab_size
@@ -147,16 +249,32 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.compiled = compile
+        self.graphs = graphs
+        self.attention = attention
+        self.batch_buckets = tuple(buckets)
+        if attention == "flex":
+            if not hasattr(model, "flex_attention"):
+                raise ValueError(f"attention=flex: {type(model).__name__} has no FlexAttention decode")
+            model.flex_attention = True
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.kv_cache_bytes_per_slot = self.model.setup_caches(max_batch, max_context)
         self.state = SlotState(max_batch, max_context, device)
         self._kinds = tuple(kinds)  # the sampling kinds warmup prepares
-        self._cuda_graphs = compile and device.type == "cuda"
-        if self._cuda_graphs:
+        self._tree_graphs = compile and graphs == "torch" and device.type == "cuda"
+        self._manual = graphs == "manual"
+        self._captured: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (b, ctx, kind) -> graph
+        self._sampled = torch.zeros(max_batch, dtype=torch.int64, device=device)  # the static steps' output
+        if self._tree_graphs:
             # Static addresses: CUDA graphs read the cache and slot state in place instead of copying them in.
             for tensor in [*self.model.buffers(), *self.state.buffers()]:
                 torch._dynamo.mark_static_address(tensor)
-        self._steps = _compile_steps(device) if compile else _STEPS
+        if self._manual and compile:
+            _raise_recompile_limit(len(self.batch_buckets) * len(self.context_buckets) + 8)
+        if compile:
+            self._steps = _compile_steps(device, graphs)
+        else:
+            self._steps = _STATIC_STEPS if self._manual else _STEPS
+        self._copy = _HostCopy(max_batch, device)
         # Host mirrors, so bucketing and validation never read the device.
         self._pos = np.zeros(max_batch, dtype=np.int64)
         self._live = np.zeros(max_batch, dtype=bool)
@@ -170,30 +288,50 @@ class ModelRunner:
         self.prefill_batch_tokens = 2048 if device.type == "cuda" else 256
         self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
-                            f"{'compiled' if compile else 'eager'}")
+                            f"{'compiled' if compile else 'eager'}, graphs {graphs}, attention {attention}")
+
+    @property
+    def context_buckets(self) -> list[int]:
+        """Every attended-context length a step can use."""
+        if self.attention != "bucketed":
+            return [self.max_context]
+        return pow2_buckets(MIN_CTX_BUCKET, self.max_context)
+
+    @property
+    def captured_graphs(self) -> int:
+        """CUDA graphs captured by hand (``graphs="manual"`` on CUDA)."""
+        return len(self._captured)
 
     # -- Runner API --
 
     @torch.inference_mode()
     def warmup(self) -> float:
-        """Run every step shape serving can use (every batch x context bucket and sampling kind on CUDA
-        graphs; one per compiled specialisation otherwise) with no row active, so no slot state changes."""
+        """Run every step shape serving can use (every batch x context bucket and sampling kind where CUDA
+        graphs are recorded or captured, or the compile is static; one per compiled specialisation
+        otherwise) with no row active, so no slot state changes."""
         started = time.perf_counter()
         self._graph_thread = threading.get_ident()
+        if self.device.type == "cuda":
+            # Graph replays and stream waits use the calling thread's current device: make it this runner's.
+            torch.cuda.set_device(self.device)
         self._set_active(np.zeros(self.max_batch, dtype=bool))
-        if self._cuda_graphs:
-            shapes = [(b, c) for b in pow2_buckets(1, self.max_batch)
-                      for c in pow2_buckets(MIN_CTX_BUCKET, self.max_context)]
+        if self._tree_graphs or self._manual:
+            shapes = [(b, c) for b in self.batch_buckets for c in self.context_buckets]
         else:
             # The compiled specialisations (see _compile_steps), and both context extremes in case this
             # torch version specialises more; eager just touches its kernels.
-            shapes = sorted({(b, c) for b in (1, min(2, self.max_batch))
-                             for c in (min(MIN_CTX_BUCKET, self.max_context), self.max_context)})
-        # CUDA graph trees record a shape on its second call (the first is their own warm-up run).
-        for _ in range(2 if self._cuda_graphs else 1):
-            for kind in self._kinds:
-                for b, ctx in shapes:
-                    self._run_step(b, ctx, kind)
+            first = self.batch_buckets[0]
+            second = next((b for b in self.batch_buckets if b > 1), first)
+            shapes = sorted({(b, c) for b in (first, second)
+                             for c in (self.context_buckets[0], self.context_buckets[-1])})
+        if self._manual and self.device.type == "cuda":
+            self._capture(shapes)
+        else:
+            # CUDA graph trees record a shape on its second call (the first is their own warm-up run).
+            for _ in range(2 if self._tree_graphs else 1):
+                for kind in self._kinds:
+                    for b, ctx in shapes:
+                        self._run_step(b, ctx, kind)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
@@ -265,11 +403,11 @@ class ModelRunner:
         return token.tolist()
 
     @torch.inference_mode()
-    def decode(self, slots: np.ndarray) -> np.ndarray:
+    def launch(self, slots: np.ndarray) -> Launched:
         slots = np.asarray(slots, dtype=np.int64)
         if slots.size == 0:
-            return np.empty(0, dtype=np.int64)
-        if self._cuda_graphs and self._graph_thread != threading.get_ident():
+            return Launched(slots, torch.empty(0, dtype=torch.int64))
+        if self._tree_graphs and self._graph_thread != threading.get_ident():
             # CUDA graph trees are per thread: graphs warmed on another thread would be recorded again,
             # one shape at a time, in the middle of serving. Record them all now instead.
             logger.warning("decode on a thread other than warmup's; warming CUDA graphs again on this one")
@@ -283,11 +421,23 @@ class ModelRunner:
         check_room(self._pos, slots, self.max_context)
         if not np.array_equal(active, self._active):
             self._set_active(active)  # a host-to-device copy only when the set of streams changes
-        b = pow2_bucket(int(slots.max()) + 1, 1, self.max_batch)
-        ctx = pow2_bucket(int(self._pos[slots].max()) + 1, MIN_CTX_BUCKET, self.max_context)
+        b = next(b for b in self.batch_buckets if b > slots.max())
+        ctx = self._context_bucket(int(self._pos[slots].max()) + 1)
+        self._copy.before_step()
         ids = self._run_step(b, ctx, int(self._kind[slots].max()))
         self._pos[slots] += 1
-        return ids.cpu().numpy()[slots]  # the step's one host sync
+        host, ready = self._copy.start(ids)
+        return Launched(slots, host, ready, ids)
+
+    def collect(self, step: Launched) -> np.ndarray:
+        if step.slots.size == 0:
+            return np.empty(0, dtype=np.int64)
+        if step.ready is not None:
+            step.ready.synchronize()  # the step's one host sync
+        return step.host_ids.numpy()[step.slots]  # a copy: the buffer serves a later step
+
+    def decode(self, slots: np.ndarray) -> np.ndarray:
+        return self.collect(self.launch(slots))
 
     def release(self, slot: int) -> None:
         check_slot(slot, self.max_batch)
@@ -295,11 +445,24 @@ class ModelRunner:
 
     # -- internals --
 
+    def _context_bucket(self, needed: int) -> int:
+        if self.attention != "bucketed":
+            return self.max_context
+        return pow2_bucket(needed, MIN_CTX_BUCKET, self.max_context)
+
     def _run_step(self, b: int, ctx: int, kind: int) -> Tensor:
-        if self._cuda_graphs:
+        """Queue one step over rows [0, b); returns its (b,) ids on the device, valid until the next step."""
+        if self._manual:
+            graph = self._captured.get((b, ctx, kind))
+            if graph is not None:
+                graph.replay()
+            else:
+                self._steps[kind](self.model, self.state, self._sampled, b, ctx)
+            return self._sampled[:b]
+        if self._tree_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         ids = self._steps[kind](self.model, self.state, b, ctx)
-        if self._cuda_graphs:
+        if self._tree_graphs:
             ids = ids.clone()  # the graph's output buffer is overwritten by the next replay
         # Advance only the rows in this step, in place on the device (outside the graph, no host sync).
         s = self.state
@@ -308,9 +471,46 @@ class ModelRunner:
         s.pos[:b] += active
         return ids
 
+    def _capture(self, shapes: list[tuple[int, int]]) -> None:
+        """Compile and warm every static step on a side stream (capture needs kernels already loaded and
+        autotuned), then capture each once, largest batch first, into one shared memory pool: only one graph
+        runs at a time, so they can share their intermediates' memory."""
+        self._captured.clear()
+        keys = [(b, ctx, kind) for kind in self._kinds for b, ctx in sorted(shapes, reverse=True)]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for b, ctx, kind in keys:
+                for _ in range(2):
+                    self._steps[kind](self.model, self.state, self._sampled, b, ctx)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        for b, ctx, kind in keys:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._steps[kind](self.model, self.state, self._sampled, b, ctx)
+            self._captured[(b, ctx, kind)] = graph
+
     def _set_active(self, active: np.ndarray) -> None:
         self._active = active
-        self.state.active.copy_(torch.from_numpy(active))
+        host = torch.from_numpy(active)
+        if self.device.type == "cuda":
+            # Pinned and asynchronous: a pageable copy would wait for the step in flight. The caching host
+            # allocator keeps the pinned block until the copy has run.
+            host = host.pin_memory()
+        self.state.active.copy_(host, non_blocking=True)
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    """A static compile per step shape: dynamo's per-function recompile limit (8 by default) must hold them all,
+    as SGLang raises it for its per-batch-size graphs."""
+    config: Any = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), needed))
+            break
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)
 
 
 # ---- construction ----
@@ -328,6 +528,27 @@ def _resolve_compile(option: str, device: torch.device) -> bool:
     if option != "auto":
         return option == "on"
     return device.type == "cuda" or (device.type == "cpu" and CPU_AUTO_COMPILE)
+
+
+# graphs=auto: torch.compile's own CUDA graphs on CUDA until a device run shows the hand-captured ones faster
+# (benchmarks/gpu_check.py measures both side by side); on CPU no graphs exist, and the dynamic compile
+# (two graphs per kind) beats the static one's per-shape compiles at warmup for the same steady speed.
+CUDA_AUTO_GRAPHS = "torch"
+
+
+def _resolve_graphs(option: str, device: torch.device, compile: bool) -> str:
+    """``option`` is one of config.GRAPH_CHOICES (ModelOptions checks it)."""
+    if option == "auto":
+        return CUDA_AUTO_GRAPHS if device.type == "cuda" and compile else "off"
+    return option
+
+
+def _resolve_attention(option: str, graphs: str) -> str:
+    """``option`` is one of config.ATTENTION_CHOICES (ModelOptions checks it)."""
+    if option == "auto":
+        # Hand-captured steps compile once per shape: one context shape keeps that to one per batch bucket.
+        return "masked" if graphs == "manual" else "bucketed"
+    return option
 
 
 def _sampling_kinds(mode: str) -> tuple[int, ...]:
@@ -362,6 +583,8 @@ def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int) ->
     device, dtype = select(options.device, options.dtype)
     model, name = _native_model(options, device, dtype)
     max_context = context_for(options.max_context, model.max_positions)
+    compile = _resolve_compile(options.compile, device)
+    graphs = _resolve_graphs(options.graphs, device, compile)
     return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id,
-                       device=device, dtype=dtype, compile=_resolve_compile(options.compile, device),
-                       kinds=_sampling_kinds(options.mode), name=name)
+                       device=device, dtype=dtype, compile=compile, kinds=_sampling_kinds(options.mode), name=name,
+                       graphs=graphs, attention=_resolve_attention(options.attention, graphs))

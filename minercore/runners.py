@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from .config import ModelOptions
     from .sampling import SlotParams
+    from .steps import Launched
 
 log = logging.getLogger("minercore.runner")
 
@@ -52,10 +53,21 @@ class Runner(Protocol):
     # prefill_batch(slots, prompts, params) -> first ids, whole prompts in one forward, and
     # prefill_chunk(slot, prompt_ids, params, start, end) -> first id or None, a prompt in pieces.
 
+    def launch(self, slots: np.ndarray) -> Launched:
+        """Queue one step for the given prefilled slots (int64, any order): each slot's last id in, its next
+        id sampled on the device. May return before the device is done; ``collect`` gives the ids. At most
+        one launched step may be left uncollected when the next is launched (the engine's one step of
+        lookahead), and steps are collected in launch order. The caller bounds max_new_tokens by
+        max_context - prompt_len; past that, ContextOverflow. Prefill and release may come between a launch
+        and its collect: the device runs them in order, after the launched step."""
+        ...
+
+    def collect(self, step: Launched) -> np.ndarray:
+        """The launched step's ids (int64, aligned with its ``slots``); waits for the device if needed."""
+        ...
+
     def decode(self, slots: np.ndarray) -> np.ndarray:
-        """One step for the given prefilled slots (int64, any order): each slot's last id in, its next id
-        out (int64, aligned with ``slots``). One host sync. The caller bounds max_new_tokens by
-        max_context - prompt_len; past that, ContextOverflow."""
+        """``collect(launch(slots))``: one synchronous step."""
         ...
 
     def release(self, slot: int) -> None:

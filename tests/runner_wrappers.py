@@ -4,7 +4,7 @@ import time
 
 
 class SlowRunner:
-    """Delegates to a real runner, sleeping before each decode step so that requests stay in flight."""
+    """Delegates to a real runner, sleeping before each decode step's launch so that requests stay in flight."""
 
     def __init__(self, runner, delay: float = 0.01):
         self._runner, self.delay = runner, delay
@@ -12,9 +12,12 @@ class SlowRunner:
     def __getattr__(self, name):
         return getattr(self._runner, name)
 
-    def decode(self, slots):
+    def launch(self, slots):
         time.sleep(self.delay)
-        return self._runner.decode(slots)
+        return self._runner.launch(slots)
+
+    def decode(self, slots):
+        return self.collect(self.launch(slots))
 
 
 class FaultyRunner(SlowRunner):
@@ -24,11 +27,11 @@ class FaultyRunner(SlowRunner):
         super().__init__(runner, delay=0.002)
         self.decodes, self.fail_decode_at, self.fail_prefill_for = 0, set(fail_decode_at), set(fail_prefill_for)
 
-    def decode(self, slots):
+    def launch(self, slots):
         self.decodes += 1
         if self.decodes in self.fail_decode_at:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return super().decode(slots)
+        return super().launch(slots)
 
     def prefill(self, slot, prompt_ids, params):
         if len(prompt_ids) in self.fail_prefill_for:

@@ -134,8 +134,8 @@ async def test_ids_past_the_tokenizer_from_a_padded_vocabulary_decode_to_nothing
 
         vocab_size = 50304
 
-        def decode(self, slots):
-            ids = self._runner.decode(slots)
+        def collect(self, step):
+            ids = self._runner.collect(step)
             if not self.padded_once:
                 self.padded_once = True
                 ids[0] = 50300
@@ -180,6 +180,29 @@ async def test_step_exception_fails_only_that_steps_requests():
             with pytest.raises(GenerationFailed, match="out of memory"):
                 await task
         assert (await queued)[0] == prompt_for(4)
+        assert (await collect(engine, GenerationRequest(prompt="after the fault ✓")))[0] == "after the fault ✓"
+        stats = engine.stats()
+        assert (stats.failed, stats.active) == (2, 0)
+
+
+async def test_a_fault_read_back_with_a_steps_ids_fails_only_the_running_requests():
+    """A device fault surfaces when a step's ids are collected (with overlap, after the next step was launched):
+    the running requests fail, the step in flight is dropped, and the engine serves the next request exactly."""
+
+    class FaultOnCollect(SlowRunner):
+        collected = 0
+
+        def collect(self, step):
+            self.collected += 1
+            if self.collected == 4:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            return self._runner.collect(step)
+
+    async with running(runner_wrapper=lambda runner: FaultOnCollect(runner, delay=0.002), max_batch=2) as engine:
+        in_step = [asyncio.create_task(collect(engine, GenerationRequest(prompt=prompt_for(i) * 3))) for i in (1, 2)]
+        for task in in_step:
+            with pytest.raises(GenerationFailed, match="illegal memory access"):
+                await task
         assert (await collect(engine, GenerationRequest(prompt="after the fault ✓")))[0] == "after the fault ✓"
         stats = engine.stats()
         assert (stats.failed, stats.active) == (2, 0)
@@ -290,9 +313,13 @@ async def test_model_work_never_runs_on_the_event_loop():
             calls.append(threading.get_ident())
             return self._runner.prefill(slot, prompt_ids, params)
 
-        def decode(self, slots):
+        def launch(self, slots):
             calls.append(threading.get_ident())
-            return self._runner.decode(slots)
+            return self._runner.launch(slots)
+
+        def collect(self, step):
+            calls.append(threading.get_ident())
+            return self._runner.collect(step)
 
     async with running(runner_wrapper=lambda r: RecordingRunner(r, delay=0), max_batch=64) as engine:
         await asyncio.gather(*(collect(engine, GenerationRequest(prompt=prompt_for(i))) for i in range(64)))
@@ -347,3 +374,81 @@ def test_prompts_prefilled_together_have_similar_lengths():
     assert [[len(j.prompt_ids) for j in g] for g in _prefill_groups(jobs, max_tokens=600)][-3:] == [
         [250, 300], [1900], [2000]]
     assert all(len(g) == 1 for g in _prefill_groups(jobs, max_tokens=0))
+
+
+class Recording(SlowRunner):
+    """Logs every launch, collect and prefill in order, so a test can see what was in flight when."""
+
+    def __init__(self, runner):
+        super().__init__(runner, delay=0.002)
+        self.log = []
+
+    def launch(self, slots):
+        step = super().launch(slots)
+        self.log.append(("launch", id(step), tuple(slots.tolist())))
+        return step
+
+    def collect(self, step):
+        self.log.append(("collect", id(step)))
+        return self._runner.collect(step)
+
+    def prefill(self, slot, prompt_ids, params):
+        self.log.append(("prefill", slot))
+        return self._runner.prefill(slot, prompt_ids, params)
+
+
+def in_flight_at(log, index):
+    """The steps launched and not yet collected at ``log[index]``: {step: slots}."""
+    flying = {}
+    for event in log[:index]:
+        if event[0] == "launch":
+            flying[event[1]] = event[2]
+        elif event[0] == "collect":
+            flying.pop(event[1], None)
+    return flying
+
+
+async def test_overlap_drops_the_extra_id_of_a_stream_that_ended():
+    """A length-limited stream ends at step N while step N+1, launched before N was read, still holds its slot:
+    that id never reaches the caller, the text and counts stay exact, and its neighbour is untouched."""
+    recording = None
+
+    def wrap(runner):
+        nonlocal recording
+        recording = Recording(runner)
+        return recording
+
+    async with running(runner_wrapper=wrap, max_batch=4) as engine:
+        short = collect(engine, GenerationRequest(prompt="one two three four five six",
+                                                  sampling=SamplingParams(max_new_tokens=3)))
+        long = collect(engine, GenerationRequest(prompt=prompt_for(6)))
+        (text, reason, stats), (long_text, long_reason, long_stats) = await asyncio.gather(short, long)
+        assert (text, reason, stats.tokens) == ("one two three", "length", 3)
+        assert (long_text, long_reason) == (prompt_for(6), "eos")
+        assert engine.stats().tokens == 3 + long_stats.tokens
+    short_slot = next(event[1] for event in recording.log if event[0] == "prefill")
+    launches = [event for event in recording.log if event[0] == "launch" and short_slot in event[2]]
+    # Two decode ids end the short stream (prefill gave the first); the third launch is the discarded one.
+    assert len(launches) == 3
+    assert any(len(in_flight_at(recording.log, i)) == 2 for i in range(len(recording.log)))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+async def test_a_slot_reused_while_its_last_step_is_in_flight_serves_only_its_new_stream(overlap):
+    """One slot, queued requests: each next request is prefilled into the slot while (with overlap) the step
+    holding the previous stream's extra id is still in flight. Every stream comes out exact."""
+    recording = None
+
+    def wrap(runner):
+        nonlocal recording
+        recording = Recording(runner)
+        return recording
+
+    async with running(runner_wrapper=wrap, max_batch=1, overlap=overlap) as engine:
+        prompts = [prompt_for(i) for i in range(4)]
+        results = await asyncio.gather(*(collect(engine, GenerationRequest(prompt=p)) for p in prompts))
+        assert [(text, reason) for text, reason, _ in results] == [(p, "eos") for p in prompts]
+        assert [stats.tokens for _, _, stats in results] == [stats.prompt_tokens + 1 for _, _, stats in results]
+    prefills = [i for i, event in enumerate(recording.log) if event[0] == "prefill"]
+    reused_in_flight = [i for i in prefills[1:] if 0 in sum(in_flight_at(recording.log, i).values(), ())]
+    assert len(reused_in_flight) == (3 if overlap else 0)

@@ -23,11 +23,11 @@ class FaultSwitch(SlowRunner):
         self.decode_fault: BaseException | None = None
         self.prefill_fault: BaseException | None = None
 
-    def decode(self, slots):
+    def launch(self, slots):
         fault, self.decode_fault = self.decode_fault, None
         if fault is not None:
             raise fault
-        return super().decode(slots)
+        return super().launch(slots)
 
     def prefill(self, slot, prompt_ids, params):
         fault, self.prefill_fault = self.prefill_fault, None

