@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from minercore.llama import PRESETS, LlamaConfig, LlamaLM, rope_frequencies
-from minercore.runner import ModelRunner
+from minercore.runner import CUDA_AUTO_GRAPHS, ModelRunner
 from minercore.sampling import SlotParams
 
 PROMPT, NEW, MAX_BATCH = 32, 128, 64
@@ -121,8 +121,13 @@ def run(out: Path | None, smoke: bool) -> dict[str, Any]:
     limit = copy_gbps * 1e9 / weight_bytes
     result.update(weight_bytes=weight_bytes, copy_gbps=round(copy_gbps, 1), read_limit_tok_s=round(limit, 1))
 
+    # What serving picks on this device (graphs=auto, attention=auto), at the two batch sizes measured only:
+    # every further batch bucket would cost a compile and a capture of the 8B step.
+    graphs = CUDA_AUTO_GRAPHS if cuda else "off"
     runner = ModelRunner(model, max_batch=batch, max_context=prompt + new + 1, eos_id=0, device=device,
-                         dtype=dtype, compile=cuda, kinds=(0,), name="llama3-8b random")
+                         dtype=dtype, compile=cuda, kinds=(0,), name=result["shape"], graphs=graphs,
+                         attention="masked" if graphs == "manual" else "bucketed", batch_buckets=(1, batch))
+    result.update(graphs=graphs, attention=runner.attention)
     result["warmup_s"] = round(runner.warmup(), 1)  # compiles, and records every step shape's CUDA graph
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (batch, prompt))
