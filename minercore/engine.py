@@ -12,6 +12,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -461,8 +462,10 @@ class Engine:
         """Prefill waiting jobs into free slots, highest priority first, at most ``prefill_tokens`` prompt tokens
         per engine step so that running streams keep decoding: a longer prompt is prefilled in chunks over the
         next steps, and started chunks go before new prompts. Whole prompts admitted together share one
-        forward. Each first text is posted as soon as its prefill is done, not after the step."""
-        budget = max(1, self.options.prefill_tokens)
+        forward. A prompt that would fit a whole step but not what is left of this one waits for the next
+        (splitting it would only add a chunk's overhead). Each first text is posted as soon as its prefill is
+        done, not after the step."""
+        full = budget = max(1, self.options.prefill_tokens)
         for job in list(self._prefilling.values()):
             budget -= self._prefill_part(job, budget, now, outbox)
             if budget <= 0:
@@ -470,7 +473,9 @@ class Engine:
         chunked = hasattr(self._runner, "prefill_chunk")
         whole: list[_Job] = []
         while self._free_slots and budget > 0:
-            job = self._pop_waiting(now, outbox)
+            # At a fresh step any prompt may start (whole, or its first chunk); later, only one that fits.
+            room = budget if chunked and budget < full else math.inf
+            job = self._pop_waiting(now, outbox, room)
             if job is None:
                 break
             job.slot = heapq.heappop(self._free_slots)
@@ -483,15 +488,20 @@ class Engine:
         for group in _prefill_groups(whole, getattr(self._runner, "prefill_batch_tokens", 0)):
             self._prefill_whole(group, outbox)
 
-    def _pop_waiting(self, now: float, outbox: list[_Delivery]) -> _Job | None:
-        """The next waiting job to admit (counted as admitted), ending the expired ones on the way."""
+    def _pop_waiting(self, now: float, outbox: list[_Delivery], room: float) -> _Job | None:
+        """The next waiting job to admit (counted as admitted), ending the expired ones on the way; None if the
+        next one's prompt is longer than ``room`` (it keeps its place in the queue)."""
         with self._cond:
             while self._waiting:
-                job = heapq.heappop(self._waiting)
+                job = self._waiting[0]
                 if job.deadline is not None and now >= job.deadline:
+                    heapq.heappop(self._waiting)
                     self._counts["completed"] += 1
                     outbox.append(self._unserved(job, FINISH_DEADLINE))
                     continue
+                if len(job.prompt_ids) > room:
+                    return None
+                heapq.heappop(self._waiting)
                 self._admitted += 1
                 return job
         return None
