@@ -452,3 +452,26 @@ async def test_a_slot_reused_while_its_last_step_is_in_flight_serves_only_its_ne
     prefills = [i for i, event in enumerate(recording.log) if event[0] == "prefill"]
     reused_in_flight = [i for i in prefills[1:] if 0 in sum(in_flight_at(recording.log, i).values(), ())]
     assert len(reused_in_flight) == (3 if overlap else 0)
+
+
+async def test_prompts_that_fit_a_prefill_step_are_never_split():
+    """prefill_tokens 16: prompts of 9-16 tokens go whole (one waits a step rather than be split into what is
+    left of this one and the rest); only the prompt longer than a step is prefilled in chunks."""
+    chunks = []
+
+    class Recording(SlowRunner):
+        def prefill_chunk(self, slot, prompt_ids, params, start, end):
+            chunks.append((len(prompt_ids), start, end))
+            return self._runner.prefill_chunk(slot, prompt_ids, params, start, end)
+
+    from minercore.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("gpt2")
+    short = ["naïve café résumé, Zürich → Genève", "streams of text, ça coule 流れる", "Zürich → Genève ✓ and back"]
+    long = " ".join(MIXED)
+    assert all(8 < len(tokenizer.encode(p)) <= 16 for p in short) and len(tokenizer.encode(long)) > 16
+    async with running(runner_wrapper=Recording, max_batch=4, prefill_tokens=16) as engine:
+        results = await asyncio.gather(*(collect(engine, GenerationRequest(prompt=p)) for p in [*short, long]))
+    assert [text for text, _, _ in results] == [*short, long]
+    chunked = {n for n, _, _ in chunks}  # prompt lengths as the engine encodes them (specials stay text)
+    assert len(chunked) == 1 and chunked.pop() > 16
