@@ -6,9 +6,11 @@ Architecture: token embedding, pre-RMSNorm blocks of grouped-query attention wit
 per-head q/k RMSNorm (Qwen3), an explicit ``head_dim``, Llama 3.1's RoPE scaling, Mistral's sliding window
 (refused beyond the window: within it, sliding attention is full attention).
 
-The entry points are those of ``minercore.model.SimulatedLM`` (what ``ModelRunner`` drives): ``forward``,
-``prefill``, ``decode`` and ``setup_caches``. Module and parameter names are Hugging Face's without the
-``model.`` prefix, so a checkpoint's tensors map onto parameters by name.
+The entry points are those of ``minercore.model.SimulatedLM`` (``runner.CachedLM``, what ``ModelRunner``
+drives): ``forward``, ``prefill``, ``decode`` and ``setup_caches``. Module and parameter names are Hugging Face's
+without the ``model.`` prefix, except that q/k/v and gate/up are fused into one matrix each; ``checkpoint_views``
+maps every checkpoint tensor name onto its parameter or row block, and ``load_llama`` reads each tensor once
+straight into it.
 """
 
 from __future__ import annotations
