@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -276,7 +277,7 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
         await backend.start()
         if metrics is not None:
             metrics.bind(backend)
-        log.info("serving %s: %s", served_model_name, backend.runner_description)
+        log.info("serving %s: backend %s, %s", served_model_name, backend.backend_name, backend.runner_description)
         yield
         await backend.shutdown(shutdown_grace)
 
@@ -299,7 +300,8 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served_model_name, "runner": backend.runner_description,
+        return {"status": "ok", "backend": backend.backend_name, "model": served_model_name,
+                "runner": backend.runner_description,
                 "stream_loop": backend.stream_loop, "warmup_seconds": backend.warmup_seconds,
                 "stats": backend.stats().as_dict()}
 
@@ -504,7 +506,8 @@ def serve(model: ModelOptions, options: EngineOptions, *, host: str = "127.0.0.1
         bound = metrics.start_http(metrics_port, addr=host)
         log.info("metrics on http://%s:%d/metrics", host, bound)
     backend = build_backend(model, options, metrics=metrics)
-    app = create_app(backend, served_model_name or f"minercore-{model.preset}", metrics=metrics,
+    default_name = Path(model.path).name if model.path else f"minercore-{model.preset}"
+    app = create_app(backend, served_model_name or default_name, metrics=metrics,
                      shutdown_grace=shutdown_grace)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace)

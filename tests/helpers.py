@@ -73,6 +73,7 @@ class FakeEngine:
     """The Engine's interface: echoes the last message in ``chunk``-character pieces, ``delay`` s apart."""
 
     runner_description = "fake engine"
+    backend_name = "native"
     warmup_seconds = 0.0
     stream_loop = "python"
 

@@ -136,12 +136,12 @@ class Miner:
             raise StartupError(f"the engine failed to start: {type(exc).__name__}: {exc}") from exc
         engine = self.engine
         if config.model.backend == "upstream":
-            log.info(f"backend ready: {engine.runner_description}")
+            log.info(f"backend upstream ready: {engine.runner_description}")
         else:
             loop_state = "active" if engine.stream_loop == "cython" else "inactive (pure-Python twin)"
-            log.info(f"engine ready: {engine.runner_description}; model preset {config.model.preset}, mode "
-                     f"{config.model.mode}; compile warm-up {engine.warmup_seconds:.2f}s; compiled stream loop "
-                     f"{loop_state}")
+            log.info(f"backend {engine.backend_name} ready: {engine.runner_description}; model preset "
+                     f"{config.model.preset}, mode {config.model.mode}; compile warm-up "
+                     f"{engine.warmup_seconds:.2f}s; compiled stream loop {loop_state}")
         if self.metrics is not None:
             self.metrics.bind(self.engine)
             port = self.metrics.start_http(config.metrics.port, config.metrics.addr)
