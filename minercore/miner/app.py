@@ -7,7 +7,7 @@ Routes:
   the priority; the answer is the completion as raw UTF-8 in chunks of whole characters, with the
   ``bt_header_axon_*`` response headers the dendrite reads its status from.
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``: the OpenAI shapes of ``minercore serve``
-  (``server.OpenAIApi``), signed with btauth/1 by a hotkey the blacklist admits, for this miner's hotkey.
+  (``openai_api.OpenAIApi``), signed with btauth/1 by a hotkey the blacklist admits, for this miner's hotkey.
   ``X-Client-Timeout`` (seconds) is the caller's deadline.
 * ``GET /health``; ``GET /metrics`` (Prometheus) when the miner keeps metrics.
 
@@ -48,7 +48,7 @@ from ..generation import (
 )
 from ..metrics import Metrics
 from ..observe import RequestTimer, disconnected, next_piece
-from ..server import OpenAIApi
+from ..openai_api import OpenAIApi
 from .auth import AuthError, BtAuthVerifier, DendriteCaller, DendriteVerifier
 from .blacklist import BlacklistPolicy, is_hotkey
 from .config import DEFAULT_DEADLINE_MARGIN_S
