@@ -19,8 +19,9 @@ from importlib import resources
 import bittensor as bt
 from transformers import GPT2Tokenizer
 
-from minercore.miner.offline import ensure_wallet, write_axon_info
+from minercore.miner.offline import write_axon_info
 from minercore.miner.protocol import StreamPrompting
+from minercore.miner.sdk import ensure_wallet
 
 
 def load_seed_tokenizer() -> GPT2Tokenizer:

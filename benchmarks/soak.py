@@ -9,7 +9,8 @@ sessions and histories) and their CPU time would be counted with the miner's. Th
 with psutil; the child reports what only it can see (the engine's counters, its asyncio task and thread counts)
 as JSON lines in a stats file.
 
-Each caller is one long-lived dendrite with its own hotkey, as a validator runs, sending one request after the
+Each caller is one long-lived dendrite (bittensor 10; under 11 a btauth/1 OpenAI client) with its own hotkey, as a
+validator runs, sending one request after the
 other: a rotation of 24 prompts (15 to 420 GPT-2 tokens of prose, accents, CJK, emoji, newlines), each answer
 compared with the prompt (the model echoes). Before the clock starts, every caller sends the longest prompt
 once, so that the first touch of the engine's preallocated KV cache is not counted as growth.
@@ -118,20 +119,25 @@ async def _drive(target: Any, streams: int, duration: float, miner: Any, stats_f
     """Warm up, then run the callers for ``duration`` seconds while sampling ``miner`` (a psutil.Process)."""
     import psutil
 
-    from minercore.miner import client
+    from minercore.miner import client, sdk
     from minercore.tokenizer import load_tokenizer
 
     rotation = prompts()
     tokenizer = load_tokenizer("gpt2")
     tokens = {prompt: len(tokenizer.encode(prompt)) for prompt in rotation}
     longest = max(rotation, key=tokens.__getitem__)
-    dendrites = [client.make_dendrite(client.ephemeral_keypair()) for _ in range(streams)]
+    # bittensor 10: one long-lived dendrite per caller (StreamPrompting); 11: one hotkey per caller (btauth/1 OpenAI).
+    callers = [client.make_dendrite(client.ephemeral_keypair()) if sdk.MAJOR == 10 else client.ephemeral_keypair()
+               for _ in range(streams)]
     failures: list[str] = []
     results = {"requests": 0, "exact": 0, "tokens": 0}
     ttfts: list[float] = []
     try:
-        async def check(dendrite: Any, prompt: str) -> None:
-            result = await client.stream_prompt(target, [prompt], dendrite=dendrite, timeout=REQUEST_TIMEOUT_S)
+        async def check(caller: Any, prompt: str) -> None:
+            if sdk.MAJOR == 10:
+                result = await client.stream_prompt(target, [prompt], dendrite=caller, timeout=REQUEST_TIMEOUT_S)
+            else:
+                result = await client.stream_openai(target, [prompt], wallet=caller, timeout=REQUEST_TIMEOUT_S)
             results["requests"] += 1
             if not result.ok:
                 failures.append(result.error or f"status {result.status_code}: {result.status_message}")
@@ -143,7 +149,7 @@ async def _drive(target: Any, streams: int, duration: float, miner: Any, stats_f
                 if result.ttft_s is not None:
                     ttfts.append(result.ttft_s)
 
-        await asyncio.gather(*(check(d, longest) for d in dendrites))  # warm-up, not counted
+        await asyncio.gather(*(check(caller, longest) for caller in callers))  # warm-up, not counted
         if failures:
             raise RuntimeError(f"the warm-up failed: {failures[:3]}")
         results.update(requests=0, exact=0, tokens=0)
@@ -164,7 +170,7 @@ async def _drive(target: Any, streams: int, duration: float, miner: Any, stats_f
         async def caller(index: int) -> None:
             turn = index
             while time.monotonic() < stop_at:
-                await check(dendrites[index], rotation[turn % len(rotation)])
+                await check(callers[index], rotation[turn % len(rotation)])
                 turn += streams
 
         sampler = asyncio.create_task(sample())
@@ -176,8 +182,9 @@ async def _drive(target: Any, streams: int, duration: float, miner: Any, stats_f
         await asyncio.sleep(2 * SAMPLE_EVERY_S)  # let in-flight cleanups finish before the last look
         end = await _stats_after(stats_file, time.time())
     finally:
-        for dendrite in dendrites:
-            await dendrite.aclose_session()
+        if sdk.MAJOR == 10:
+            for dendrite in callers:
+                await dendrite.aclose_session()
 
     window = min(WINDOW_S, duration / 4)
     first = [value for t, value in rss if t <= window]

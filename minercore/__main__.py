@@ -47,7 +47,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="serve the engine (or an upstream) as an OpenAI-compatible HTTP API")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help='the API\'s model id (default "minercore-<preset>")')
+    serve.add_argument("--served-model-name", default=None,
+                       help='the API\'s model id (default: the --path directory\'s name, else "minercore-<preset>")')
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics here (default: off)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_serve_arguments(serve)  # the core's options, from the table the miner's are built from too

@@ -20,6 +20,11 @@ class Backend(Protocol):
     stream_loop: str
 
     @property
+    def backend_name(self) -> str:
+        """What generates the text: native (the compiled core), hf (transformers, eager) or upstream."""
+        ...
+
+    @property
     def runner_description(self) -> str: ...
 
     async def start(self) -> None: ...
@@ -32,7 +37,8 @@ class Backend(Protocol):
 
 
 def build_backend(model: ModelOptions, options: EngineOptions, *, metrics: ErrorSink | None = None) -> Backend:
-    """``model.backend`` picks: simulated and hf run the engine here; upstream forwards to ``model.upstream_url``.
+    """``model.backend`` picks: native (alias simulated) and hf run the engine here; upstream forwards to
+    ``model.upstream_url``.
 
     ``metrics`` (a ``minercore.metrics.Metrics``) receives the upstream's failed calls; the engine ignores it.
     """

@@ -9,12 +9,18 @@ DEFAULT_MAX_CONTEXT = 4096
 
 # The choices, written once: checked here, offered by both command lines (minercore.options). PRESETS in
 # model.py and DTYPES in device.py hold what these names stand for (tests check that they agree).
-BACKENDS = ("simulated", "hf", "upstream")
+# native: the compiled core (GPT-2 and the Llama family); simulated: its name before the Llama family joined.
+BACKENDS = ("native", "simulated", "hf", "upstream")
+NATIVE_BACKENDS = ("native", "simulated")
 MODES = ("echo", "generate")
 COMPILE_CHOICES = ("auto", "on", "off")
 GRAPH_CHOICES = ("auto", "torch", "manual", "off")  # runner.py says what each means
 ATTENTION_CHOICES = ("auto", "bucketed", "masked", "flex")
-PRESET_NAMES = ("tiny", "gpt2", "gpt2-medium")
+# model.py's presets, then llama.py's (random weights; llama3-8b is Llama-3-8B's shape, for GPU benchmarks).
+PRESET_NAMES = ("tiny", "gpt2", "gpt2-medium", "llama-tiny", "llama3-8b")
+# config.json model_type values the native backend implements; a checkpoint of another type goes to hf.
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+NATIVE_MODEL_TYPES = ("gpt2", *LLAMA_MODEL_TYPES)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -27,18 +33,19 @@ def context_for(options_max_context: int | None, model_positions: int | None) ->
 
 @dataclass
 class ModelOptions:
-    # simulated (GPT-2 architecture) | hf (any AutoModelForCausalLM directory) | upstream (an OpenAI-compatible server)
-    backend: str = "simulated"
-    preset: str = "tiny"  # simulated: tiny | gpt2 | gpt2-medium
+    # native (the compiled core: GPT-2 and the Llama family; alias simulated) | hf (any AutoModelForCausalLM
+    # directory, eager) | upstream (an OpenAI-compatible server)
+    backend: str = "native"
+    preset: str = "tiny"  # native, without path: tiny | gpt2 | gpt2-medium | llama-tiny | llama3-8b (random weights)
     mode: str = "echo"  # echo: greedy output reproduces the prompt | generate: the model's own sampling
     weights: str | None = None  # simulated: GPT-2-family Hugging Face checkpoint directory (or hub name)
-    path: str | None = None  # hf: model directory
+    path: str | None = None  # a Hugging Face checkpoint directory: native if its model_type has an implementation
     tokenizer: str = "gpt2"  # gpt2 (bundled) or a Hugging Face tokenizer name/directory
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"  # auto | on | off
-    graphs: str = "auto"  # simulated, CUDA: torch (torch.compile's CUDA graphs) | manual (captured by hand) | off
-    attention: str = "auto"  # simulated: bucketed (power-of-two context buckets) | masked | flex (row lengths)
+    graphs: str = "auto"  # native, CUDA: torch (torch.compile's CUDA graphs) | manual (captured by hand) | off
+    attention: str = "auto"  # native: bucketed (power-of-two context buckets) | masked | flex (row lengths)
     max_context: int | None = None  # None: the model's own context, at most DEFAULT_MAX_CONTEXT
     seed: int = 0
     upstream_url: str | None = None  # upstream: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1
@@ -63,4 +70,7 @@ class EngineOptions:
     flush_ms: float = 50.0  # ...or this long after its last flush
     max_new_tokens: int = 4096  # ceiling on any request's max_new_tokens
     max_prompt_chars: int = 1_000_000  # larger prompts are rejected before tokenization
+    # Prompt tokens prefilled per engine step: longer prompts are prefilled in chunks between decode steps, so
+    # a burst of long prompts delays running streams by at most about this many tokens of prefill per token.
+    prefill_tokens: int = 2048
     overlap: bool = True  # launch decode step N+1 before detokenizing and posting step N

@@ -12,6 +12,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import math
 import random
 import sys
 import threading
@@ -90,7 +91,7 @@ class _Job:
     """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
 
     __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
-                 "mailbox", "slot", "tokens")
+                 "mailbox", "slot", "tokens", "prefilled")
 
     def __init__(self, request_id: str, prompt_ids: list[int], slot_params: SlotParams, sampling: SamplingParams,
                  deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
@@ -104,6 +105,7 @@ class _Job:
         self.mailbox = mailbox
         self.slot = -1
         self.tokens = 0  # ids handed to the stream loop for this job, set when it leaves its slot
+        self.prefilled = 0  # prompt tokens in its slot's cache so far (chunked prefill)
 
     def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
         return (-self.priority, self.seq) < (-other.priority, other.seq)
@@ -128,7 +130,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._waiting: list[_Job] = []  # heap
-        self._active: dict[int, _Job] = {}  # slot -> job; model thread only
+        self._active: dict[int, _Job] = {}  # slot -> job, decoding; model thread only
+        self._prefilling: dict[int, _Job] = {}  # slot -> job whose long prompt is prefilled in chunks; model thread
+        self._before_first_text: set[int] = set()  # slots whose stream has produced no text yet; model thread
+        self._strip_first_space = False
         self._admitted = 0  # jobs admitted to a slot and not finished; read under _cond for admission
         self._cancelled: collections.deque[_Job] = collections.deque()
         self._seq = itertools.count()
@@ -159,13 +164,25 @@ class Engine:
         await ready
 
     def _build(self) -> None:
-        from .token_bytes import token_bytes_table
-        from .tokenizer import load_tokenizer
+        from .token_bytes import strips_first_space, token_bytes_table
+        from .tokenizer import load_tokenizer, stop_token_ids, tokenizer_for
 
+        options = self.model_options
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_options.tokenizer)
-        self._prompt_encoder = _prompt_encoder(self._tokenizer)
-        eos_id = self._tokenizer.eos_token_id
+            self._tokenizer = load_tokenizer(tokenizer_for(options.tokenizer, options.path))
+        # Generated text continues the prompt as the model was trained to see it: with the tokenizer's BOS where
+        # it adds one (Llama, Mistral). An echo reproduces the text, so it gets the text's tokens only.
+        self._prompt_encoder = _prompt_encoder(self._tokenizer, add_special_tokens=options.mode == "generate")
+        stops = stop_token_ids(self._tokenizer, options.path)
+        if not stops:
+            raise ValueError("the tokenizer has no EOS token and the checkpoint's configs name none")
+        eos_id = stops[0]
+        # A generated stream ends at any stop id (Llama 3: end of text and end of turn). The stream loop knows
+        # one EOS, so the others are handed to it as that one: they are special tokens and decode to nothing
+        # either way. Echo output is steered onto the prompt and ends at eos_id only.
+        self._eos_id = eos_id
+        self._other_stops = (np.array(stops[1:], dtype=np.int64)
+                             if options.mode == "generate" and len(stops) > 1 else None)
         if self._runner is None:
             from .runners import build_runner
 
@@ -182,6 +199,9 @@ class Engine:
         # Models often pad their vocabulary past the tokenizer's (e.g. to a multiple of 64): ids the tokenizer
         # does not know decode to nothing, as tokenizer.decode would skip them, instead of failing the step.
         table += [b""] * (self._runner.vocab_size - len(table))
+        # SentencePiece-style tokenizers decode a text without the space their normalizer put before its first
+        # word; a stream's first text drops it the same way (the per-token table cannot know what is first).
+        self._strip_first_space = strips_first_space(self._tokenizer)
         self._table = streamloop.StreamTable(
             table, self.options.max_batch, eos_id=eos_id,
             flush_tokens=self.options.flush_tokens, flush_ms=self.options.flush_ms)
@@ -203,6 +223,13 @@ class Engine:
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    @property
+    def backend_name(self) -> str:
+        """native or hf: the runner's kind, once built (a native path may fall back to hf)."""
+        if self._runner is None:
+            return "hf" if self.model_options.backend == "hf" else "native"
+        return getattr(self._runner, "backend", "native")
 
     @property
     def runner_description(self) -> str:
@@ -297,6 +324,8 @@ class Engine:
                 raise InvalidRequest(f"prompt_ids must be token ids in [0, {vocab})")
             return ids
         text = request.prompt if request.prompt is not None else self._format_messages(request.messages)
+        if isinstance(text, list):
+            return text  # the chat template's ids
         text = check_prompt_text(text, self.options.max_prompt_chars)
         if len(text) <= _INLINE_TOKENIZE_CHARS:
             return self._encode(text)
@@ -305,14 +334,22 @@ class Engine:
     def _encode(self, text: str) -> list[int]:
         return self._prompt_encoder(text)
 
-    def _format_messages(self, messages: Any) -> str:
+    def _format_messages(self, messages: Any) -> str | list[int]:
+        """The prompt for chat messages: the ids of the tokenizer's chat template with the generation prompt
+        (generate mode, a tokenizer with a template), else text."""
         messages = check_messages(messages, self.options.max_prompt_chars)
         if self.model_options.mode == "echo":
             return messages[-1]["content"]  # the seed's behaviour: answer the last message
         template = getattr(self._tokenizer, "chat_template", None)
         if template:
+            # The template's control tokens are tokens, so its text is tokenized with special tokens recognised:
+            # a message must not smuggle them in as text (a fake end of turn, a fake system message).
+            for token in _special_token_texts(self._tokenizer):
+                if any(token in m["content"] for m in messages):
+                    raise InvalidRequest(f"message content contains the model's control token {token!r}")
             try:
-                return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return list(self._tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                                add_generation_prompt=True))
             except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
                 raise InvalidRequest(f"messages do not fit the model's chat template: {exc}") from exc
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
@@ -343,8 +380,8 @@ class Engine:
         outbox: list[_Delivery] = []
         while True:
             with self._cond:
-                while (not self._abort and not self._active and not self._waiting and not self._cancelled
-                       and self._in_flight is None):
+                while (not self._abort and not self._active and not self._prefilling and not self._waiting
+                       and not self._cancelled and self._in_flight is None):
                     self._cond.wait()
                 if self._abort:
                     break
@@ -358,7 +395,7 @@ class Engine:
                 for job in list(self._active.values()):
                     self._end(job, outbox, error=GenerationFailed(f"engine error: {exc}"))
             # _waiting is read without the lock: a stale answer only posts early or once behind a prefill.
-            if self._in_flight is None or (self._waiting and self._free_slots):
+            if self._in_flight is None or self._prefilling or (self._waiting and self._free_slots):
                 self._post(outbox)
                 outbox.clear()
         self._post(outbox)
@@ -431,44 +468,135 @@ class Engine:
         """Hand one token per slot to the stream loop (one call for the whole batch) and route its events."""
         if not slots.size:
             return
+        if self._other_stops is not None:
+            ids = np.where(np.isin(ids, self._other_stops), self._eos_id, ids)
         events = self._table.step(slots, ids)
         self._slot_tokens[slots] += 1
         with self._cond:
             self._counts["tokens"] += len(slots)
         for slot, text, reason in events:
             job = self._active[slot]
+            if text and slot in self._before_first_text:
+                self._before_first_text.discard(slot)
+                text = text.removeprefix(" ")
             if reason is None:
                 outbox.append(_Delivery(job.mailbox, text))
             else:
                 self._end(job, outbox, reason=reason, text=text, table_done=True)
 
     def _admit(self, now: float, outbox: list[_Delivery]) -> None:
-        """Prefill waiting jobs into free slots, highest priority first. Each one's first text is posted as
-        soon as its own prefill is done, so a burst of arrivals does not wait for every prefill and a step."""
-        while self._free_slots:
-            with self._cond:
-                if not self._waiting:
-                    break
-                job = heapq.heappop(self._waiting)
+        """Prefill waiting jobs into free slots, highest priority first, at most ``prefill_tokens`` prompt tokens
+        per engine step so that running streams keep decoding: a longer prompt is prefilled in chunks over the
+        next steps, and started chunks go before new prompts. Whole prompts admitted together share one
+        forward. A prompt that would fit a whole step but not what is left of this one waits for the next
+        (splitting it would only add a chunk's overhead). Each first text is posted as soon as its prefill is
+        done, not after the step."""
+        full = budget = max(1, self.options.prefill_tokens)
+        for job in list(self._prefilling.values()):
+            budget -= self._prefill_part(job, budget, now, outbox)
+            if budget <= 0:
+                return
+        chunked = hasattr(self._runner, "prefill_chunk")
+        whole: list[_Job] = []
+        while self._free_slots and budget > 0:
+            # At a fresh step any prompt may start (whole, or its first chunk); later, only one that fits.
+            room = budget if chunked and budget < full else math.inf
+            job = self._pop_waiting(now, outbox, room)
+            if job is None:
+                break
+            job.slot = heapq.heappop(self._free_slots)
+            if len(job.prompt_ids) <= budget or not chunked:
+                whole.append(job)
+                budget -= len(job.prompt_ids)
+            else:
+                self._prefilling[job.slot] = job
+                budget -= self._prefill_part(job, budget, now, outbox)
+        for group in _prefill_groups(whole, getattr(self._runner, "prefill_batch_tokens", 0)):
+            self._prefill_whole(group, outbox)
+
+    def _pop_waiting(self, now: float, outbox: list[_Delivery], room: float) -> _Job | None:
+        """The next waiting job to admit (counted as admitted), ending the expired ones on the way; None if the
+        next one's prompt is longer than ``room`` (it keeps its place in the queue)."""
+        with self._cond:
+            while self._waiting:
+                job = self._waiting[0]
                 if job.deadline is not None and now >= job.deadline:
+                    heapq.heappop(self._waiting)
                     self._counts["completed"] += 1
                     outbox.append(self._unserved(job, FINISH_DEADLINE))
                     continue
+                if len(job.prompt_ids) > room:
+                    return None
+                heapq.heappop(self._waiting)
                 self._admitted += 1
-            job.slot = heapq.heappop(self._free_slots)
-            self._active[job.slot] = job
+                return job
+        return None
+
+    def _prefill_whole(self, jobs: list[_Job], outbox: list[_Delivery]) -> None:
+        """Whole prompts: one batched forward when the runner has one; if it fails, one prompt at a time, so
+        only a prompt that fails alone fails its request."""
+        firsts = None
+        if len(jobs) > 1 and hasattr(self._runner, "prefill_batch"):
             try:
-                first = self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
-                self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
-                                include_stop=job.sampling.include_stop)
-            except Exception as exc:  # noqa: BLE001 - only this request fails
-                log.exception("prefill failed for %s", job.request_id)
+                firsts = self._runner.prefill_batch([j.slot for j in jobs], [j.prompt_ids for j in jobs],
+                                                    [j.slot_params for j in jobs])
+            except Exception:  # noqa: BLE001 - retried one by one below
+                log.warning("batched prefill of %d prompts failed; prefilling them one at a time", len(jobs),
+                            exc_info=True)
                 _free_cuda_cache()
-                self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"))
-                continue
-            self._consume(np.array([job.slot], dtype=np.int64), np.array([first], dtype=np.int64), outbox)
+        for i, job in enumerate(jobs):
+            if firsts is not None:
+                first = firsts[i]
+            else:
+                try:
+                    first = self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
+                except Exception as exc:  # noqa: BLE001 - only this request fails
+                    self._prefill_failed(job, exc, outbox)
+                    continue
+            self._start_stream(job, first, outbox)
+            if firsts is None:  # one prefill at a time: this first text need not wait for the next prefill
+                self._post(outbox.copy())
+                outbox.clear()
+        self._post(outbox.copy())
+        outbox.clear()
+
+    def _prefill_part(self, job: _Job, budget: int, now: float, outbox: list[_Delivery]) -> int:
+        """The next chunk (at most ``budget`` tokens) of a job's prompt; returns the tokens it took."""
+        if job.deadline is not None and now >= job.deadline:
+            self._end(job, outbox, reason=FINISH_DEADLINE, table_done=True)
+            return 0
+        start = job.prefilled
+        end = min(len(job.prompt_ids), start + budget)
+        try:
+            first = self._runner.prefill_chunk(job.slot, job.prompt_ids, job.slot_params, start, end)
+        except Exception as exc:  # noqa: BLE001 - only this request fails
+            self._prefill_failed(job, exc, outbox)
+            return end - start
+        job.prefilled = end
+        if first is not None:
+            del self._prefilling[job.slot]
+            self._start_stream(job, first, outbox)
             self._post(outbox.copy())
             outbox.clear()
+        return end - start
+
+    def _prefill_failed(self, job: _Job, exc: Exception, outbox: list[_Delivery]) -> None:
+        log.error("prefill failed for %s", job.request_id, exc_info=exc)
+        _free_cuda_cache()
+        self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"), table_done=True)
+
+    def _start_stream(self, job: _Job, first: int, outbox: list[_Delivery]) -> None:
+        """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
+        self._active[job.slot] = job
+        if self._strip_first_space:
+            self._before_first_text.add(job.slot)
+        try:
+            self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
+                            include_stop=job.sampling.include_stop)
+        except Exception as exc:  # noqa: BLE001 - only this request fails
+            self._prefill_failed(job, exc, outbox)
+            return
+        self._consume(np.array([job.slot], dtype=np.int64), np.array([first], dtype=np.int64), outbox)
 
     def _expire_waiting(self, now: float, outbox: list[_Delivery]) -> None:
         """While every slot is busy, queued requests past their deadline end now: their callers stop waiting and
@@ -490,7 +618,7 @@ class Engine:
                 heapq.heapify(self._waiting)
                 self._counts["cancelled"] += 1
                 return
-        if self._active.get(job.slot) is job:
+        if self._active.get(job.slot) is job or self._prefilling.get(job.slot) is job:
             self._table.release(job.slot)
             self._release_slot(job)
             with self._cond:
@@ -512,7 +640,10 @@ class Engine:
             self._runner.release(job.slot)
         except Exception:  # noqa: BLE001 - a runner that cannot release still gets its slot reused by prefill
             log.exception("runner failed to release slot %d", job.slot)
-        del self._active[job.slot]
+        # A job ends while decoding, while its prompt is prefilled in chunks, or in a failed prefill (in neither).
+        self._active.pop(job.slot, None)
+        self._prefilling.pop(job.slot, None)
+        self._before_first_text.discard(job.slot)
         job.tokens = int(self._slot_tokens[job.slot])
         self._slot_tokens[job.slot] = 0
         self._tenancy[job.slot] += 1
@@ -538,6 +669,8 @@ class Engine:
         for job in list(self._active.values()):
             self._end(job, outbox, reason=FINISH_CANCELLED, text=self._table.finish(job.slot, drop_incomplete=True),
                       table_done=True)
+        for job in list(self._prefilling.values()):
+            self._end(job, outbox, reason=FINISH_CANCELLED, table_done=True)
         with self._cond:
             waiting, self._waiting = self._waiting, []
             self._counts["cancelled"] += len(waiting)
@@ -597,17 +730,45 @@ def _deliver(outbox: list[_Delivery]) -> None:
             waiter.set_result(None)
 
 
-def _prompt_encoder(tokenizer: Any):
-    """Encode prompts so that text such as "<|endoftext|>" stays text: clients must not inject control ids."""
+_MAX_PADDING = 1.5  # a batched prefill computes at most this many times its prompts' own tokens
+
+
+def _prefill_groups(jobs: list[_Job], max_tokens: int) -> list[list[_Job]]:
+    """Jobs in groups that are each one batched prefill, shortest prompts first: a group is padded to its
+    longest prompt, so only similar lengths share one (one 2,000-token prompt among 8 short ones would cost
+    8 x 2,000), and holds at most ``max_tokens`` padded tokens, the runner's saturation point: past it a batch
+    computes no faster than its prompts one after another, and only delays the first ones' first tokens."""
+    groups: list[list[_Job]] = []
+    tokens = 0
+    for job in sorted(jobs, key=lambda j: len(j.prompt_ids)):
+        n = len(job.prompt_ids)  # the longest so far: the group's padded length if it joins
+        padded = (len(groups[-1]) + 1) * n if groups else 0
+        if groups and padded <= _MAX_PADDING * (tokens + n) and padded <= max_tokens:
+            groups[-1].append(job)
+            tokens += n
+        else:
+            groups.append([job])
+            tokens = n
+    return groups
+
+
+def _special_token_texts(tokenizer: Any) -> list[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return [token.content for token in added.values() if token.special and token.content]
+
+
+def _prompt_encoder(tokenizer: Any, add_special_tokens: bool = False):
+    """Encode prompts so that text such as "<|endoftext|>" stays text: clients must not inject control ids.
+    ``add_special_tokens``: what the tokenizer's post-processor adds around a text (a BOS), if anything."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return lambda text: tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return lambda text: tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
     from tokenizers import Tokenizer
 
     # A private copy: the flag would change how the shared tokenizer treats special tokens elsewhere.
     encoder = Tokenizer.from_str(backend.to_str())
     encoder.encode_special_tokens = True
-    return lambda text: encoder.encode(text, add_special_tokens=False).ids
+    return lambda text: encoder.encode(text, add_special_tokens=add_special_tokens).ids
 
 
 def _free_cuda_cache() -> None:

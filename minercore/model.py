@@ -4,7 +4,8 @@ Architecture: learned positional embeddings, pre-LayerNorm blocks, GELU(tanh) ML
 LM head tied to the token embedding. Three entry points:
 
 - ``forward(idx)``: full causal recompute, no cache (the reference the cached paths are tested against);
-- ``prefill(idx, slot)``: one prompt, its keys/values written into row ``slot`` of every layer's cache;
+- ``prefill(idx, slots, start, last)``: prompt chunks (right-padded), their keys/values written into rows
+  ``slots`` of every layer's cache at positions [start, start + T);
 - ``decode(tokens, pos, ctx)``: one new token for each of the first ``len(tokens)`` cache rows, each
   attending over its own row's first ``ctx`` positions (masked beyond its own position). With
   ``flex_attention`` set, FlexAttention with a block mask built from the positions visits only the key blocks
@@ -63,11 +64,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def fill(self, slot: int, k: Tensor, v: Tensor) -> None:
-        """Write one prompt's (1, H, T, D) keys/values at positions [0, T) of row ``slot``."""
-        length = k.shape[2]
-        self.k[slot, :, :length] = k[0]
-        self.v[slot, :, :length] = v[0]
+    def fill(self, slots: Tensor, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write prompt chunks, (B, H, T, D), at positions [start, start + T) of rows ``slots``; return what
+        their queries attend: the chunk itself from position 0, else the rows' positions [0, start + T)."""
+        end = start + k.shape[2]
+        self.k[slots, :, start:end] = k
+        self.v[slots, :, start:end] = v
+        if start == 0:
+            return k, v
+        return self.k[slots, :, :end], self.v[slots, :, :end]
 
     def append(self, pos: Tensor, k: Tensor, v: Tensor, ctx: int) -> tuple[Tensor, Tensor]:
         """Write row i's (H, 1, D) step at ``pos[i]`` for rows [0, b); return views of their first ``ctx``
@@ -77,6 +82,20 @@ class KVCache(nn.Module):
         self.k[rows, :, pos] = k[:, :, 0]
         self.v[rows, :, pos] = v[:, :, 0]
         return self.k[:b, :, :ctx], self.v[:b, :, :ctx]
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+    """Causal attention of a prompt chunk's queries (positions [start, start + T)) over keys [0, start + T)."""
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    t = q.shape[2]
+    mask = torch.arange(start + t, device=q.device) <= torch.arange(start, start + t, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def prompt_rows(slots: int | Tensor, device: torch.device) -> Tensor:
+    """Cache rows as a (B,) index tensor (one int slot is a batch of one)."""
+    return torch.tensor([slots], device=device) if isinstance(slots, int) else slots
 
 
 class Attention(nn.Module):
@@ -96,11 +115,11 @@ class Attention(nn.Module):
         b, _, t, _ = y.shape
         return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x: Tensor, slot: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, slots: Tensor | None = None, start: int = 0) -> Tensor:
         q, k, v = self._heads(x)
-        if slot is not None:
-            self.cache.fill(slot, k, v)
-        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        if slots is not None:
+            k, v = self.cache.fill(slots, start, k, v)
+        return self._merge(prompt_attention(q, k, v, start))
 
     def step(self, x: Tensor, pos: Tensor, mask: Tensor | BlockMask, ctx: int) -> Tensor:
         q, k, v = self._heads(x)
@@ -132,8 +151,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, slot: int | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), slot)
+    def forward(self, x: Tensor, slots: Tensor | None = None, start: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), slots, start)
         return x + self.mlp(self.ln_2(x))
 
     def step(self, x: Tensor, pos: Tensor, mask: Tensor | BlockMask, ctx: int) -> Tensor:
@@ -168,6 +187,13 @@ class SimulatedLM(nn.Module):
                     nn.init.zeros_(module.bias)
         return model
 
+    @property
+    def max_positions(self) -> int:
+        return self.config.n_positions
+
+    def describe(self) -> str:
+        return describe(self.config)
+
     def setup_caches(self, max_batch: int, max_context: int) -> int:
         """Allocate every layer's cache on the model's device and dtype; returns KV bytes per slot."""
         if max_context > self.config.n_positions:
@@ -182,8 +208,8 @@ class SimulatedLM(nn.Module):
                                        weight.dtype, weight.device)
         return 2 * self.config.n_layer * positions * self.config.n_embd * weight.element_size()
 
-    def _embed(self, idx: Tensor) -> Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
+    def _embed(self, idx: Tensor, start: int = 0) -> Tensor:
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         return self.wte(idx) + self.wpe(positions)
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -193,12 +219,16 @@ class SimulatedLM(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
-    def prefill(self, idx: Tensor, slot: int) -> Tensor:
-        """(1, T) prompt -> (1, V) logits of its last position; keys/values stored in cache row ``slot``."""
-        x = self._embed(idx)
+    def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
+        """(B, T) prompt chunks at positions [start, start + T) -> (B, V) logits at index ``last`` of each row
+        (default: the chunk's end); keys/values stored in cache rows ``slots``. Rows shorter than T are padded
+        on the right: causal attention keeps padding out of their real positions, and decode overwrites it."""
+        rows = prompt_rows(slots, idx.device)
+        x = self._embed(idx, start)
         for block in self.blocks:
-            x = block(x, slot)
-        return self.lm_head(self.ln_f(x[:, -1]))
+            x = block(x, rows, start)
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        return self.lm_head(self.ln_f(x))
 
     def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
         """(b,) tokens at (b,) positions -> (b, V) logits; row i uses cache row i, positions [0, ctx)."""

@@ -1,15 +1,17 @@
 """What the front ends (the HTTP server, the miner) learn about a request while they answer it: its timings and
-outcome for the metrics (``RequestTimer``), and whether the caller is still there (``disconnected``)."""
+outcome for the metrics (``RequestTimer``), whether the caller is still there (``disconnected``), and whether
+its time is up (``next_piece``)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .generation import FINISH_DEADLINE, Piece
+
 if TYPE_CHECKING:
-    from .generation import Piece
     from .metrics import Metrics
 
 
@@ -67,3 +69,21 @@ async def disconnected(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> N
             pass
     except Exception:  # noqa: BLE001 - losing the watch must not cut a healthy stream
         await asyncio.get_running_loop().create_future()
+
+
+async def next_piece(pieces: AsyncIterator[Piece], ends_at: float | None) -> Piece:
+    """The backend's next piece, or an empty ``deadline`` piece once ``time.monotonic()`` passes ``ends_at``.
+
+    Backends check their deadlines between model steps, which grow long under load (a batch of long prefills);
+    a caller's timeout does not wait for them, so a front end holds its answer's deadline itself. The caller
+    closes ``pieces`` afterwards, which cancels the request in the backend.
+    """
+    if ends_at is None:
+        return await anext(pieces)
+    remaining = ends_at - time.monotonic()
+    try:
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        return await asyncio.wait_for(anext(pieces), remaining)
+    except asyncio.TimeoutError:
+        return Piece("", FINISH_DEADLINE)

@@ -91,33 +91,39 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("backend", ModelOptions, "model", choices=BACKENDS,
-           help="simulated: a GPT-2-shaped model in this process; hf: any Hugging Face causal LM directory "
-                "({path}); upstream: an OpenAI-compatible server ({upstream_url})."),
-    Option("preset", ModelOptions, "model", choices=PRESET_NAMES, help="Size of the simulated model."),
+           help="native: the compiled core in this process (GPT-2 and the Llama family: a {path} checkpoint or a "
+                "{preset}; simulated is its old name); hf: any Hugging Face causal LM directory ({path}), eager; "
+                "upstream: an OpenAI-compatible server ({upstream_url})."),
+    Option("preset", ModelOptions, "model", choices=PRESET_NAMES,
+           help="Native model with random weights when no {path} or {weights} is given (llama3-8b: Llama-3-8B's "
+                "shape, for GPU benchmarks)."),
     Option("mode", ModelOptions, "model", choices=MODES,
            help="echo: answer the prompt (the last message) byte for byte (the seed's behaviour); generate: the "
                 "model's own sampling."),
     Option("weights", ModelOptions, "model",
-           help="Simulated backend: a GPT-2-family checkpoint directory or hub name (default: random weights from "
+           help="Native backend: a GPT-2-family checkpoint directory or hub name (default: random weights from "
                 "{seed})."),
-    Option("path", ModelOptions, "model", help="hf backend: the model directory."),
+    Option("path", ModelOptions, "model",
+           help="A Hugging Face checkpoint directory: served natively when its model_type is gpt2, llama, "
+                "mistral, qwen2 or qwen3, else by the hf backend (logged)."),
     Option("tokenizer", ModelOptions, "model",
-           help="gpt2 (bundled, offline) or a Hugging Face tokenizer name or directory."),
+           help="gpt2 (bundled, offline) or a Hugging Face tokenizer name or directory; with {path}, that "
+                "directory's own tokenizer unless another is named."),
     Option("compile", ModelOptions, "model", choices=COMPILE_CHOICES,
            help="torch.compile the decode step (auto: on; CUDA graphs on CUDA). Costs seconds of warm-up at "
                 "start-up."),
     Option("graphs", ModelOptions, "model", choices=GRAPH_CHOICES,
-           help="Simulated backend on CUDA: how the compiled decode step is replayed. torch: torch.compile's own "
+           help="Native backend on CUDA: how the compiled decode step is replayed. torch: torch.compile's own "
                 "CUDA graphs; manual: one CUDA graph per batch bucket, captured by hand around a static compile; "
                 "off: none. auto: torch until a device run shows manual faster."),
     Option("attention", ModelOptions, "model", choices=ATTENTION_CHOICES,
-           help="Simulated backend: the keys a decode step reads. bucketed: a power-of-two prefix holding every "
+           help="Native backend: the keys a decode step reads. bucketed: a power-of-two prefix holding every "
                 "row; masked: the whole context, masked per row; flex: FlexAttention over each row's own length. "
                 "auto: masked with graphs manual, else bucketed."),
     Option("max_context", ModelOptions, "model", type=positive_int,
            help="Longest prompt plus answer, in tokens (default: the model's own context, at most 4096). Echo "
                 "answers prompts of up to (max_context - 1) / 2 tokens in full."),
-    Option("seed", ModelOptions, "model", type=int, help="Seed of the simulated model's random weights."),
+    Option("seed", ModelOptions, "model", type=int, help="Seed of the native model's random weights."),
     Option("upstream_url", ModelOptions, "model",
            help="upstream backend: base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1."),
     Option("upstream_model", ModelOptions, "model",
@@ -134,6 +140,9 @@ OPTIONS: tuple[Option, ...] = (
            help="Longest answer, in tokens (the ceiling on any request's own limit)."),
     Option("max_prompt_chars", EngineOptions, "engine", type=positive_int,
            help="Longer prompts get 400 before they are tokenized."),
+    Option("prefill_tokens", EngineOptions, "engine", type=positive_int,
+           help="Prompt tokens prefilled per engine step; longer prompts are prefilled in chunks between decode "
+                "steps, so running streams keep flowing while long prompts arrive."),
     Option("overlap", EngineOptions, "engine", type=on_off,
            help="on: launch decode step N+1 before step N is detokenized and sent, so the device never waits for "
                 "the host (on or off)."),

@@ -1,4 +1,5 @@
-"""The decode loop the engine drives: prefill one slot, then one step for every active slot at a time.
+"""The decode loop the engine drives: prefill slots (batched, or a long prompt in chunks), then one step for
+every active slot at a time.
 
 State lives on the device in fixed-size per-slot buffers (last token, position, sampling parameters, echo
 targets) next to the model's static KV cache, so a step needs no host-to-device copy and exactly one host
@@ -25,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ from torch import Tensor
 
 from .config import ATTENTION_CHOICES, GRAPH_CHOICES, ModelOptions, context_for
 from .device import dtype_name, select
-from .model import PRESETS, SimulatedLM, describe, load_gpt2
+from .llama import PRESETS as LLAMA_PRESETS
+from .llama import LlamaConfig, LlamaLM, load_llama, read_config
+from .model import PRESETS, SimulatedLM, load_gpt2
 from .sampling import (
     FILTER,
     GREEDY,
@@ -41,6 +44,7 @@ from .sampling import (
     SAMPLE,
     SlotParams,
     SlotState,
+    check_prompt,
     check_room,
     check_slot,
     prefill_slot,
@@ -60,6 +64,33 @@ GRAPH_MODES = tuple(c for c in GRAPH_CHOICES if c != "auto")  # torch | manual |
 ATTENTION_MODES = tuple(c for c in ATTENTION_CHOICES if c != "auto")
 
 
+class CachedLM(Protocol):
+    """A model with a static KV cache, as ``ModelRunner`` drives it: ``minercore.model.SimulatedLM`` (GPT-2) and
+    ``minercore.llama.LlamaLM`` (the Llama family). An ``nn.Module`` (the runner moves and casts it)."""
+
+    config: Any  # has vocab_size
+    max_positions: int
+
+    def describe(self) -> str: ...
+
+    def setup_caches(self, max_batch: int, max_context: int) -> int:
+        """Allocate caches for ``max_batch`` rows of ``max_context`` positions; returns KV bytes per slot."""
+        ...
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, V) logits, no cache (the reference)."""
+        ...
+
+    def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
+        """(B, T) right-padded prompt chunks at positions [start, start + T) -> (B, V) logits at each row's
+        ``last`` index (default T - 1); their keys/values land in cache rows ``slots``."""
+        ...
+
+    def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
+        """(b,) tokens at (b,) positions -> (b, V) logits over cache rows [0, b), positions [0, ctx)."""
+        ...
+
+
 def pow2_bucket(n: int, floor: int, cap: int) -> int:
     """The smallest power of two >= max(n, floor), capped at ``cap``."""
     return min(cap, 1 << (max(n, floor) - 1).bit_length())
@@ -73,9 +104,9 @@ def pow2_buckets(floor: int, cap: int) -> list[int]:
     return buckets
 
 
-# ---- the simulated model's runner ----
+# ---- the native runner ----
 
-def _decode_step(model: SimulatedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
+def _decode_step(model: CachedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
     """Rows [0, b) fed their last token, attending over positions [0, ctx); returns (b,) next ids."""
     # Rows outside the step (free, or live but not in this step) still compute; clamping keeps a stale
     # position inside the tables. Their cache write lands where their own next real token will overwrite it.
@@ -84,22 +115,22 @@ def _decode_step(model: SimulatedLM, state: SlotState, b: int, ctx: int, kind: i
     return slot_tokens(logits, state, slice(0, b), pos, kind)
 
 
-def _greedy_step(model: SimulatedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+def _greedy_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
     return _decode_step(model, state, b, ctx, GREEDY)
 
 
-def _sample_step(model: SimulatedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+def _sample_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
     return _decode_step(model, state, b, ctx, SAMPLE)
 
 
-def _filter_step(model: SimulatedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+def _filter_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
     return _decode_step(model, state, b, ctx, FILTER)
 
 
 _STEPS = (_greedy_step, _sample_step, _filter_step)  # indexed by kind
 
 
-def _static_step(model: SimulatedLM, state: SlotState, sampled: Tensor, b: int, ctx: int, kind: int) -> None:
+def _static_step(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int, kind: int) -> None:
     """The whole step on fixed buffers, so a CUDA graph can replay it with no work on the host: rows [0, b)
     read their fed token and position from ``state``, the ids land in ``sampled[:b]``, and the active rows
     advance (token and position) in place."""
@@ -110,15 +141,15 @@ def _static_step(model: SimulatedLM, state: SlotState, sampled: Tensor, b: int, 
     sampled[:b] = ids
 
 
-def _static_greedy(model: SimulatedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+def _static_greedy(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
     _static_step(model, state, sampled, b, ctx, GREEDY)
 
 
-def _static_sample(model: SimulatedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+def _static_sample(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
     _static_step(model, state, sampled, b, ctx, SAMPLE)
 
 
-def _static_filter(model: SimulatedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+def _static_filter(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
     _static_step(model, state, sampled, b, ctx, FILTER)
 
 
@@ -126,7 +157,7 @@ _STATIC_STEPS = (_static_greedy, _static_sample, _static_filter)  # indexed by k
 
 
 def _compile_steps(device: torch.device, graphs: str) -> tuple:
-    """The decode steps, compiled: the only torch.compile in minercore's simulated path.
+    """The decode steps, compiled: the only torch.compile in minercore's native path.
 
     ``graphs="manual"``: the static steps with ``dynamic=False`` and no CUDA graphs of inductor's own; one
     graph per (batch bucket, context bucket) and kind, all compiled by ``warmup`` (the runner raises dynamo's
@@ -183,14 +214,16 @@ class _HostCopy:
 
 
 class ModelRunner:
-    """A SimulatedLM (random or real GPT-2 weights) with its static KV cache: the ``Runner`` the engine drives
-    for ``backend="simulated"``.
+    """A ``CachedLM`` (GPT-2 or a Llama-family model, random or real weights) with its static KV cache: the
+    ``Runner`` the engine drives for ``backend="native"``. One decode loop for every architecture.
 
     ``graphs`` and ``attention`` are described in the module docstring; ``batch_buckets`` are the batch sizes
     a step runs at (a step pads to the smallest one that holds its highest slot; default: powers of two up
     to ``max_batch``); a benchmark that only needs a few sizes saves their compiles and captures."""
 
-    def __init__(self, model: SimulatedLM, *, max_batch: int, max_context: int, eos_id: int,
+    backend = "native"
+
+    def __init__(self, model: CachedLM, *, max_batch: int, max_context: int, eos_id: int,
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
                  name: str = "custom", graphs: str = "off", attention: str = "bucketed",
                  batch_buckets: Sequence[int] | None = None) -> None:
@@ -248,7 +281,12 @@ class ModelRunner:
         self._kind = np.zeros(max_batch, dtype=np.int8)
         self._active = np.zeros(max_batch, dtype=bool)
         self._graph_thread: int | None = None  # the thread whose CUDA graph tree holds the warmed graphs
-        self.description = (f"simulated {name} [{describe(model.config)}], max_batch {max_batch}, "
+        # Prompt tokens one batched prefill may hold (the engine groups prompts up to it): past about this many,
+        # a forward is compute-bound, so batching more only delays the first prompts' first tokens. On a CPU
+        # one 256-token prompt already is (benchmarks/bench_prefill.py: batched median TTFT 640 ms against 436
+        # ms one prompt at a time); a GPU has room for thousands.
+        self.prefill_batch_tokens = 2048 if device.type == "cuda" else 256
+        self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
                             f"{'compiled' if compile else 'eager'}, graphs {graphs}, attention {attention}")
 
@@ -309,6 +347,60 @@ class ModelRunner:
         self._live[slot] = True
         self._kind[slot] = params.kind()
         return first
+
+    @torch.inference_mode()
+    def prefill_batch(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                      params: Sequence[SlotParams]) -> list[int]:
+        """Whole prompts into their slots in one forward, right-padded to the longest; the first new id of each
+        (one host sync). Errors as ``prefill``; nothing is written unless every request is valid."""
+        if not len(slots) == len(prompts) == len(params) or not slots:
+            raise ValueError("prefill_batch needs one prompt and one SlotParams per slot, and at least one slot")
+        for slot, p in zip(slots, params, strict=True):
+            check_slot(slot, self.max_batch)
+            p.validate()
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"prefill_batch: duplicate slots in {list(slots)}")
+        ids = [check_prompt(prompt, self.max_context, self.vocab_size) for prompt in prompts]
+        lengths = [len(i) for i in ids]
+        padded = torch.zeros((len(ids), max(lengths)), dtype=torch.int64)
+        for row, prompt in enumerate(ids):
+            padded[row, :len(prompt)] = prompt
+            self.state.start(slots[row], prompt.to(self.device), params[row], self.eos_id)
+        rows = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+        last = torch.tensor(lengths, dtype=torch.int64, device=self.device) - 1
+        logits = self.model.prefill(padded.to(self.device), rows, 0, last).float()
+        return self._first_tokens(list(slots), rows, logits, last, lengths, params)
+
+    @torch.inference_mode()
+    def prefill_chunk(self, slot: int, prompt_ids: Sequence[int], params: SlotParams, start: int,
+                      end: int) -> int | None:
+        """Prompt positions [start, end) into ``slot``'s cache, after [0, start) (chunked prefill: callers go in
+        order from 0). Returns None until ``end`` reaches the prompt's end, then its first new id."""
+        check_slot(slot, self.max_batch)
+        ids = check_prompt(prompt_ids, self.max_context, self.vocab_size)
+        if not 0 <= start < end <= len(ids):
+            raise ValueError(f"prefill_chunk: need 0 <= start < end <= {len(ids)}, got {start}, {end}")
+        if start == 0:
+            params.validate()
+            self._live[slot] = False
+            self.state.start(slot, ids.to(self.device), params, self.eos_id)
+        logits = self.model.prefill(ids[None, start:end].to(self.device), slot, start).float()
+        if end < len(ids):
+            return None
+        rows = torch.tensor([slot], dtype=torch.int64, device=self.device)
+        last = torch.full((1,), end - 1, dtype=torch.int64, device=self.device)
+        return self._first_tokens([slot], rows, logits, last, [end], [params])[0]
+
+    def _first_tokens(self, slots: list[int], rows: Tensor, logits: Tensor, last: Tensor, lengths: list[int],
+                      params: Sequence[SlotParams]) -> list[int]:
+        """Choose each prefilled slot's first id from its last prompt position's logits; the slots go live."""
+        kinds = [p.kind() for p in params]
+        token = slot_tokens(logits, self.state, rows, last, max(kinds))
+        self.state.tokens[rows] = token
+        self._pos[slots] = lengths
+        self._live[slots] = True
+        self._kind[slots] = kinds
+        return token.tolist()
 
     @torch.inference_mode()
     def launch(self, slots: np.ndarray) -> Launched:
@@ -464,15 +556,33 @@ def _sampling_kinds(mode: str) -> tuple[int, ...]:
     return (GREEDY,) if mode == "echo" else KINDS
 
 
+def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtype) -> tuple[CachedLM, str]:
+    """The model ``options`` name: a checkpoint directory (``path``: GPT-2 or the Llama family; ``weights``:
+    GPT-2), else a random-weight preset."""
+    if options.path:
+        raw = read_config(options.path)
+        if raw.get("model_type") == "gpt2":
+            return load_gpt2(options.path), options.path
+        try:
+            config = LlamaConfig.from_hf(raw)
+        except ValueError as exc:
+            raise ValueError(f"{options.path}: {exc}; backend hf serves it through transformers") from exc
+        return load_llama(options.path, device=device, dtype=dtype, config=config), options.path
+    if options.weights:
+        return load_gpt2(options.weights), options.weights
+    name = f"{options.preset} (seed {options.seed})"
+    if options.preset in LLAMA_PRESETS:
+        # Drawn on the device in the serving dtype: an 8B shape never exists in float32 on the host.
+        return LlamaLM.random(LLAMA_PRESETS[options.preset], options.seed, device, dtype), name
+    if options.preset in PRESETS:
+        return SimulatedLM.random(PRESETS[options.preset], seed=options.seed), name
+    raise ValueError(f"unknown preset {options.preset!r}; expected one of {', '.join([*PRESETS, *LLAMA_PRESETS])}")
+
+
 def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> ModelRunner:
     device, dtype = select(options.device, options.dtype)
-    if options.weights:
-        model = load_gpt2(options.weights)
-        name = options.weights
-    else:
-        model = SimulatedLM.random(PRESETS[options.preset], seed=options.seed)
-        name = f"{options.preset} (seed {options.seed})"
-    max_context = context_for(options.max_context, model.config.n_positions)
+    model, name = _native_model(options, device, dtype)
+    max_context = context_for(options.max_context, model.max_positions)
     compile = _resolve_compile(options.compile, device)
     graphs = _resolve_graphs(options.graphs, device, compile)
     return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id,

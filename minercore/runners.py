@@ -6,8 +6,13 @@ built, so importing this module costs nothing; neither runner imports the other.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from .config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -16,6 +21,8 @@ if TYPE_CHECKING:
     from .config import ModelOptions
     from .sampling import SlotParams
     from .steps import Launched
+
+log = logging.getLogger("minercore.runner")
 
 
 class Runner(Protocol):
@@ -42,6 +49,10 @@ class Runner(Protocol):
         empty prompt, a bad slot or ids outside the vocabulary; ContextOverflow if len >= max_context."""
         ...
 
+    # Optional (ModelRunner has them; the engine falls back to ``prefill`` without them):
+    # prefill_batch(slots, prompts, params) -> first ids, whole prompts in one forward, and
+    # prefill_chunk(slot, prompt_ids, params, start, end) -> first id or None, a prompt in pieces.
+
     def launch(self, slots: np.ndarray) -> Launched:
         """Queue one step for the given prefilled slots (int64, any order): each slot's last id in, its next
         id sampled on the device. May return before the device is done; ``collect`` gives the ids. At most
@@ -64,14 +75,32 @@ class Runner(Protocol):
         ...
 
 
+def checkpoint_model_type(path: str) -> str | None:
+    """``model_type`` of a checkpoint directory's config.json (None without one)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+
+
 def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> Runner:
-    """The runner for ``options.backend``: ``simulated`` (SimulatedLM) or ``hf`` (any causal LM directory)."""
-    if options.backend == "simulated":
+    """The runner for ``options.backend``: ``native`` (alias ``simulated``: GPT-2 and the Llama family, compiled,
+    one batched decode loop) or ``hf`` (any causal LM directory, eager). A native ``path`` of an architecture
+    without a native implementation goes to hf, with a log line."""
+    backend = options.backend
+    if backend in NATIVE_BACKENDS and options.path:
+        model_type = checkpoint_model_type(options.path)
+        if model_type not in NATIVE_MODEL_TYPES:
+            log.warning("%s: model_type %r has no native implementation (native serves %s); using the hf backend "
+                        "(eager, one forward per stream per step)", options.path, model_type,
+                        ", ".join(NATIVE_MODEL_TYPES))
+            backend = "hf"
+    if backend in NATIVE_BACKENDS:
         from .runner import build_model_runner
 
         return build_model_runner(options, max_batch=max_batch, eos_id=eos_id)
-    if options.backend == "hf":
+    if backend == "hf":
         from .hf_runner import HFRunner
 
         return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id)
-    raise ValueError(f"backend must be simulated or hf, got {options.backend!r}")
+    raise ValueError(f"backend must be native (or simulated) or hf, got {options.backend!r}")

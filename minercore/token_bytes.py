@@ -14,7 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from tokenizers.implementations import BaseTokenizer
 
-__all__ = ["token_bytes_table"]
+__all__ = ["strips_first_space", "token_bytes_table"]
 
 # Decoders that only rewrite each token on its own, so a per-token table reproduces them.
 _PER_TOKEN_DECODERS = frozenset({"ByteLevel", "Metaspace", "Replace", "ByteFallback", "Fuse", "Strip"})
@@ -154,3 +154,21 @@ def token_bytes_table(tokenizer: Any, *, skip_special_tokens: bool = True) -> li
         else:
             table.append(_apply(steps, token))
     return table
+
+
+def strips_first_space(tokenizer: Any) -> bool:
+    """Whether ``decode`` drops one leading space of the whole text that the table keeps: SentencePiece-style
+    decoders (a Strip after Fuse, as Llama 2's; Metaspace unless ``prepend_scheme="never"``), which undo the
+    "▁" their normalizer put before the first word. A stream starting a ``decode`` drops it too, so echoed text
+    equals the prompt."""
+    backend, _ = _backend(tokenizer)
+    fused = False
+    for step in _decoder_steps(backend):
+        kind = step["type"]
+        fused = fused or kind in ("Fuse", "ByteLevel")
+        strip_after_fuse = kind == "Strip" and fused and step["start"] >= 1 and step["content"] == " "
+        prepended = (kind == "Metaspace" and step.get("prepend_scheme", "always") != "never"
+                     and step.get("add_prefix_space", True))
+        if strip_after_fuse or prepended:
+            return True
+    return False

@@ -141,6 +141,7 @@ class UpstreamBackend:
     """
 
     stream_loop = "upstream"
+    backend_name = "upstream"
 
     def __init__(self, model: ModelOptions, options: EngineOptions | None = None, *,
                  errors: ErrorSink | None = None) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job in one command: start an offline miner (the embedded simulated model, tiny) on a free loopback
-# port, stream a non-ASCII prompt through a real bittensor dendrite and print it live with its stats, then
-# stop the miner (also on failure). No chain, no network. Exit status: the client's.
+# port, stream a non-ASCII prompt through neurons/client.py (btauth/1-signed OpenAI streaming on bittensor 11, a
+# real Dendrite's StreamPrompting on 10) and print it live with its stats, then stop the miner (also on failure).
+# No chain, no network. Exit status: the client's.
 source "$(dirname "$0")/env.sh"
 
 work=$(mktemp -d)
@@ -38,7 +39,7 @@ fi
 cat "$work/miner.log"
 
 prompt=$'Hello from minercore! Crème brûlée in Zürich, a naïve façade in São Paulo.\n東京は日本の首都です。你好，世界！한국어도 됩니다.\nEmoji: 😀 🎉 👩‍👩‍👧 🇯🇵 🚀\n\nEvery byte comes back exactly as it was sent.\n'
-echo "demo: streaming the prompt back through a bittensor dendrite:"
+echo "demo: streaming the prompt back through neurons/client.py:"
 echo "----------------------------------------------------------------"
 status=0
 python neurons/client.py --axon.info_file "$work/axon.json" --prompt "$prompt" || status=$?

@@ -3,12 +3,13 @@
 import pytest
 from helpers import LogRecorder
 
-from minercore.miner import neuron
+from minercore.miner import app, neuron
 
 
 @pytest.fixture
 def logs(monkeypatch) -> LogRecorder:
-    """What the miner logs, by level (``logs.at("error")``), instead of bittensor's logger."""
+    """What the miner (its lifecycle and its HTTP server) logs, by level (``logs.at("error")``)."""
     recorder = LogRecorder()
     monkeypatch.setattr(neuron, "log", recorder)
+    monkeypatch.setattr(app, "log", recorder)
     return recorder

@@ -4,6 +4,7 @@ subprocess, and a Prometheus scrape."""
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -19,17 +20,18 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
-from bittensor_wallet import Keypair
 from prometheus_client.parser import text_string_to_metric_families
+from streamloop_corpus import CORPUS
+from v10_signing import v10_request
 
 from minercore.config import EngineOptions, ModelOptions
 from minercore.engine import Engine
 from minercore.generation import FINISH_CANCELLED, GenerationFailed, InvalidRequest, Piece
-from minercore.miner import client
+from minercore.miner import client, sdk
 from minercore.miner.config import build_config
 from minercore.miner.neuron import Miner
-from minercore.miner.protocol import StreamPrompting
 from minercore.runners import build_runner
+from minercore.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300  # a miner subprocess: import, model build and warm-up on a busy 2-core machine
@@ -41,8 +43,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def new_keypair() -> Keypair:
-    return Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+def new_keypair() -> Any:
+    return sdk.new_keypair()
+
+
+PROSE = ("Miners answer validators' prompts by streaming text back as it is produced; the validator scores "
+         "what arrives and how fast. Crème brûlée, naïve façade, São Paulo, Zürich, Kraków.\n"
+         "東京は日本の首都です。我们今天去公园吧！한국어 문장입니다. 😀🎉👩‍👩‍👧 🇯🇵 👍🏽\n\n")
+
+
+def mixed_prompt(max_tokens: int) -> str:
+    """Prose, accents, CJK, emoji, newlines and the detokenizer stress corpus: as many numbered paragraphs as
+    fit in ``max_tokens`` GPT-2 tokens. (Echo needs room for the prompt twice in the model's context.)"""
+    corpus = list(CORPUS.values())
+    tokenizer = load_tokenizer("gpt2")
+    text = ""
+    for i in itertools.count():
+        longer = f"{text}{i}. {PROSE}{corpus[i % len(corpus)]}\n"
+        if len(tokenizer.encode(longer)) > max_tokens:
+            return text
+        text = longer
 
 
 # ---- the miner in-process, over a fake engine or the tiny real one ------------------------------------------
@@ -53,6 +73,7 @@ class FakeEngine:
     """The Engine's interface: echoes the last message in ``chunk``-character pieces, ``delay`` s apart."""
 
     runner_description = "fake engine"
+    backend_name = "native"
     warmup_seconds = 0.0
     stream_loop = "python"
 
@@ -82,7 +103,7 @@ class FakeEngine:
             if self.ends_at_once is not None:
                 yield Piece("", self.ends_at_once)
                 return
-            text = request.messages[-1]["content"]
+            text = request.prompt if request.messages is None else request.messages[-1]["content"]
             if not text:
                 raise InvalidRequest("prompt is empty")
             for index, start in enumerate(range(0, len(text), self.chunk)):
@@ -123,8 +144,46 @@ async def running_miner(tmp_path, *args: str, engine=None, subtensor=None,
         await task
 
 
-def target(miner: Miner):
-    return client.axon_info(miner.info["ip"], miner.info["port"], miner.info["hotkey"])
+async def stream_prompt(target: Any, messages: list[str], roles: list[str] | None = None, *, wallet: Any,
+                        timeout: float = 60.0, on_text: Callable[[str], None] | None = None) -> client.StreamResult:
+    """One StreamPrompting request, on either SDK: through a real 10.x Dendrite where bittensor 10 is installed,
+    else exactly as such a dendrite sends it (``v10_signing``, aiohttp). The status message is the miner's
+    (``bt_header_axon_status_message``), as the dendrite reports it."""
+    if sdk.MAJOR == 10:
+        return await client.stream_prompt(target, messages, roles, wallet=wallet, timeout=timeout, on_text=on_text)
+    request = v10_request(wallet, target.hotkey, list(messages), roles, timeout=timeout)
+    started = time.perf_counter()
+    received, chunks, ttft, status, message = bytearray(), 0, None, None, None
+    try:  # aiohttp, with one total timeout, as the dendrite sends
+        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+                    session.post(f"{client.base_url(target)}/StreamPrompting", data=request.body,
+                                 headers=request.headers) as response):
+            status = response.status
+            message = response.headers.get("bt_header_axon_status_message")
+            if status != 200:  # an error answer is {"message": ...}, as the protocol's client reads it
+                return client.StreamResult("", status, (await response.json(content_type=None))["message"], None,
+                                           time.perf_counter() - started, 0)
+            async for chunk in response.content.iter_any():
+                received += chunk
+                chunks += 1
+                ttft = ttft if ttft is not None else time.perf_counter() - started
+                if on_text is not None:
+                    on_text(chunk.decode("utf-8", errors="replace"))
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return client.StreamResult(received.decode("utf-8", errors="replace"), status, message, ttft,
+                                   time.perf_counter() - started, chunks, error=f"{type(exc).__name__}: {exc}")
+    return client.StreamResult(received.decode("utf-8"), status, message, ttft, time.perf_counter() - started,
+                               chunks)
+
+
+def target_at(ip: str, port: int, hotkey: str) -> Any:
+    """A miner as this SDK's StreamPrompting client addresses it (a 10.x ``AxonInfo``, else a ``client.Target``)."""
+    found = client.Target(ip, port, hotkey)
+    return found.for_dendrite() if sdk.MAJOR == 10 else found
+
+
+def target(miner: Miner) -> Any:
+    return target_at(miner.info["ip"], miner.info["port"], miner.info["hotkey"])
 
 
 GPT2_EOS = 50256
@@ -150,14 +209,13 @@ class SignedRequest:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-async def sign(miner: Miner, synapse: StreamPrompting, *, keypair: Keypair | None = None,
+async def sign(miner: Miner, messages: Any, roles: Any = None, *, keypair: Any = None,
                timeout: float = 60.0) -> SignedRequest:
-    """Sign ``synapse`` for ``miner`` with bittensor's own dendrite code (``model_construct`` builds bodies that
-    the protocol's types refuse, and they are signed honestly all the same)."""
-    async with client.make_dendrite(keypair or new_keypair()) as dendrite:
-        signed = dendrite.preprocess_synapse_for_request(target(miner), synapse, timeout)
-    return SignedRequest(f"http://127.0.0.1:{miner.info['port']}/StreamPrompting", signed.to_headers(),
-                         signed.model_dump())
+    """A StreamPrompting request for ``miner``, signed exactly as a 10.x dendrite signs it (``v10_signing``; the
+    body may hold values the protocol's types refuse, signed honestly all the same)."""
+    request = v10_request(keypair or new_keypair(), miner.info["hotkey"], messages, roles, timeout=timeout)
+    return SignedRequest(f"http://127.0.0.1:{miner.info['port']}/StreamPrompting", request.headers,
+                         request.document)
 
 
 async def post(request: SignedRequest, *, data: bytes | None = None, timeout: float = 60.0) -> tuple[int, str]:

@@ -4,8 +4,8 @@ import types
 
 import numpy as np
 import pytest
-from bittensor_wallet import Keypair
 
+from minercore.miner import sdk
 from minercore.miner.blacklist import (
     BlacklistOptions,
     BlacklistPolicy,
@@ -17,7 +17,7 @@ from minercore.miner.blacklist import (
 
 
 def new_hotkey() -> str:
-    return Keypair.create_from_mnemonic(Keypair.generate_mnemonic()).ss58_address
+    return sdk.new_keypair().ss58_address
 
 
 VALIDATOR, MINER, STRANGER, FRIEND, ENEMY = (new_hotkey() for _ in range(5))

@@ -1,5 +1,6 @@
-"""The client (``neurons/client.py``'s logic) against an in-process miner with a fake engine, through a real
-dendrite and axon on loopback. (Against the real engine: test_miner_loopback.py.)"""
+"""The client (``neurons/client.py``'s logic) against an in-process miner with a fake engine on loopback, in
+each protocol the installed SDK speaks: openai (btauth/1) always, streamprompting (a real 10.x Dendrite) with
+bittensor 10. (Against the real engine: test_miner_loopback.py.)"""
 
 import asyncio
 import io
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 from helpers import MIXED, FakeEngine, free_port, new_keypair, running_miner
 
-from minercore.miner import client
-from minercore.miner.offline import ensure_wallet
+from minercore.miner import client, sdk
+from minercore.miner.sdk import ensure_wallet
 from minercore.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+PROTOCOLS = ["openai", *(["streamprompting"] if sdk.MAJOR == 10 else [])]
 
 
 async def run_client(*args: str) -> int:
@@ -23,22 +25,30 @@ async def run_client(*args: str) -> int:
     return await asyncio.to_thread(client.main, list(args))
 
 
-async def test_prints_the_text_live_then_its_stats(tmp_path, capsys):
+def with_protocol(protocol: str, *args: str) -> tuple[str, ...]:
+    return ("--protocol", protocol, *args)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_prints_the_text_live_then_its_stats(tmp_path, capsys, protocol):
     async with running_miner(tmp_path, engine=FakeEngine(chunk=3)):
         capsys.readouterr()  # the miner's own "listening" note
-        code = await run_client("--axon.info_file", str(tmp_path / "axon.json"), "--prompt", MIXED)
+        code = await run_client(*with_protocol(protocol, "--axon.info_file", str(tmp_path / "axon.json"), "--prompt",
+                                               MIXED))
     out = capsys.readouterr()
     assert code == 0, out.err
     assert out.out == MIXED  # stdout is exactly the text; everything else goes to stderr
     assert "stream 1: status 200, TTFT" in out.err and "tokens/s" in out.err and " chunks" in out.err
 
 
-async def test_json_with_concurrency(tmp_path, capsys):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_json_with_concurrency(tmp_path, capsys, protocol):
     async with running_miner(tmp_path, engine=FakeEngine()) as miner:
         info = miner.info
         capsys.readouterr()
-        code = await run_client("--axon.ip", info["ip"], "--axon.port", str(info["port"]), "--axon.hotkey",
-                                info["hotkey"], "--prompt", MIXED, "--concurrency", "3", "--json")
+        code = await run_client(*with_protocol(protocol, "--axon.ip", info["ip"], "--axon.port", str(info["port"]),
+                                               "--axon.hotkey", info["hotkey"], "--prompt", MIXED, "--concurrency",
+                                               "3", "--json"))
     assert code == 0
     document = json.loads(capsys.readouterr().out)
     assert document["ok"] is True and len(document["streams"]) == 3
@@ -52,43 +62,51 @@ async def test_json_with_concurrency(tmp_path, capsys):
     assert aggregate["tokens_per_s"] > 0 and aggregate["median_ttft_s"] > 0
 
 
-async def test_prompt_from_stdin_and_from_a_file(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_prompt_from_stdin_and_from_a_file(tmp_path, capsys, monkeypatch, protocol):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("from a file ✓\n", encoding="utf-8")
     monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin 世界"))
     async with running_miner(tmp_path):
         info_file = str(tmp_path / "axon.json")
         capsys.readouterr()
-        assert await run_client("--axon.info_file", info_file) == 0
+        assert await run_client(*with_protocol(protocol, "--axon.info_file", info_file)) == 0
         assert capsys.readouterr().out == "from stdin 世界"
-        assert await run_client("--axon.info_file", info_file, "--prompt_file", str(prompt_file)) == 0
+        assert await run_client(*with_protocol(protocol, "--axon.info_file", info_file, "--prompt_file",
+                                               str(prompt_file))) == 0
         assert capsys.readouterr().out == "from a file ✓\n"
 
 
-async def test_any_failed_stream_exits_1(tmp_path, capsys):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_any_failed_stream_exits_1(tmp_path, capsys, protocol):
     async with running_miner(tmp_path) as miner:
         capsys.readouterr()
         wrong_hotkey = new_keypair().ss58_address
-        code = await run_client("--axon.ip", "127.0.0.1", "--axon.port", str(miner.info["port"]),
-                                "--axon.hotkey", wrong_hotkey, "--prompt", "hi")
+        code = await run_client(*with_protocol(protocol, "--axon.ip", "127.0.0.1", "--axon.port",
+                                               str(miner.info["port"]), "--axon.hotkey", wrong_hotkey, "--prompt",
+                                               "hi"))
         assert code == 1
         assert "stream 1: FAILED (status 401" in capsys.readouterr().err
-        code = await run_client("--axon.info_file", str(tmp_path / "axon.json"), "--prompt", "hi", "--timeout",
-                                "0.000001", "--json")
+        code = await run_client(*with_protocol(protocol, "--axon.info_file", str(tmp_path / "axon.json"), "--prompt",
+                                               "hi", "--timeout", "0.000001", "--json"))
         assert code == 1
-        assert json.loads(capsys.readouterr().out)["streams"][0]["status_code"] == 408
+        stream = json.loads(capsys.readouterr().out)["streams"][0]
+        # The dendrite reports its own 408; the openai client the exception of its whole-request deadline.
+        assert stream["status_code"] == 408 if protocol == "streamprompting" else "TimeoutError" in stream["error"]
 
 
-async def test_signing_with_a_wallet(tmp_path, capsys):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_signing_with_a_wallet(tmp_path, capsys, protocol):
     wallet = ensure_wallet("caller", "default", str(tmp_path / "caller-wallets"))
     async with running_miner(tmp_path, "--blacklist.allow", wallet.hotkey.ss58_address):
         info_file = str(tmp_path / "axon.json")
         capsys.readouterr()
-        signed = ["--axon.info_file", info_file, "--prompt", "allowed", "--wallet.name", "caller",
-                  "--wallet.path", str(tmp_path / "caller-wallets")]
+        signed = with_protocol(protocol, "--axon.info_file", info_file, "--prompt", "allowed", "--wallet.name",
+                               "caller", "--wallet.path", str(tmp_path / "caller-wallets"))
         assert await run_client(*signed) == 0
         assert capsys.readouterr().out == "allowed"
-        assert await run_client("--axon.info_file", info_file, "--prompt", "anonymous") == 1  # not on the list
+        anonymous = with_protocol(protocol, "--axon.info_file", info_file, "--prompt", "anonymous")
+        assert await run_client(*anonymous) == 1  # not on the list
         assert "status 403" in capsys.readouterr().err
 
 
@@ -108,9 +126,26 @@ def test_usage_errors_exit_2(args, message, capsys):
 
 
 async def test_unreachable_miner_is_a_failed_result():
+    dead = client.Target("127.0.0.1", free_port(), new_keypair().ss58_address)
+    result = await client.stream_openai(dead, ["hi"], wallet=new_keypair(), timeout=5)
+    assert not result.ok and "ConnectError" in result.error and result.text == ""
+
+
+@pytest.mark.bt10
+async def test_unreachable_miner_is_a_failed_dendrite_result():
     dead = client.axon_info("127.0.0.1", free_port(), new_keypair().ss58_address)
     result = await client.stream_prompt(dead, ["hi"], wallet=new_keypair(), timeout=5)
     assert not result.ok and result.status_code == 503 and result.text == ""
+
+
+def test_streamprompting_needs_bittensor_10(capsys):
+    args = ["--protocol", "streamprompting", "--axon.ip", "127.0.0.1", "--axon.port", "9", "--axon.hotkey",
+            new_keypair().ss58_address, "--prompt", "x"]
+    if sdk.MAJOR == 10:
+        assert "streamprompting" in client.build_parser().parse_args(args).protocol
+    else:
+        assert client.main(args) == 2
+        assert "needs bittensor 10.x" in capsys.readouterr().err
 
 
 def test_entry_point_help():
@@ -118,10 +153,11 @@ def test_entry_point_help():
                          timeout=120)
     assert out.returncode == 0
     for option in ("--axon.info_file", "--axon.ip", "--axon.port", "--axon.hotkey", "--prompt", "--prompt_file",
-                   "--concurrency", "--timeout", "--json", "--wallet.name"):
+                   "--concurrency", "--timeout", "--json", "--wallet.name", "--protocol"):
         assert option in out.stdout
 
 
+@pytest.mark.bt10
 async def test_a_reused_dendrite_serves_request_after_request(tmp_path):
     async with running_miner(tmp_path, engine=FakeEngine()) as miner:
         target = client.target_from_info_file(str(tmp_path / "axon.json"))
@@ -129,7 +165,7 @@ async def test_a_reused_dendrite_serves_request_after_request(tmp_path):
             for prompt in ("first", "second ✓", MIXED):
                 result = await client.stream_prompt(target, [prompt], dendrite=dendrite)
                 assert result.ok and result.text == prompt
-        assert len(miner.axon.nonces) == 1  # one caller endpoint: the dendrite's hotkey and uuid
+        assert len(miner.server.dendrites.endpoints) == 1  # one caller endpoint: the dendrite's hotkey and uuid
     for identity in ({}, {"wallet": new_keypair(), "dendrite": dendrite}):
         with pytest.raises(ValueError, match="exactly one of wallet and dendrite"):
             await client.stream_prompt(target, ["hi"], **identity)

@@ -328,6 +328,54 @@ async def test_model_work_never_runs_on_the_event_loop():
     assert set(calls) == {engine._thread.ident}
 
 
+async def test_long_prompts_are_prefilled_in_chunks_while_streams_decode():
+    """prefill_tokens 16: prompts of ~60-120 tokens take several steps each; every echo stays exact, a stream
+    that is already decoding keeps getting tokens in between, and a request cancelled mid-prefill frees its slot."""
+    async with running(runner_wrapper=SlowRunner, max_batch=4, prefill_tokens=16) as engine:
+        short = asyncio.create_task(collect(engine, GenerationRequest(prompt=prompt_for(0) * 6)))
+        await asyncio.sleep(0.3)
+        long_prompts = [" ".join(MIXED) + f" #{i}" for i in range(3)]
+        decoded_before = engine.stats().tokens
+        results = await asyncio.gather(*(collect(engine, GenerationRequest(prompt=p)) for p in long_prompts))
+        assert [text for text, _, _ in results] == long_prompts
+        assert all(reason == "eos" for _, reason, _ in results)
+        assert (await short)[0] == prompt_for(0) * 6
+        assert engine.stats().tokens > decoded_before
+        stream = engine.generate(GenerationRequest(prompt=" ".join(MIXED) * 2))
+        task = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await task
+        await stream.aclose()
+        for _ in range(200):
+            if engine.stats().active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats().active == 0
+        assert (await collect(engine, GenerationRequest(prompt="after")))[0] == "after"
+
+
+def test_prompts_prefilled_together_have_similar_lengths():
+    from minercore.engine import _prefill_groups
+
+    class Job:
+        def __init__(self, n):
+            self.prompt_ids = [0] * n
+
+    lengths = (10, 2000, 12, 9, 1900, 300, 11, 250, 1)
+    jobs = [Job(n) for n in lengths]
+    groups = [[len(j.prompt_ids) for j in g] for g in _prefill_groups(jobs, max_tokens=8192)]
+    assert sorted(n for g in groups for n in g) == sorted(lengths)
+    for group in groups:  # padding to the group's longest costs at most 1.5x its own tokens
+        assert len(group) * max(group) <= 1.5 * sum(group)
+    assert [1900, 2000] in groups and [250, 300] in groups
+    # A runner saturated by 600 tokens gets no batch larger than that; with 0, every prompt goes alone.
+    assert [[len(j.prompt_ids) for j in g] for g in _prefill_groups(jobs, max_tokens=600)][-3:] == [
+        [250, 300], [1900], [2000]]
+    assert all(len(g) == 1 for g in _prefill_groups(jobs, max_tokens=0))
+
+
 class Recording(SlowRunner):
     """Logs every launch, collect and prefill in order, so a test can see what was in flight when."""
 
@@ -404,3 +452,26 @@ async def test_a_slot_reused_while_its_last_step_is_in_flight_serves_only_its_ne
     prefills = [i for i, event in enumerate(recording.log) if event[0] == "prefill"]
     reused_in_flight = [i for i in prefills[1:] if 0 in sum(in_flight_at(recording.log, i).values(), ())]
     assert len(reused_in_flight) == (3 if overlap else 0)
+
+
+async def test_prompts_that_fit_a_prefill_step_are_never_split():
+    """prefill_tokens 16: prompts of 9-16 tokens go whole (one waits a step rather than be split into what is
+    left of this one and the rest); only the prompt longer than a step is prefilled in chunks."""
+    chunks = []
+
+    class Recording(SlowRunner):
+        def prefill_chunk(self, slot, prompt_ids, params, start, end):
+            chunks.append((len(prompt_ids), start, end))
+            return self._runner.prefill_chunk(slot, prompt_ids, params, start, end)
+
+    from minercore.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("gpt2")
+    short = ["naïve café résumé, Zürich → Genève", "streams of text, ça coule 流れる", "Zürich → Genève ✓ and back"]
+    long = " ".join(MIXED)
+    assert all(8 < len(tokenizer.encode(p)) <= 16 for p in short) and len(tokenizer.encode(long)) > 16
+    async with running(runner_wrapper=Recording, max_batch=4, prefill_tokens=16) as engine:
+        results = await asyncio.gather(*(collect(engine, GenerationRequest(prompt=p)) for p in [*short, long]))
+    assert [text for text, _, _ in results] == [*short, long]
+    chunked = {n for n, _, _ in chunks}  # prompt lengths as the engine encodes them (specials stay text)
+    assert len(chunked) == 1 and chunked.pop() > 16

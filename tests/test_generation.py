@@ -121,7 +121,7 @@ def test_failures_keep_their_builtin_bases():
 
 
 def test_the_server_answers_an_overload_with_429_and_the_rest_with_the_contract_status():
-    from minercore.server import _backend_error
+    from minercore.openai_api import _backend_error
 
     overloaded = _backend_error(EngineOverloaded("all slots busy"))
     assert (overloaded.status, overloaded.type, overloaded.code) == (429, "overloaded_error", "engine_overloaded")

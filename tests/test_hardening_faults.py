@@ -1,4 +1,4 @@
-"""Model faults through a real axon (the miner in-process over the real tiny engine): an exception in a decode
+"""Model faults through the miner's server (the miner in-process over the real tiny engine): an exception in a decode
 step and a CUDA out-of-memory end the affected streams with an error the caller can see, the miner keeps
 serving, and the next request succeeds."""
 
@@ -6,10 +6,8 @@ import asyncio
 
 import pytest
 import torch
-from helpers import new_keypair, running_miner, target, tiny_engine
+from helpers import new_keypair, running_miner, stream_prompt, target, tiny_engine
 from runner_wrappers import SlowRunner
-
-from minercore.miner import client
 
 PROMPTS = [f"stream {i}: " + " ".join(["naïve café, 漢字, 🎉 and more words."] * 4) for i in range(3)]
 
@@ -37,7 +35,7 @@ class FaultSwitch(SlowRunner):
 
 
 def assert_still_serving(miner) -> None:
-    assert not miner._server_task.done() and miner.engine._thread.is_alive()
+    assert not miner._http_task.done() and miner.engine._thread.is_alive()
 
 
 FAULTS = [RuntimeError("injected fault in a decode step"),
@@ -56,21 +54,22 @@ async def test_a_fault_mid_stream_ends_the_streams_with_an_error_and_the_miner_s
     engine = tiny_engine(max_batch=4, max_context=512, runner_wrapper=wrap)
     async with running_miner(tmp_path, engine=engine) as miner:
         streaming = [asyncio.Event() for _ in PROMPTS]
-        streams = [asyncio.create_task(client.stream_prompt(target(miner), [prompt], wallet=new_keypair(),
-                                                            on_text=lambda _, event=event: event.set()))
+        streams = [asyncio.create_task(stream_prompt(target(miner), [prompt], wallet=new_keypair(),
+                                                     on_text=lambda _, event=event: event.set()))
                    for prompt, event in zip(PROMPTS, streaming, strict=True)]
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in streaming)), 30)
         switch.decode_fault = fault
         results = await asyncio.gather(*streams)
         for prompt, result in zip(PROMPTS, results, strict=True):
-            # The 200 had gone out: the connection is cut before the body's end, which the dendrite reports.
-            assert result.status_code == 400 and "payload is not completed" in result.status_message
+            # The 200 had gone out: the connection is cut before the body's end, which the caller sees (a 10.x
+            # dendrite reports 400 "payload is not completed").
+            assert not result.ok
             assert result.text and prompt.startswith(result.text) and result.text != prompt
         stats = engine.stats()
         assert (stats.failed, stats.active) == (len(PROMPTS), 0)
         assert sum(f"model step failed: {fault}" in line for line in logs.at("error")) == len(PROMPTS)
         assert_still_serving(miner)
-        after = await client.stream_prompt(target(miner), ["after the fault ✓"], wallet=new_keypair())
+        after = await stream_prompt(target(miner), ["after the fault ✓"], wallet=new_keypair())
         assert after.ok and after.text == "after the fault ✓"
 
 
@@ -85,10 +84,10 @@ async def test_a_fault_before_any_text_gets_a_500_and_the_miner_serves_on(tmp_pa
 
     async with running_miner(tmp_path, engine=tiny_engine(max_batch=2, runner_wrapper=wrap)) as miner:
         switch.prefill_fault = fault
-        failed = await client.stream_prompt(target(miner), ["never answered"], wallet=new_keypair())
+        failed = await stream_prompt(target(miner), ["never answered"], wallet=new_keypair())
         assert failed.status_code == 500 and failed.status_message == f"prefill failed: {fault}"
         assert failed.text == ""
         assert_still_serving(miner)
-        after = await client.stream_prompt(target(miner), ["answered"], wallet=new_keypair())
+        after = await stream_prompt(target(miner), ["answered"], wallet=new_keypair())
         assert after.ok and after.text == "answered"
         assert miner.engine.stats().failed == 1

@@ -9,15 +9,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from helpers import CONTEXT, new_keypair, post, running_miner, sign, target, tiny_engine
+from helpers import CONTEXT, new_keypair, post, running_miner, sign, stream_prompt, target, tiny_engine
 
-from minercore.miner import client
 from minercore.miner.neuron import Miner
-from minercore.miner.protocol import StreamPrompting
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"),
-              # model_construct() bodies the protocol's types refuse make pydantic warn as it serializes them
-              pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")]
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def miner(tmp_path_factory):
@@ -31,7 +27,7 @@ Case = Callable[[Miner], Awaitable[tuple[int, str]]]
 
 def dendrite(messages: list[str], roles: list[str] | None = None) -> Case:
     async def send(miner: Miner) -> tuple[int, str]:
-        result = await client.stream_prompt(target(miner), messages, roles, wallet=new_keypair())
+        result = await stream_prompt(target(miner), messages, roles, wallet=new_keypair())
         assert result.error is None, result.error
         return result.status_code, result.text if result.ok else result.status_message
     return send
@@ -42,9 +38,8 @@ def crafted(*, messages: Any = ("x",), roles: Any = ("user",), extra: dict[str, 
             path: str | None = None) -> Case:
     """A signed request whose body or headers a dendrite would not produce."""
     async def send(miner: Miner) -> tuple[int, str]:
-        synapse = StreamPrompting.model_construct(roles=list(roles),
-                                                  messages=list(messages) if isinstance(messages, tuple) else messages)
-        request = await sign(miner, synapse)
+        request = await sign(miner, list(messages) if isinstance(messages, tuple) else messages,
+                             list(roles) if isinstance(roles, tuple) else roles)
         request.body.update(extra or {})
         for key in drop:
             del request.body[key]
@@ -56,22 +51,19 @@ def crafted(*, messages: Any = ("x",), roles: Any = ("user",), extra: dict[str, 
 
 
 REFUSED = [
-    ("empty messages", dendrite([], []), 400, "messages is empty"),
+    ("empty messages", dendrite([], []), 400, "messages must be a non-empty list"),
     ("roles and messages of different lengths", dendrite(["one", "two"], ["user"]), 400,
      "roles has 1 entries and messages has 2: give exactly one role per message"),
-    ("a number for a message", crafted(messages=[1]), 400,
-     "the request body does not fit StreamPrompting: messages.0: Input should be a valid string"),
-    ("null for a role", crafted(roles=[None]), 400, "roles.0: Input should be a valid string"),
-    # The headers carry a placeholder for each required field, so some bodies are refused for their headers.
-    ("a string for the message list", crafted(messages="hello"), 400,
-     "the request headers do not fit StreamPrompting: messages: Input should be a valid list"),
-    ("a nested list", crafted(messages=[["a"]]), 400, "messages.0: Input should be a valid string"),
-    ("no messages field", crafted(drop=("messages",)), 400, "messages: Field required"),
-    # FastAPI parses the body before the route's checks, and answers these itself.
-    ("a body that is not JSON", crafted(data=b"{not json"), 422, "JSON decode error"),
-    ("JSON nested 100000 deep", crafted(data=b"[" * 100_000 + b"]" * 100_000), 400, "error parsing the body"),
+    ("a number for a message", crafted(messages=[1]), 400, "messages must be a list of strings"),
+    ("null for a role", crafted(roles=[None]), 400, "roles must be a list of strings"),
+    ("a string for the message list", crafted(messages="hello"), 400, "messages must be a list of strings"),
+    ("a nested list", crafted(messages=[["a"]]), 400, "messages must be a list of strings"),
+    ("no messages field", crafted(drop=("messages",)), 400, "messages must be a list of strings"),
+    ("a body that is not JSON", crafted(data=b"{not json"), 400, "the request body is not a JSON document"),
+    ("JSON nested 100000 deep", crafted(data=b"[" * 100_000 + b"]" * 100_000), 400,
+     "the request body is not a JSON document"),
     ("a body that is not UTF-8", crafted(data=b'{"roles": ["user"], "messages": ["\xff\xfe"]}'), 400,
-     "error parsing the body"),
+     "the request body is not a JSON document"),
     ("a body sent as text", crafted(headers={"content-type": "text/plain"}), 415,
      "send the request body as application/json, not text/plain"),
     ("a JSON array body", crafted(data=b'["user", "hi"]'), 400, "must be a JSON object of StreamPrompting's"),
@@ -82,13 +74,12 @@ REFUSED = [
      "bytes; this miner accepts at most 4194304 (--axon.max_body_bytes)"),
     ("a lone surrogate", dendrite(["half a pair: \ud83d!"]), 400,
      "prompt is not valid Unicode text (it contains a lone surrogate)"),
-    ("an unknown synapse route", crafted(path="/TextToSpeech"), 404, "Synapse name 'TextToSpeech' not found"),
-    ("a negative timeout", crafted(headers={"timeout": "-1"}), 401, "timeout -1.0 is out of range"),
-    ("a NaN timeout", crafted(headers={"timeout": "nan"}), 401, "timeout nan is out of range"),
-    ("an infinite timeout", crafted(headers={"timeout": "inf"}), 401, "timeout inf is out of range"),
-    ("a timeout of 30 years", crafted(headers={"timeout": "1e9"}), 401, "timeout 1000000000.0 is out of range"),
-    ("a timeout that is not a number", crafted(headers={"timeout": "soon"}), 400,
-     "the request headers do not fit StreamPrompting: timeout: Value error, could not convert string to float"),
+    ("an unknown route", crafted(path="/TextToSpeech"), 404, "Not Found"),
+    ("a negative timeout", crafted(headers={"timeout": "-1"}), 401, "timeout '-1' is out of range"),
+    ("a NaN timeout", crafted(headers={"timeout": "nan"}), 401, "timeout 'nan' is out of range"),
+    ("an infinite timeout", crafted(headers={"timeout": "inf"}), 401, "timeout 'inf' is out of range"),
+    ("a timeout of 30 years", crafted(headers={"timeout": "1e9"}), 401, "timeout '1e9' is out of range"),
+    ("a timeout that is not a number", crafted(headers={"timeout": "soon"}), 401, "timeout 'soon' is out of range"),
 ]
 
 
@@ -97,7 +88,7 @@ async def test_bad_input_gets_a_clear_error_and_the_next_request_succeeds(miner,
     got_status, got_message = await case(miner)
     assert (got_status, message in got_message) == (status, True), got_message[:500]
     assert miner.engine.stats().active == 0
-    normal = await client.stream_prompt(target(miner), ["a normal request ✓"], wallet=new_keypair())
+    normal = await stream_prompt(target(miner), ["a normal request ✓"], wallet=new_keypair())
     assert normal.ok and normal.text == "a normal request ✓"
 
 

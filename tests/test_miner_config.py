@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bittensor_wallet import Keypair
+from helpers import new_keypair
 
 from minercore.config import EngineOptions, ModelOptions
 from minercore.miner import config as miner_config
@@ -31,7 +31,7 @@ MINERCORE_OPTIONS = [
 
 
 def hotkey() -> str:
-    return Keypair.create_from_mnemonic(Keypair.generate_mnemonic()).ss58_address
+    return new_keypair().ss58_address
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,12 @@
 through real dendrites on loopback: byte-exact echoes, concurrency, errors, both stream loops, shutdown."""
 
 import asyncio
-import itertools
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from bittensor_wallet import Keypair
-from helpers import miner_process
-from streamloop_corpus import CORPUS
+from helpers import PROSE, miner_process, mixed_prompt, stream_prompt
 
 from minercore.miner import client
 from minercore.tokenizer import load_tokenizer
@@ -18,24 +15,6 @@ from minercore.tokenizer import load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300  # import, model build and warm-up on a busy 2-core machine
 STREAM_TIMEOUT_S = 240.0
-
-PROSE = ("Miners answer validators' prompts by streaming text back as it is produced; the validator scores "
-         "what arrives and how fast. Crème brûlée, naïve façade, São Paulo, Zürich, Kraków.\n"
-         "東京は日本の首都です。我们今天去公园吧！한국어 문장입니다. 😀🎉👩‍👩‍👧 🇯🇵 👍🏽\n\n")
-
-
-def mixed_prompt(max_tokens: int) -> str:
-    """Prose, accents, CJK, emoji, newlines and the detokenizer stress corpus: as many numbered paragraphs as
-    fit in ``max_tokens`` GPT-2 tokens. (Echo needs room for the prompt twice in the model's context.)"""
-    corpus = list(CORPUS.values())
-    tokenizer = load_tokenizer("gpt2")
-    text = ""
-    for i in itertools.count():
-        longer = f"{text}{i}. {PROSE}{corpus[i % len(corpus)]}\n"
-        if len(tokenizer.encode(longer)) > max_tokens:
-            return text
-        text = longer
-
 
 MIXED_2K = mixed_prompt(2000)
 
@@ -48,12 +27,12 @@ def miner(tmp_path_factory):
         assert not running.info_file.exists()
 
 
-def caller() -> Keypair:
+def caller():
     return client.ephemeral_keypair()
 
 
 async def echo(target, prompt: str) -> client.StreamResult:
-    return await client.stream_prompt(target, [prompt], wallet=caller(), timeout=STREAM_TIMEOUT_S)
+    return await stream_prompt(target, [prompt], wallet=caller(), timeout=STREAM_TIMEOUT_S)
 
 
 def test_startup_reports_the_engine(miner):
@@ -72,26 +51,35 @@ async def test_2000_token_mixed_prompt_is_echoed_byte_for_byte(miner):
     assert result.chunks > 1 and result.ttft_s < result.duration_s
 
 
+async def test_btauth_signed_chat_echoes_the_mixed_prompt_byte_for_byte(miner):
+    info = miner.info
+    target = client.Target(info["ip"], info["port"], info["hotkey"])
+    result = await client.stream_openai(target, ["You are terse.", MIXED_2K], ["system", "user"], wallet=caller(),
+                                        timeout=STREAM_TIMEOUT_S)
+    assert result.ok, result
+    assert result.text.encode() == MIXED_2K.encode()
+
+
 async def test_single_token_prompt(miner):
     result = await echo(miner.target, "Hi")  # the seed answers this with an empty completion
     assert result.ok and result.text == "Hi"
 
 
 async def test_system_and_user_messages_echo_the_last(miner):
-    result = await client.stream_prompt(miner.target, ["You are terse.", "Ça va? 世界"], ["system", "user"],
+    result = await stream_prompt(miner.target, ["You are terse.", "Ça va? 世界"], ["system", "user"],
                                         wallet=caller(), timeout=STREAM_TIMEOUT_S)
     assert result.ok and result.text == "Ça va? 世界"
 
 
 async def test_16_concurrent_clients_each_get_their_own_text(miner):
     prompts = [f"client {i}: {PROSE[:60 + 7 * i]} #{i} {'🎉' * (i % 4)}\nend {i}" for i in range(16)]
-    results = await client.stream_many(miner.target, prompts, wallet=caller(), timeout=STREAM_TIMEOUT_S)
+    results = await asyncio.gather(*(echo(miner.target, prompt) for prompt in prompts))
     assert [r.status_code for r in results] == [200] * 16
     assert [r.text for r in results] == prompts
 
 
 async def test_bad_input_gets_a_clear_error_then_the_next_request_succeeds(miner):
-    bad = await client.stream_prompt(miner.target, ["one", "two"], ["user"], wallet=caller())
+    bad = await stream_prompt(miner.target, ["one", "two"], ["user"], wallet=caller())
     assert bad.status_code == 400 and "give exactly one role per message" in bad.status_message
     empty = await echo(miner.target, "")
     assert empty.status_code == 400 and "empty" in empty.status_message

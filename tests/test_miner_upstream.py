@@ -1,4 +1,5 @@
-"""The miner with the upstream backend, end to end over loopback: real dendrites -> ``neurons/miner.py --offline
+"""The miner with the upstream backend, end to end over loopback: StreamPrompting callers (real 10.x dendrites,
+or requests signed as they sign) -> ``neurons/miner.py --offline
 --model.backend upstream`` (a subprocess) -> ``python -m minercore serve`` (another subprocess, tiny model, echo).
 
 Byte-exact echoes through both hops, concurrent dendrites, and the upstream going away and coming back on the
@@ -20,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, stream_prompt
 from streamloop_corpus import CORPUS
 
 from minercore.miner import client
@@ -179,14 +180,12 @@ def serve_up(serve):
 
 
 async def echo(miner: MinerProcess, prompt: str) -> client.StreamResult:
-    return await client.stream_prompt(miner.target, [prompt], wallet=client.ephemeral_keypair(),
-                                      timeout=STREAM_TIMEOUT_S)
+    return await stream_prompt(miner.target, [prompt], wallet=client.ephemeral_keypair(), timeout=STREAM_TIMEOUT_S)
 
 
 async def echo_many(miner: MinerProcess, prompts: list[str]) -> list[client.StreamResult]:
-    # stream_many signs each stream with its own Dendrite: concurrent streams from one would race on nonces.
-    return await client.stream_many(miner.target, prompts, wallet=client.ephemeral_keypair(),
-                                    timeout=STREAM_TIMEOUT_S)
+    # Each stream is its own caller endpoint: concurrent streams from one dendrite would race on nonces.
+    return list(await asyncio.gather(*(echo(miner, prompt) for prompt in prompts)))
 
 
 def assert_echoed(result: client.StreamResult, prompt: str) -> None:
@@ -212,8 +211,8 @@ async def test_mixed_prompt_is_echoed_byte_for_byte_through_both_hops(miner, ser
 
 async def test_system_and_user_messages_echo_the_last(miner, serve_up):
     # Both messages travel to the upstream's /chat/completions; its echo answers the last one.
-    result = await client.stream_prompt(miner.target, ["You are terse.", "Ça va? 世界 🎉\r\nfin"], ["system", "user"],
-                                        wallet=client.ephemeral_keypair(), timeout=STREAM_TIMEOUT_S)
+    result = await stream_prompt(miner.target, ["You are terse.", "Ça va? 世界 🎉\r\nfin"], ["system", "user"],
+                                 wallet=client.ephemeral_keypair(), timeout=STREAM_TIMEOUT_S)
     assert_echoed(result, "Ça va? 世界 🎉\r\nfin")
 
 

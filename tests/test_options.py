@@ -58,7 +58,7 @@ def test_the_same_values_reach_the_same_dataclasses():
               "seed": "7", "upstream_url": "http://u/v1",
               "upstream_model": "m", "upstream_api_key_env": "KEY", "device": "cpu", "dtype": "bfloat16",
               "max_batch": "8", "max_queue": "0", "max_new_tokens": "99", "max_prompt_chars": "1000",
-              "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5"}
+              "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256"}
     assert set(values) == {option.name for option in OPTIONS}
     by_name = {option.name: option for option in OPTIONS}
     serve = serve_options(*[a for name, v in values.items() for a in (by_name[name].serve_flag, v)])
@@ -69,11 +69,13 @@ def test_the_same_values_reach_the_same_dataclasses():
         "hf", 512, "bfloat16", 0, 12.5)
     assert (model.graphs, model.attention, engine.overlap) == ("manual", "flex", False)
     assert engine.max_prompt_chars == 1000  # serve has it now too
+    assert engine.prefill_tokens == 256
 
 
 @pytest.mark.parametrize("name, value", [
     ("max_batch", "0"), ("max_queue", "-1"), ("max_new_tokens", "0"), ("max_prompt_chars", "0"),
-    ("max_context", "0"), ("flush_tokens", "0"), ("flush_ms", "-1"), ("flush_ms", "nan"), ("seed", "x"),
+    ("max_context", "0"), ("flush_tokens", "0"), ("prefill_tokens", "0"), ("flush_ms", "-1"), ("flush_ms", "nan"),
+    ("seed", "x"),
     ("backend", "vllm"), ("mode", "chat"), ("compile", "maybe"), ("preset", "huge"), ("dtype", "int8"),
     ("graphs", "cuda"), ("attention", "paged"), ("overlap", "yes"),
 ])
@@ -98,9 +100,10 @@ def test_help_names_the_other_options_in_each_spelling():
 
 def test_the_choices_name_what_exists():
     from minercore.device import DTYPES
+    from minercore.llama import PRESETS as LLAMA_PRESETS
     from minercore.model import PRESETS
 
-    assert tuple(PRESETS) == PRESET_NAMES
+    assert (*PRESETS, *LLAMA_PRESETS) == PRESET_NAMES
     assert tuple(DTYPES) == DTYPE_NAMES
 
 

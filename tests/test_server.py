@@ -182,6 +182,7 @@ async def test_models_and_health(base, api):
     async with httpx.AsyncClient(base_url=base) as http:
         health = (await http.get("/health")).json()
     assert health["status"] == "ok" and health["model"] == NAME and "tiny" in health["runner"]
+    assert health["backend"] == "native"
     assert set(health["stats"]) >= {"active", "queued", "completed", "tokens", "tokens_per_s"}
     models = await api.models.list()
     assert [m.id for m in models.data] == [NAME]
@@ -255,6 +256,7 @@ class FakeBackend:
     """Scripted pieces, then an optional failure: what the real engine does only under faults."""
 
     stream_loop = "fake"
+    backend_name = "fake"
     runner_description = "fake"
     warmup_seconds = 0.0
 

@@ -99,6 +99,11 @@ def test_options_are_checked(monkeypatch):
         build_backend(ModelOptions(backend="vllm"), EngineOptions())
     assert isinstance(build_backend(upstream("http://h:1"), EngineOptions()), UpstreamBackend)
     assert isinstance(build_backend(ModelOptions(), EngineOptions()), Engine)
+    # What /health and the miner's start-up line report, before anything is built.
+    assert build_backend(upstream("http://h:1"), EngineOptions()).backend_name == "upstream"
+    assert build_backend(ModelOptions(), EngineOptions()).backend_name == "native"
+    assert build_backend(ModelOptions(backend="simulated"), EngineOptions()).backend_name == "native"
+    assert build_backend(ModelOptions(backend="hf", path="/m"), EngineOptions()).backend_name == "hf"
     assert "h:1/v1" in UpstreamBackend(upstream("http://user:pw@h:1")).runner_description
     assert "pw" not in UpstreamBackend(upstream("http://user:pw@h:1")).runner_description
 

@@ -1,6 +1,7 @@
-"""minercore's bittensor miner and client: the only part of minercore that imports bittensor.
+"""minercore's bittensor miner and client: the only part of minercore that imports bittensor (10.x or 11.x).
 
-``protocol`` (the StreamPrompting synapse), ``config`` (command line), ``blacklist`` (who may call, how
-often, in what order), ``offline`` (keys and the axon info file without a chain), ``neuron`` (the miner),
-``client`` (the dendrite side).
+``sdk`` (the one module that knows which SDK is installed), ``auth`` (btauth/1 and the v10 Dendrite signature),
+``app`` (the HTTP server), ``config`` (command line), ``blacklist`` (who may call, how often, in what order),
+``offline`` (the axon info file), ``neuron`` (the miner's lifecycle), ``client`` and ``results`` (the caller's
+side); for bittensor 10 only, ``protocol`` (the StreamPrompting synapse) and ``dendrite`` (calls through it).
 """

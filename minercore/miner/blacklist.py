@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-from bittensor.utils import is_valid_ss58_address
+from .sdk import is_ss58
 
 # An ss58 address is 47-48 characters; anything much longer is rejected before decoding it.
 _MAX_HOTKEY_CHARS = 64
@@ -47,6 +47,12 @@ class MetagraphView:
                    for hotkey, uid, stake, permit in zip(hotkeys, uids, stakes, permits, strict=True)}
         block = getattr(metagraph, "block", None)
         return cls(neurons, netuid, int(block) if block is not None else None)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Any], netuid: int | None = None, block: int | None = None) -> MetagraphView:
+        """From rows with ``hotkey``, ``uid``, ``stake`` and ``validator_permit`` (``sdk.metagraph_rows``)."""
+        return cls({row.hotkey: Neuron(row.uid, _finite(row.stake), row.validator_permit) for row in rows},
+                   netuid, block)
 
     def get(self, hotkey: str) -> Neuron | None:
         return self.neurons.get(hotkey)
@@ -184,7 +190,7 @@ class BlacklistPolicy:
 
 
 def is_hotkey(value: object) -> TypeGuard[str]:
-    return isinstance(value, str) and 0 < len(value) <= _MAX_HOTKEY_CHARS and is_valid_ss58_address(value)
+    return isinstance(value, str) and 0 < len(value) <= _MAX_HOTKEY_CHARS and is_ss58(value)
 
 
 def hotkey_set(values: Iterable[str] | None) -> frozenset[str]:

@@ -1,134 +1,173 @@
-"""Query a ``StreamPrompting`` miner through a real ``bt.Dendrite``: the logic behind ``neurons/client.py``.
+"""Query a minercore miner: the logic behind ``neurons/client.py``, on either bittensor SDK.
 
-Each stream gets its own Dendrite: the axon requires nonces from one (hotkey, dendrite uuid) to increase, so
-concurrent streams sharing a Dendrite could be refused when they arrive out of order.
+Two protocols: ``openai`` (btauth/1-signed OpenAI chat-completion streaming over httpx; bittensor 10 or 11) and
+``streamprompting`` (a real bittensor-10 Dendrite, ``dendrite.py``; needs bittensor 10.x).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
-from unittest import mock
 
-import bittensor as bt
-from bittensor.core.settings import DEFAULTS, version_as_int
-from bittensor.utils import networking
-from bittensor_wallet import Keypair
+import httpx
 
 from ..tokenizer import load_tokenizer
-from . import config as miner_config
+from . import sdk
+from .auth import btauth_headers
 from .offline import read_axon_info
-from .protocol import StreamPrompting
+from .results import StreamResult
 
-# What the dendrite reports as its own address. It only fills an informational header (the axon records
-# the TCP peer instead), and it must differ from the target's ip: the dendrite rewrites a target equal to
-# its own address to 0.0.0.0.
-_UNSPECIFIED_IP = "0.0.0.0"
+if sdk.MAJOR == 10:
+    from .dendrite import axon_info, make_dendrite, stream_prompt  # noqa: F401 - the StreamPrompting client
 
+PROTOCOLS = ("openai", "streamprompting")
+CHAT_PATH = "/v1/chat/completions"
 
-@dataclass
-class StreamResult:
-    """One stream as the caller saw it."""
-
-    text: str
-    status_code: int | None  # the dendrite's view: the axon's status, or 408/503/... for transport failures
-    status_message: str | None
-    ttft_s: float | None  # request start to the first text
-    duration_s: float  # request start to the end of the stream
-    chunks: int  # text pieces as they came off the network
-    error: str | None = None  # an exception outside bittensor's own error handling
-
-    @property
-    def ok(self) -> bool:
-        return self.status_code == 200 and self.error is None
+__all__ = ["StreamResult", "Target", "ephemeral_keypair", "main", "stream_many", "stream_openai"]
 
 
-@contextlib.contextmanager
-def _no_external_ip_lookup() -> Iterator[None]:
-    """``bt.Dendrite()`` asks internet services for our address; offline that fails, and it is not needed."""
-    with mock.patch.object(networking, "get_external_ip", lambda: _UNSPECIFIED_IP):
-        yield
+@dataclass(frozen=True)
+class Target:
+    """A miner: where it listens and its hotkey (every signature names it)."""
+
+    ip: str
+    port: int
+    hotkey: str
+    coldkey: str = ""
+
+    def for_dendrite(self) -> Any:
+        return axon_info(self.ip, self.port, self.hotkey, self.coldkey)
 
 
-def make_dendrite(wallet: bt.Wallet | Keypair) -> bt.Dendrite:
-    with _no_external_ip_lookup():
-        return bt.Dendrite(wallet=wallet)
-
-
-def ephemeral_keypair() -> Keypair:
+def ephemeral_keypair() -> Any:
     """A throwaway hotkey: enough for miners that accept any correctly signed caller (``--offline``)."""
-    return Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+    return sdk.new_keypair()
 
 
-def axon_info(ip: str, port: int, hotkey: str, coldkey: str = "") -> bt.AxonInfo:
-    """The target as the dendrite wants it; ``hotkey`` must be the miner's (it is part of the signature)."""
-    return bt.AxonInfo(version=version_as_int, ip=ip, port=int(port), ip_type=networking.ip_version(ip),
-                       hotkey=hotkey, coldkey=coldkey or hotkey)
-
-
-def target_from_info_file(path: str) -> bt.AxonInfo:
+def target_from_info_file(path: str) -> Any:
+    """The miner named by its ``--axon.info_file`` (as the dendrite wants it under bittensor 10)."""
     info = read_axon_info(path)
-    return axon_info(info["ip"], info["port"], info["hotkey"], info["coldkey"])
+    target = Target(info["ip"], int(info["port"]), info["hotkey"], info["coldkey"])
+    return target.for_dendrite() if sdk.MAJOR == 10 else target
 
 
-async def stream_prompt(target: bt.AxonInfo, messages: Sequence[str], roles: Sequence[str] | None = None, *,
-                        wallet: bt.Wallet | Keypair | None = None, dendrite: bt.Dendrite | None = None,
-                        timeout: float = 60.0, on_text: Callable[[str], None] | None = None) -> StreamResult:
-    """Send one ``StreamPrompting`` and consume its stream to the end, calling ``on_text`` for every piece.
+def base_url(target: Any) -> str:
+    """``http://ip:port`` of a ``Target`` or a bittensor-10 ``AxonInfo``."""
+    host = f"[{target.ip}]" if ":" in target.ip else target.ip
+    return f"http://{host}:{target.port}"
 
-    Signs with a new Dendrite for ``wallet``, or reuses ``dendrite`` (as a validator does: one session and
-    uuid for many requests, which must then go one at a time, since the axon wants their nonces increasing).
-    """
-    if (wallet is None) == (dendrite is None):
-        raise ValueError("give exactly one of wallet and dendrite")
+
+async def stream_openai(target: Any, messages: Sequence[str], roles: Sequence[str] | None = None, *,
+                        wallet: Any, timeout: float = 60.0, max_tokens: int | None = None,
+                        on_text: Callable[[str], None] | None = None) -> StreamResult:
+    """One btauth/1-signed streaming chat completion, read to its end; ``timeout`` is the whole request's
+    deadline, sent as ``X-Client-Timeout``, so the miner ends the answer in time."""
     roles = list(roles) if roles is not None else ["user"] * len(messages)
+    document: dict[str, Any] = {"messages": [{"role": role, "content": text} for role, text in zip(roles, messages,
+                                                                                                   strict=True)],
+                                "stream": True}
+    if max_tokens is not None:
+        document["max_tokens"] = max_tokens
+    body = json.dumps(document, ensure_ascii=False).encode()
+    keypair = getattr(wallet, "hotkey", wallet)
+    headers = btauth_headers(keypair.sign, keypair.ss58_address, method="POST", target=CHAT_PATH, body=body,
+                             receiver=target.hotkey)
+    headers.update({"content-type": "application/json", "x-client-timeout": f"{timeout:g}"})
     start = time.perf_counter()
-    first_at: float | None = None
-    chunks = 0
-    final: Any = None
+    seen = _Seen(start, on_text)
     try:
-        synapse = StreamPrompting(roles=roles, messages=list(messages))
-        async with contextlib.AsyncExitStack() as own:
-            if dendrite is None:
-                dendrite = await own.enter_async_context(make_dendrite(wallet))
-            stream = await dendrite.forward(axons=target, synapse=synapse, timeout=timeout, deserialize=False,
-                                            streaming=True)
-            # The last item is the synapse; consuming to the end also runs the dendrite's bookkeeping.
-            async for item in stream:
-                if isinstance(item, str):
-                    chunks += 1
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                    if on_text is not None:
-                        on_text(item)
-                else:
-                    final = item
+        events = _read_events(base_url(target) + CHAT_PATH, body, headers, timeout, seen)
+        status, message = await asyncio.wait_for(events, timeout)
     except Exception as exc:  # noqa: BLE001 - one failed stream is a result, not a crash of the whole run
-        return StreamResult("", None, None, None, time.perf_counter() - start, chunks,
+        return StreamResult("".join(seen.parts), None, None, seen.ttft_s, time.perf_counter() - start, seen.chunks,
                             error=f"{type(exc).__name__}: {exc}")
-    duration = time.perf_counter() - start
-    if final is None:
-        return StreamResult("", None, None, None, duration, chunks, error="the stream ended without a synapse")
-    status = final.dendrite.status_code
-    return StreamResult(final.completion or "", int(status) if status is not None else None,
-                        final.dendrite.status_message, None if first_at is None else first_at - start, duration,
-                        chunks)
+    return StreamResult("".join(seen.parts), status, message, seen.ttft_s, time.perf_counter() - start, seen.chunks,
+                        error=seen.error)
 
 
-async def stream_many(target: bt.AxonInfo, prompts: Sequence[str], *, wallet: bt.Wallet | Keypair,
-                      role: str = "user", timeout: float = 60.0,
+class _Seen:
+    __slots__ = ("start", "on_text", "parts", "chunks", "ttft_s", "error")
+
+    def __init__(self, start: float, on_text: Callable[[str], None] | None) -> None:
+        self.start, self.on_text = start, on_text
+        self.parts: list[str] = []
+        self.chunks = 0
+        self.ttft_s: float | None = None
+        self.error: str | None = None
+
+    def text(self, text: str) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.start
+        self.parts.append(text)
+        self.chunks += 1
+        if self.on_text is not None:
+            self.on_text(text)
+
+
+async def _read_events(url: str, body: bytes, headers: dict[str, str], timeout: float,
+                       seen: _Seen) -> tuple[int, str]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as http, \
+            http.stream("POST", url, content=body, headers=headers) as response:
+        if response.status_code != 200:
+            raw = await response.aread()
+            return response.status_code, _error_text(raw)
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                return 200, "Success"
+            event = json.loads(data)
+            if "error" in event:
+                seen.error = _error_text(data.encode())
+                continue
+            for choice in event.get("choices", ()):
+                text = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+                if text:
+                    seen.text(text)
+    raise ConnectionError("the stream ended without [DONE]")
+
+
+def _error_text(raw: bytes) -> str:
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", errors="replace")
+    if isinstance(document, dict):
+        error = document.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(document.get("message"), str):
+            return document["message"]
+    return json.dumps(document)
+
+
+async def stream_many(target: Any, prompts: Sequence[str], *, wallet: Any, role: str = "user",
+                      timeout: float = 60.0, protocol: str = "streamprompting" if sdk.MAJOR == 10 else "openai",
                       on_text: Callable[[str], None] | None = None) -> list[StreamResult]:
-    """One concurrent stream per prompt, each a one-message conversation (``on_text`` suits a single one)."""
-    return list(await asyncio.gather(*(stream_prompt(target, [prompt], [role], wallet=wallet, timeout=timeout,
-                                                     on_text=on_text) for prompt in prompts)))
+    """One concurrent stream per prompt, each a one-message conversation (``on_text`` suits a single one).
+
+    ``target`` is a ``Target`` or (bittensor 10) an ``AxonInfo``; the default protocol is the SDK's own.
+    """
+    if protocol == "streamprompting":
+        if sdk.MAJOR != 10:
+            raise ValueError("--protocol streamprompting needs bittensor 10.x (pip install 'minercore[bt10]')")
+        if isinstance(target, Target):
+            target = target.for_dendrite()
+        send = stream_prompt
+    elif protocol == "openai":
+        send = stream_openai
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+    return list(await asyncio.gather(*(send(target, [prompt], [role], wallet=wallet, timeout=timeout,
+                                            on_text=on_text) for prompt in prompts)))
 
 
 def count_tokens(text: str) -> int:
@@ -157,10 +196,13 @@ def summarize(results: Sequence[StreamResult], wall_s: float) -> dict[str, Any]:
 # ---- command line ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="neurons/client.py", formatter_class=miner_config.HelpFormatter,
-        description="Stream a prompt from a StreamPrompting miner through a bittensor dendrite; print the text "
-                    "live, then TTFT, tokens/s (GPT-2 tokens of the received text over request-to-last-byte "
-                    "time) and chunks. Exits 1 if any stream fails (status other than 200, or an exception).")
+        prog="neurons/client.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Stream a prompt from a minercore miner; print the text live, then TTFT, tokens/s (GPT-2 "
+                    "tokens of the received text over request-to-last-byte time) and chunks. Exits 1 if any "
+                    "stream fails (status other than 200, or an exception).")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="streamprompting" if sdk.MAJOR == 10 else "openai",
+                        help="openai: a btauth/1-signed /v1/chat/completions stream (either SDK); "
+                             "streamprompting: a bittensor-10 Dendrite (needs bittensor 10.x).")
     target = parser.add_argument_group("target (an info file, or ip, port and hotkey)")
     target.add_argument("--axon.info_file", default=None, help="The JSON the miner wrote with --axon.info_file.")
     target.add_argument("--axon.ip", default=None, help="The miner's address.")
@@ -178,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     wallet = parser.add_argument_group("caller identity (default: a throwaway hotkey)")
     wallet.add_argument("--wallet.name", default=None, help="Sign with this wallet's hotkey instead.")
     wallet.add_argument("--wallet.hotkey", default="default", help="The hotkey of --wallet.name.")
-    wallet.add_argument("--wallet.path", default=DEFAULTS.wallet.path, help="Where --wallet.name lives.")
+    wallet.add_argument("--wallet.path", default=sdk.DEFAULT_WALLET_PATH, help="Where --wallet.name lives.")
     return parser
 
 
@@ -186,25 +228,26 @@ class UsageError(ValueError):
     pass
 
 
-def _target(config: bt.Config) -> bt.AxonInfo:
-    if config.axon.info_file:
+def _target(options: dict[str, Any]) -> Target:
+    if options["axon.info_file"]:
         try:
-            return target_from_info_file(config.axon.info_file)
+            info = read_axon_info(options["axon.info_file"])
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read --axon.info_file: {exc}") from exc
-    if config.axon.ip and config.axon.port and config.axon.hotkey:
-        return axon_info(config.axon.ip, config.axon.port, config.axon.hotkey)
+        return Target(info["ip"], int(info["port"]), info["hotkey"], info["coldkey"])
+    if options["axon.ip"] and options["axon.port"] and options["axon.hotkey"]:
+        return Target(options["axon.ip"], options["axon.port"], options["axon.hotkey"])
     raise UsageError("give --axon.info_file, or --axon.ip, --axon.port and --axon.hotkey")
 
 
-def _prompt(config: bt.Config) -> str:
-    if config.prompt is not None and config.prompt_file is not None:
+def _prompt(options: dict[str, Any]) -> str:
+    if options["prompt"] is not None and options["prompt_file"] is not None:
         raise UsageError("give --prompt or --prompt_file, not both")
-    if config.prompt is not None:
-        return config.prompt
-    if config.prompt_file is not None:
+    if options["prompt"] is not None:
+        return options["prompt"]
+    if options["prompt_file"] is not None:
         try:
-            with open(config.prompt_file, encoding="utf-8") as handle:
+            with open(options["prompt_file"], encoding="utf-8") as handle:
                 return handle.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read --prompt_file: {exc}") from exc
@@ -213,16 +256,14 @@ def _prompt(config: bt.Config) -> str:
     return sys.stdin.read()
 
 
-def _signer(config: bt.Config) -> bt.Wallet | Keypair:
-    if config.wallet.name is None:
+def _signer(options: dict[str, Any]) -> Any:
+    if options["wallet.name"] is None:
         return ephemeral_keypair()
-    wallet = bt.Wallet(name=config.wallet.name, hotkey=config.wallet.hotkey, path=config.wallet.path)
     try:
-        wallet.hotkey  # noqa: B018 - loading the key is the check
+        return sdk.load_wallet(options["wallet.name"], options["wallet.hotkey"], options["wallet.path"])
     except Exception as exc:
-        raise UsageError(f"cannot load hotkey {config.wallet.hotkey!r} of wallet {config.wallet.name!r}: {exc}") \
-            from exc
-    return wallet
+        raise UsageError(f"cannot load hotkey {options['wallet.hotkey']!r} of wallet {options['wallet.name']!r}: "
+                         f"{exc}") from exc
 
 
 def _write_live(text: str) -> None:
@@ -249,23 +290,27 @@ def _report(summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``neurons/client.py``: 0 when every stream succeeded, 1 when any failed, 2 for bad options."""
-    config = miner_config.parse_config(build_parser(), sys.argv[1:] if argv is None else argv)
+    options = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     try:
-        if config.concurrency < 1:
+        if options["concurrency"] < 1:
             raise UsageError("--concurrency must be >= 1")
-        target = _target(config)
-        prompt = _prompt(config)
-        signer = _signer(config)
+        if options["protocol"] == "streamprompting" and sdk.MAJOR != 10:
+            raise UsageError(f"--protocol streamprompting needs bittensor 10.x (this is {sdk.VERSION}); use "
+                             "--protocol openai, or install minercore[bt10]")
+        target = _target(options)
+        prompt = _prompt(options)
+        signer = _signer(options)
     except UsageError as exc:
         print(f"client: {exc}", file=sys.stderr)
         return 2
-    live = config.concurrency == 1 and not config.json
+    live = options["concurrency"] == 1 and not options["json"]
 
     start = time.perf_counter()
-    results = asyncio.run(stream_many(target, [prompt] * config.concurrency, wallet=signer, role=config.role,
-                                      timeout=config.timeout, on_text=_write_live if live else None))
+    results = asyncio.run(stream_many(target, [prompt] * options["concurrency"], wallet=signer, role=options["role"],
+                                      timeout=options["timeout"], protocol=options["protocol"],
+                                      on_text=_write_live if live else None))
     summary = summarize(results, time.perf_counter() - start)
-    if config.json:
+    if options["json"]:
         print(json.dumps(summary, ensure_ascii=False))
     else:
         if live and results[0].text and not results[0].text.endswith("\n"):

@@ -1,4 +1,6 @@
-"""The miner's command line: bittensor's own dotted options plus minercore's groups, parsed into a ``bt.Config``.
+"""The miner's command line: bittensor's familiar dotted options (``--wallet.name``, ``--axon.port``...) plus
+minercore's groups, parsed into a dotted ``Config`` tree. No bittensor here: 11.x no longer parses command lines,
+and the same options serve both SDKs.
 
 ``model_options``, ``engine_options`` and ``blacklist_options`` turn the parsed config into the core's plain
 dataclasses: the core (engine, model) never sees bittensor.
@@ -8,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import types
 from collections.abc import Sequence
-
-import bittensor as bt
-from bittensor.core.config import DefaultMunch
-from bittensor.core.settings import DEFAULTS
 
 from .. import options
 from ..config import EngineOptions, ModelOptions
 from ..options import non_negative_float, non_negative_int, positive_float, positive_int
+from . import sdk
 from .blacklist import BlacklistOptions, hotkey_set
 
 FRAMINGS = ("raw", "newline")
@@ -25,6 +25,16 @@ OFFLINE_WALLET_PATH = "~/.bittensor/minercore-wallets"  # --offline keys never m
 OFFLINE_IP = "127.0.0.1"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_TIMEOUT_S = 600.0
+
+
+DEFAULT_AXON_PORT = 8091
+# Room for the last bytes to reach a caller before its timeout: a loopback or LAN hop takes far less, a
+# congested link a few hundred milliseconds.
+DEFAULT_DEADLINE_MARGIN_S = 0.5
+
+
+class Config(types.SimpleNamespace):
+    """The parsed options as a tree: ``--axon.port`` is ``config.axon.port``."""
 
 
 class ConfigError(ValueError):
@@ -43,7 +53,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neurons/miner.py",
-        description="minercore's text-prompting miner: serves StreamPrompting from minercore's engine.",
+        description="minercore's text-prompting miner, on bittensor 10 or 11: serves StreamPrompting (10.x "
+                    "Dendrites) and btauth/1-signed /v1/chat/completions and /v1/completions from minercore's "
+                    "engine (or an upstream server).",
         formatter_class=HelpFormatter)
     parser.add_argument("--netuid", type=int, default=DEFAULT_NETUID, help="The subnet to mine on.")
     parser.add_argument("--offline", action="store_true",
@@ -51,16 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{OFFLINE_WALLET_PATH} unless --wallet.path is given), listen on "
                              f"{OFFLINE_IP} unless --axon.ip is given, accept any correctly signed hotkey "
                              "(unless allow/deny lists are given) and write --axon.info_file once listening.")
-    bt.Wallet.add_args(parser)
-    bt.Subtensor.add_args(parser)
-    bt.Axon.add_args(parser)
-    bt.logging.add_args(parser)
-    # Their defaults depend on --offline, so "not given" must stay visible: None, resolved by wallet_path()
-    # and bind_ip().
-    _default_depends_on_offline(parser, "wallet.path",
-                                f"{DEFAULTS.wallet.path}, or {OFFLINE_WALLET_PATH} with --offline")
-    _default_depends_on_offline(parser, "axon.ip",
-                                f"all interfaces, or {OFFLINE_IP} with --offline")
+    _add_chain_arguments(parser)
     parser.add_argument("--axon.info_file", type=str, default=None,
                         help="Once the axon listens, write its ip, port, hotkey, coldkey and pid here as JSON "
                              "(for neurons/client.py --axon.info_file); removed at shutdown.")
@@ -69,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "Content-Length get 411). A prompt takes 1 byte per ASCII character in the JSON "
                              "body, up to 12 for others.")
     parser.add_argument("--axon.max_timeout", type=positive_float, default=DEFAULT_MAX_TIMEOUT_S,
-                        help="Largest request timeout (seconds) accepted; larger, non-finite or non-positive ones "
-                             "get 401. The timeout is not signed and widens bittensor's window for a caller's "
-                             "first nonce (4 s plus the timeout), so this bounds how long a captured request "
-                             "could be replayed.")
+                        help="Largest request timeout (seconds) accepted: StreamPrompting's timeout field and "
+                             "X-Client-Timeout; larger, non-finite or non-positive ones get 401 (StreamPrompting) "
+                             "or 400. The StreamPrompting timeout is not signed and widens the window for a "
+                             "caller's first nonce (4 s plus the timeout), so this bounds how long a captured "
+                             "request could be replayed.")
 
     groups = options.add_miner_arguments(parser)  # model, engine and stream: the core's option table
     stream = groups["stream"]
@@ -80,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="raw: the answer's UTF-8 text in chunks of whole characters. newline: every chunk "
                              "followed by '\\n', for validators that parse the seed's way (split on newlines, "
                              "drop empty parts); such parsers also lose the answer's own newlines.")
+    stream.add_argument("--stream.deadline_margin", type=non_negative_float, default=DEFAULT_DEADLINE_MARGIN_S,
+                        help="An answer that cannot finish before the caller's timeout (StreamPrompting's timeout, "
+                             "X-Client-Timeout) ends this many seconds before it, with the text so far and a normal "
+                             "end of stream (counted as 'deadline'): room for the last bytes to reach the caller.")
 
     blacklist = parser.add_argument_group("blacklist")
     blacklist.add_argument("--blacklist.allow_unregistered", action="store_true",
@@ -95,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Hotkeys always refused.")
     blacklist.add_argument("--blacklist.rate_limit", type=non_negative_int, default=0,
                            help="Requests each hotkey may make per --blacklist.rate_window (a token bucket, so "
-                                "this is also the largest burst); 0 disables. Counted after the signature check, "
-                                "so refusals read 401 'Not Verified with error: rate limit exceeded ...'.")
+                                "this is also the largest burst); 0 disables. Counted after the signature check; "
+                                "refusals get 429.")
     blacklist.add_argument("--blacklist.rate_window", type=positive_float, default=60.0,
                            help="Seconds over which --blacklist.rate_limit requests are allowed.")
 
@@ -123,32 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(parser: argparse.ArgumentParser, args: Sequence[str]) -> bt.Config:
-    """Parse ``args`` strictly (unknown options are errors, ``--help`` exits) into a ``bt.Config`` tree.
-
-    bittensor 10's ``bt.Config(parser)`` parses nothing unless ``BT_NO_PARSE_CLI_ARGS`` is false, so the
-    parsing is argparse's and ``bt.Config`` only contributes bittensor's defaults and the dotted tree.
-    """
+def parse_config(parser: argparse.ArgumentParser, args: Sequence[str]) -> Config:
+    """Parse ``args`` strictly (unknown options are errors, ``--help`` exits) into a ``Config`` tree."""
     namespace = parser.parse_args(list(args))
-    config = bt.Config()
+    config = Config()
     for dest, value in vars(namespace).items():
         node = config
         *parents, leaf = dest.split(".")
         for part in parents:
-            if not isinstance(node.get(part), DefaultMunch):
-                node[part] = DefaultMunch()
-            node = node[part]
-        node[leaf] = value
+            child = getattr(node, part, None)
+            if not isinstance(child, Config):
+                child = Config()
+                setattr(node, part, child)
+            node = child
+        setattr(node, leaf, value)
     return config
 
 
-def build_config(args: Sequence[str]) -> bt.Config:
+def build_config(args: Sequence[str]) -> Config:
     config = parse_config(build_parser(), args)
     check_config(config)
     return config
 
 
-def check_config(config: bt.Config) -> None:
+def check_config(config: Config) -> None:
     if config.model.backend == "hf" and not config.model.path:
         raise ConfigError("--model.backend hf needs --model.path")
     if config.model.backend == "upstream" and not config.model.upstream_url:
@@ -161,26 +167,26 @@ def check_config(config: bt.Config) -> None:
         raise ConfigError(f"hotkeys on both the allow and the deny list: {', '.join(sorted(allow & deny))}")
 
 
-def core_options(config: bt.Config) -> tuple[ModelOptions, EngineOptions]:
+def core_options(config: Config) -> tuple[ModelOptions, EngineOptions]:
     return options.core_options(lambda option: _lookup(config, option.miner_dest))
 
 
-def model_options(config: bt.Config) -> ModelOptions:
+def model_options(config: Config) -> ModelOptions:
     return core_options(config)[0]
 
 
-def engine_options(config: bt.Config) -> EngineOptions:
+def engine_options(config: Config) -> EngineOptions:
     return core_options(config)[1]
 
 
-def _lookup(config: bt.Config, dest: str) -> object:
+def _lookup(config: Config, dest: str) -> object:
     node = config
     for part in dest.split("."):
-        node = node[part]
+        node = getattr(node, part)
     return node
 
 
-def blacklist_options(config: bt.Config) -> BlacklistOptions:
+def blacklist_options(config: Config) -> BlacklistOptions:
     allow = hotkey_set(config.blacklist.allow)
     deny = hotkey_set(config.blacklist.deny)
     # Offline there is no metagraph: every caller is "unregistered", so accept them all unless an allow list
@@ -193,24 +199,51 @@ def blacklist_options(config: bt.Config) -> BlacklistOptions:
                             unknown_priority=config.priority.unknown, allowed_priority=config.priority.allowed)
 
 
-def wallet_path(config: bt.Config) -> str:
+def wallet_path(config: Config) -> str:
     """--wallet.path as given; without one, minercore's own directory offline and bittensor's default online."""
     if config.wallet.path:
         return os.path.expanduser(config.wallet.path)
-    return os.path.expanduser(OFFLINE_WALLET_PATH if config.offline else DEFAULTS.wallet.path)
+    return os.path.expanduser(OFFLINE_WALLET_PATH if config.offline else sdk.DEFAULT_WALLET_PATH)
 
 
-def bind_ip(config: bt.Config) -> str | None:
+def bind_ip(config: Config) -> str | None:
     """The address uvicorn listens on: --axon.ip when given, loopback offline, else None (all interfaces)."""
     if config.axon.ip:
         return config.axon.ip.strip("[]")  # "[::]" -> "::", the form uvicorn's host takes
     return OFFLINE_IP if config.offline else None
 
 
-def _default_depends_on_offline(parser: argparse.ArgumentParser, dest: str, default_text: str) -> None:
-    for action in parser._actions:  # argparse has no public lookup by dest
-        if action.dest == dest:
-            action.default = None
-            action.help = f"{action.help} (default: {default_text})"
-            return
-    raise LookupError(f"no --{dest} option")
+def _add_chain_arguments(parser: argparse.ArgumentParser) -> None:
+    """Identity, chain and listening options, spelled as bittensor 10's ``add_args`` spelled them."""
+    wallet = parser.add_argument_group("wallet")
+    wallet.add_argument("--wallet.name", default="default", help="The wallet (coldkey) name.")
+    wallet.add_argument("--wallet.hotkey", default="default", help="The hotkey name within the wallet.")
+    wallet.add_argument("--wallet.path", default=None,
+                        help=f"Where wallets live (default: {sdk.DEFAULT_WALLET_PATH}, or {OFFLINE_WALLET_PATH} "
+                             "with --offline).")
+    subtensor = parser.add_argument_group("subtensor")
+    subtensor.add_argument("--subtensor.network", default=sdk.DEFAULT_NETWORK,
+                           help="finney, test, local, or a ws:// endpoint.")
+    subtensor.add_argument("--subtensor.chain_endpoint", default=None,
+                           help="An explicit ws:// endpoint (overrides --subtensor.network).")
+    axon = parser.add_argument_group("axon (the miner's HTTP server)")
+    axon.add_argument("--axon.port", type=_port, default=DEFAULT_AXON_PORT, help="The port to listen on.")
+    axon.add_argument("--axon.ip", default=None,
+                      help=f"The address to listen on (default: all interfaces, or {OFFLINE_IP} with --offline).")
+    axon.add_argument("--axon.external_ip", default=None,
+                      help="The public address validators reach this miner at; online, the miner publishes it "
+                           "on-chain at start-up. Without it nothing is published, and the btcli command to publish "
+                           "it is printed instead.")
+    axon.add_argument("--axon.external_port", type=_port, default=None,
+                      help="The public port, when a proxy or NAT maps it (default: --axon.port).")
+    logging_group = parser.add_argument_group("logging")
+    logging_group.add_argument("--logging.debug", action="store_true", help="Log at debug level.")
+    logging_group.add_argument("--logging.trace", action="store_true", help="Log at debug level (bittensor's name).")
+    logging_group.add_argument("--logging.info", action="store_true", help="Log at info level (the default).")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
+    return value

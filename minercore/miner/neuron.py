@@ -1,65 +1,39 @@
-"""The miner neuron: wallet, chain, axon and engine lifecycle around the ``StreamPrompting`` handlers.
+"""The miner neuron: wallet, chain, HTTP server and engine lifecycle, on bittensor 10 or 11.
 
-One asyncio loop (the main thread's) runs the axon's HTTP server, the handlers and the engine's consumer
-side. ``bt.Axon.start()`` would run uvicorn on a private loop in its own thread, where the engine (bound to
-the loop it started on) could not be used, so the miner drives the axon's uvicorn server itself. Chain calls
-after start-up happen only in the metagraph sync thread, which owns the subtensor connection from then on.
+One asyncio loop (the main thread's) runs the HTTP server (``app.MinerServer`` under uvicorn), the handlers and
+the engine's consumer side. Chain calls after start-up happen only in the metagraph sync thread, which owns the
+chain connection from then on. Everything SDK-specific goes through ``sdk``.
 
-Request path: ``guard.RequestGuard`` (body size, content type, headers) -> bittensor's middleware:
-``blacklist`` (static policy, on the caller's unverified header hotkey) -> ``verify`` (nonce freshness bounds,
-signature and nonce, then the per-hotkey rate limit) -> ``priority`` (stake) -> the route's body check
-(``guard.body_checker``) -> ``forward`` (validation, then the engine's pieces streamed as they come, in a
-``guard.WatchedStreamingResponse`` that cancels the generation when the caller disconnects).
-
-No ``from __future__ import annotations`` here: ``Axon.attach`` compares the handlers' signatures with
-real annotation objects.
+Start-up: load the wallet (offline: create a password-less one), check the hotkey is registered (online; the
+btcli command to register it otherwise), start the backend, listen, publish the endpoint (online with
+``--axon.external_ip``; without it the btcli command to publish it is printed), then refresh the metagraph in
+the background, retrying failed reads. SIGINT/SIGTERM: refuse new requests, give running streams the grace
+period, cancel the rest, close the connections and the chain.
 """
+
+from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import math
 import os
 import signal
 import sys
 import threading
-import time
-import typing
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import bittensor as bt
 import uvicorn
-from bittensor.core.axon import V_7_2_0
-from bittensor.core.errors import SynapseException
-from bittensor.core.stream import BTStreamingResponseModel
-from bittensor.utils.axon_utils import ALLOWED_DELTA
-from starlette.types import Send
 
 from ..backend import Backend, build_backend
-from ..generation import (
-    FINISH_CANCELLED,
-    FINISH_DEADLINE,
-    EngineClosed,
-    GenerationError,
-    GenerationFailed,
-    GenerationRequest,
-    InvalidRequest,
-    Piece,
-    SamplingParams,
-    check_messages,
-)
 from ..metrics import Metrics
-from ..observe import RequestTimer
 from . import config as miner_config
+from . import sdk
+from .app import MinerServer, ServerSettings
 from .blacklist import BlacklistPolicy, MetagraphView
-from .guard import RequestGuard, StreamBroken, WatchedStreamingResponse, body_checker, prune_nonces
-from .offline import ensure_wallet, write_axon_info
-from .protocol import StreamPrompting
+from .offline import write_axon_info
 
-log = bt.logging
+log = logging.getLogger("minercore.miner")
 
 _LISTEN_TIMEOUT_S = 30.0
 # After the engine has finished or cancelled every request, streams only flush what they hold; connections
@@ -67,10 +41,6 @@ _LISTEN_TIMEOUT_S = 30.0
 _HTTP_DRAIN_S = 5.0
 _SYNC_JOIN_S = 10.0
 _WILDCARDS = ("0.0.0.0", "::", "")
-_NOT_ANSWERED = {FINISH_CANCELLED: "miner is shutting down",
-                 FINISH_DEADLINE: "no answer started within the request's timeout ({timeout}s)"}
-_CUT_SHORT = {FINISH_CANCELLED: "cancelled at shutdown", FINISH_DEADLINE: "reached its deadline"}
-_PRUNE_EVERY_S = 60.0
 _QUIET_LIBRARIES = ("torch",)  # kept at warning unless --logging.debug/trace
 
 
@@ -78,95 +48,9 @@ class StartupError(RuntimeError):
     """The miner cannot start; the message says why and what to do about it."""
 
 
-class RequestRejected(SynapseException):
-    """A request refused before streaming started: the axon answers ``status`` with ``message`` as JSON."""
-
-    def __init__(self, synapse: StreamPrompting, status: int, message: str) -> None:
-        if synapse.axon is None:
-            synapse.axon = bt.TerminalInfo()
-        synapse.axon.status_code = status
-        synapse.axon.status_message = message
-        super().__init__(message, synapse=synapse)
-
-
-class RateLimited(Exception):
-    """Raised from ``verify``: the axon answers 401 "Not Verified with error: <the rate limit>"."""
-
-
-class NotAcceptable(Exception):
-    """Raised from ``verify`` for requests whose nonce bittensor could not hold to a freshness window (401)."""
-
-
-def freshness_problem(synapse: StreamPrompting, max_timeout: float) -> str | None:
-    """Why bittensor's nonce check could not refuse a replay of this request, or None.
-
-    Neither the dendrite's version nor the timeout is covered by the signature. Before 7.2.0 a dendrite's nonce
-    is not a clock reading and bittensor skips the age check, and a caller endpoint's first nonce may be as old
-    as 4 s plus the timeout (NaN or infinity disable the check). So both are bounded here, before the signature
-    check, which also makes it safe to forget old nonces (``prune_nonces``).
-    """
-    version = getattr(synapse.dendrite, "version", None)
-    if not isinstance(version, int) or version < V_7_2_0:
-        return f"dendrite version {version} is older than 7.2.0, whose nonces cannot be checked for freshness"
-    timeout = synapse.timeout
-    if timeout is None or not math.isfinite(timeout) or not 0 < timeout <= max_timeout:
-        return f"timeout {timeout} is out of range: give a number of seconds in (0, {max_timeout:g}]"
-    return None
-
-
-def request_problem(synapse: StreamPrompting, max_chars: int) -> str | None:
-    """What is wrong with the request's shape, or None: the synapse's own (one role per message), then the
-    contract's message checks. The backend judges the content (an empty prompt, one too long for the model)."""
-    roles, messages = synapse.roles, synapse.messages
-    if not messages:
-        return "messages is empty"
-    if len(roles) != len(messages):
-        return (f"roles has {len(roles)} entries and messages has {len(messages)}: give exactly one role per "
-                "message")
-    try:
-        check_messages(synapse_messages(synapse), max_chars)
-    except InvalidRequest as exc:
-        return str(exc)
-    return None
-
-
-def synapse_messages(synapse: StreamPrompting) -> list[dict[str, str]]:
-    """The synapse's parallel roles and messages as the contract's [{"role", "content"}]."""
-    return [{"role": role, "content": message} for role, message in zip(synapse.roles, synapse.messages, strict=True)]
-
-
-class _Admissions:
-    """Priorities and caller classes of verified requests, handed from the middleware to ``forward``.
-
-    The middleware's handlers see the synapse rebuilt from the signed headers; ``forward`` gets a second copy
-    parsed from the body, whose dendrite fields nobody verified. ``forward`` takes the priority issued to
-    the request whose (hotkey, uuid, nonce) its body repeats, so a body claiming another caller's identity
-    finds no ticket and gets an unknown caller's priority. Bounded: tickets never taken (the request died
-    between priority and forward) age out.
-    """
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._tickets: OrderedDict[tuple[Any, Any, Any], tuple[float, str]] = OrderedDict()
-
-    @staticmethod
-    def _key(dendrite: bt.TerminalInfo | None) -> tuple[Any, Any, Any]:
-        if dendrite is None:
-            return None, None, None
-        return dendrite.hotkey, dendrite.uuid, dendrite.nonce
-
-    def issue(self, dendrite: bt.TerminalInfo | None, priority: float, caller_class: str) -> None:
-        self._tickets[self._key(dendrite)] = priority, caller_class
-        while len(self._tickets) > self.capacity:
-            self._tickets.popitem(last=False)
-
-    def take(self, dendrite: bt.TerminalInfo | None, default: float) -> tuple[float, str]:
-        return self._tickets.pop(self._key(dendrite), (default, "unverified"))
-
-
-class _AxonServer(uvicorn.Server):
-    """The axon's uvicorn server without uvicorn's signal capture: the miner owns SIGINT/SIGTERM and shuts
-    down in its own order (refuse new requests, drain the engine, then close the connections)."""
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its signal capture: the miner owns SIGINT/SIGTERM and shuts down in its own order
+    (refuse new requests, drain the engine, then close the connections)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -174,13 +58,15 @@ class _AxonServer(uvicorn.Server):
 
 
 class Miner:
-    """Serves ``StreamPrompting`` from a minercore backend (the engine, or an upstream server) through an axon.
+    """Serves StreamPrompting and the signed OpenAI routes from a minercore backend (the engine, or an upstream
+    server).
 
-    ``engine`` and ``subtensor`` are built from ``config`` unless given (tests pass fakes); ``sync_interval``
-    is how often, in seconds, the sync thread polls the chain's block height (a block is about 12 s).
+    ``engine`` and ``subtensor`` (the chain client) are built from ``config`` unless given (tests pass fakes);
+    ``sync_interval`` is how often, in seconds, the sync thread polls the chain's block height (a block is about
+    12 s).
     """
 
-    def __init__(self, config: bt.Config, *, engine: Backend | None = None, subtensor: Any = None,
+    def __init__(self, config: miner_config.Config, *, engine: Backend | None = None, subtensor: Any = None,
                  sync_interval: float = 12.0) -> None:
         self.config = config
         self.offline = bool(config.offline)
@@ -188,23 +74,18 @@ class Miner:
         self.engine = engine if engine is not None else build_backend(
             miner_config.model_options(config), miner_config.engine_options(config), metrics=self.metrics)
         self.policy = BlacklistPolicy(miner_config.blacklist_options(config))
-        self.sampling = SamplingParams(max_new_tokens=config.engine.max_new_tokens)
-        # Appended to every chunk: "\n" is the seed's framing, for validators that split the stream on newlines
-        # (and so also lose the text's own newlines); raw sends the text alone.
-        self.chunk_suffix = "\n" if config.stream.framing == "newline" else ""
-        self.wallet: bt.Wallet | None = None
-        self.axon: bt.Axon | None = None
+        self.wallet: Any = None
+        self.server: MinerServer | None = None
         self.info: dict[str, Any] | None = None  # what --axon.info_file holds, once listening
+        self.published = False
         self.syncs = 0
         self.sync_failures = 0
         self._subtensor = subtensor
         self._sync_interval = sync_interval
         self._sync_stop = threading.Event()
         self._sync_thread: threading.Thread | None = None
-        self._admissions = _Admissions()
-        self._next_prune = 0.0
-        self._server: _AxonServer | None = None
-        self._server_task: asyncio.Task[None] | None = None
+        self._http: _HttpServer | None = None
+        self._http_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._stopped = False
 
@@ -244,7 +125,7 @@ class Miner:
     async def start(self) -> None:
         config = self.config
         self.wallet = self._load_wallet()
-        hotkey = self.wallet.hotkey.ss58_address
+        hotkey = sdk.hotkey_of(self.wallet)
         if not self.offline:
             await self._connect(hotkey)
         log.info(f"loading the model (backend {config.model.backend}, preset {config.model.preset}, "
@@ -255,54 +136,55 @@ class Miner:
             raise StartupError(f"the engine failed to start: {type(exc).__name__}: {exc}") from exc
         engine = self.engine
         if config.model.backend == "upstream":
-            log.info(f"backend ready: {engine.runner_description}")
+            log.info(f"backend upstream ready: {engine.runner_description}")
         else:
             loop_state = "active" if engine.stream_loop == "cython" else "inactive (pure-Python twin)"
-            log.info(f"engine ready: {engine.runner_description}; model preset {config.model.preset}, mode "
-                     f"{config.model.mode}; compile warm-up {engine.warmup_seconds:.2f}s; compiled stream loop "
-                     f"{loop_state}")
+            log.info(f"backend {engine.backend_name} ready: {engine.runner_description}; model preset "
+                     f"{config.model.preset}, mode {config.model.mode}; compile warm-up "
+                     f"{engine.warmup_seconds:.2f}s; compiled stream loop {loop_state}")
         if self.metrics is not None:
             self.metrics.bind(self.engine)
             port = self.metrics.start_http(config.metrics.port, config.metrics.addr)
             log.info(f"Prometheus metrics on http://{config.metrics.addr}:{port}/metrics")
-        await self._serve_axon()
+        host = miner_config.bind_ip(config)
+        external_ip = config.axon.external_ip or _reachable(host)
+        external_port = config.axon.external_port or config.axon.port
+        await self._listen(host, hotkey, external_ip, external_port)
         if not self.offline:
-            await asyncio.to_thread(self._announce)
+            await asyncio.to_thread(self._publish, external_port)
             self._start_sync()
-        self.info = {"ip": self.axon.external_ip, "port": self.axon.external_port, "hotkey": hotkey,
-                     "coldkey": self.wallet.coldkeypub.ss58_address, "pid": os.getpid(),
-                     "netuid": config.netuid, "offline": self.offline, "framing": config.stream.framing}
+        self.info = {"ip": external_ip, "port": external_port, "hotkey": hotkey,
+                     "coldkey": sdk.coldkey_of(self.wallet), "pid": os.getpid(), "netuid": config.netuid,
+                     "offline": self.offline, "framing": config.stream.framing, "bittensor": sdk.VERSION}
         if config.axon.info_file:
             write_axon_info(config.axon.info_file, self.info)
-        where = f"{self.info['ip']}:{self.info['port']}"
-        log.info(f"serving StreamPrompting on {where} as {hotkey}"
+        where = f"{external_ip}:{external_port}"
+        log.info(f"serving StreamPrompting and /v1 (btauth/1) on {where} as {hotkey} with bittensor {sdk.VERSION}"
                  + (" (offline)" if self.offline else f" on netuid {config.netuid}"))
         if config.axon.info_file:
             print(f"miner listening on {where}; query it with:\n  python neurons/client.py "
                   f"--axon.info_file {config.axon.info_file} --prompt 'Hello'", flush=True)
 
-    def _load_wallet(self) -> bt.Wallet:
+    def _load_wallet(self) -> Any:
         config = self.config
         path = miner_config.wallet_path(config)
         if self.offline:
-            return ensure_wallet(config.wallet.name, config.wallet.hotkey, path)
-        wallet = bt.Wallet(name=config.wallet.name, hotkey=config.wallet.hotkey, path=path)
+            return sdk.ensure_wallet(config.wallet.name, config.wallet.hotkey, path)
         try:
-            wallet.hotkey  # noqa: B018 - loading the keys is the check
-            wallet.coldkeypub  # noqa: B018
+            return sdk.load_wallet(config.wallet.name, config.wallet.hotkey, path)
         except Exception as exc:
             raise StartupError(
                 f"cannot load wallet {config.wallet.name!r} hotkey {config.wallet.hotkey!r} under {path}: {exc}. "
-                "Create it with btcli (wallet new_coldkey / new_hotkey), or use --offline to run without a chain"
-            ) from exc
-        return wallet
+                "Create it with btcli, or use --offline to run without a chain") from exc
 
     async def _connect(self, hotkey: str) -> None:
         config = self.config
-        network = f"network {config.subtensor.network} (endpoint {config.subtensor.chain_endpoint})"
+        network = f"network {config.subtensor.network}" + (
+            f" (endpoint {config.subtensor.chain_endpoint})" if config.subtensor.chain_endpoint else "")
         if self._subtensor is None:
             try:
-                self._subtensor = await asyncio.to_thread(bt.Subtensor, config=config)
+                self._subtensor = await asyncio.to_thread(sdk.connect, config.subtensor.network,
+                                                          config.subtensor.chain_endpoint)
             except Exception as exc:
                 raise StartupError(f"cannot connect to the subtensor at {network}: {exc}") from exc
         try:
@@ -313,55 +195,58 @@ class Miner:
         if view.get(hotkey) is None:
             raise StartupError(
                 f"hotkey {hotkey} (wallet {config.wallet.name}/{config.wallet.hotkey}) is not registered on "
-                f"netuid {config.netuid} at {network}. Register it first (btcli subnets register --netuid "
-                f"{config.netuid} --wallet.name {config.wallet.name} --wallet.hotkey {config.wallet.hotkey}), "
-                "or use --offline to run without a chain")
+                f"netuid {config.netuid} at {network}. Register it first: "
+                f"{sdk.register_command(config.netuid, config.wallet.name, config.wallet.hotkey)} "
+                "(or use --offline to run without a chain)")
         self.policy.view = view
         log.info(f"registered on netuid {config.netuid} as uid {view.get(hotkey).uid}; metagraph of "
                  f"{len(view)} neurons at block {view.block}")
 
     def _fetch_view(self) -> MetagraphView:
         netuid = self.config.netuid
-        return MetagraphView.from_metagraph(self._subtensor.metagraph(netuid), netuid)
+        rows, block = sdk.metagraph_rows(self._subtensor, netuid)
+        return MetagraphView.from_rows(rows, netuid, block)
 
-    async def _serve_axon(self) -> None:
+    async def _listen(self, host: str | None, hotkey: str, external_ip: str, external_port: int) -> None:
         config = self.config
-        host = miner_config.bind_ip(config)
-        external_ip = config.axon.external_ip
-        if external_ip is None and self.offline:
-            external_ip = _reachable(host)  # never look our address up on the internet offline
-        try:
-            axon = bt.Axon(wallet=self.wallet, config=config, ip=host, external_ip=external_ip)
-        except Exception as exc:
-            hint = "" if external_ip else " (give --axon.external_ip if the public address cannot be looked up)"
-            raise StartupError(f"cannot build the axon: {type(exc).__name__}: {exc}{hint}") from exc
-        # attach() binds the route's body check, so the replacement (400 for malformed bodies) goes in first.
-        axon.verify_body_integrity = body_checker(axon.forward_class_types)
-        axon.attach(forward_fn=self.forward, blacklist_fn=self.blacklist, priority_fn=self.priority,
-                    verify_fn=self.verify)
-        axon.app.add_middleware(RequestGuard, max_body_bytes=config.axon.max_body_bytes,  # the outermost layer
-                                synapse_types=axon.forward_class_types)
-        if host is not None:
-            axon.fast_config.host = host  # uvicorn would otherwise listen on every interface
-        axon.fast_config.timeout_graceful_shutdown = _HTTP_DRAIN_S
-        self.axon = axon
-        self._server = _AxonServer(axon.fast_config)
-        self._server_task = asyncio.create_task(self._run_server(), name="axon-http")
+        settings = ServerSettings(
+            hotkey=hotkey, external_ip=external_ip, external_port=external_port,
+            max_body_bytes=config.axon.max_body_bytes, max_timeout=config.axon.max_timeout,
+            max_prompt_chars=config.engine.max_prompt_chars, max_new_tokens=config.engine.max_new_tokens,
+            deadline_margin=config.stream.deadline_margin,
+            chunk_suffix="\n" if config.stream.framing == "newline" else "",  # the seed's framing
+            served_model_name=f"minercore-{config.model.preset}")
+        self.server = MinerServer(self.engine, self.policy, settings, metrics=self.metrics)
+        self._http = _HttpServer(uvicorn.Config(self.server.build(), host=host or "0.0.0.0", port=config.axon.port,
+                                                log_level="warning", lifespan="off",
+                                                timeout_graceful_shutdown=_HTTP_DRAIN_S))
+        self._http_task = asyncio.create_task(self._serve_http(), name="miner-http")
         deadline = asyncio.get_running_loop().time() + _LISTEN_TIMEOUT_S
-        while not self._server.started:  # set by uvicorn once its own sockets listen
-            if self._server_task.done() or asyncio.get_running_loop().time() > deadline:
-                raise StartupError(f"the axon could not listen on {host or '0.0.0.0'}:{axon.port} "
+        while not self._http.started:  # set by uvicorn once its own sockets listen
+            if self._http_task.done() or asyncio.get_running_loop().time() > deadline:
+                raise StartupError(f"the miner could not listen on {host or '0.0.0.0'}:{config.axon.port} "
                                    "(is the port in use?)")
             await asyncio.sleep(0.01)
 
-    async def _run_server(self) -> None:
-        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind; _serve_axon reports that
-            await self._server.serve()
+    async def _serve_http(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind; _listen reports that
+            await self._http.serve()
 
-    def _announce(self) -> None:
-        response = self._subtensor.serve_axon(netuid=self.config.netuid, axon=self.axon)
-        if not response.success:
-            raise StartupError(f"could not serve the axon on netuid {self.config.netuid}: {response.message}")
+    def _publish(self, external_port: int) -> None:
+        config = self.config
+        if not config.axon.external_ip:
+            command = sdk.publish_command(config.netuid, external_port, config.wallet.name, config.wallet.hotkey)
+            log.warning("--axon.external_ip not given: the endpoint was not published. Validators find this miner "
+                        f"once it is; publish it with:\n  {command}")
+            return
+        endpoint = sdk.Endpoint(self.wallet, config.axon.external_ip, external_port)
+        try:
+            sdk.publish(self._subtensor, endpoint, config.netuid)
+        except Exception as exc:
+            raise StartupError(f"could not publish the endpoint {config.axon.external_ip}:{external_port} on "
+                               f"netuid {config.netuid}: {exc}") from exc
+        self.published = True
+        log.info(f"published {config.axon.external_ip}:{external_port} on netuid {config.netuid}")
 
     def _start_sync(self) -> None:
         self._sync_thread = threading.Thread(target=self._sync_loop, args=(self.policy.view.block,),
@@ -370,10 +255,10 @@ class Miner:
 
     def _sync_loop(self, last_block: int | None) -> None:
         every = self.config.neuron.sync_every_blocks
-        hotkey = self.wallet.hotkey.ss58_address
+        hotkey = sdk.hotkey_of(self.wallet)
         while not self._sync_stop.wait(self._sync_interval):
             try:
-                block = self._subtensor.get_current_block()
+                block = sdk.current_block(self._subtensor)
                 if last_block is not None and block - last_block < every:
                     continue
                 view = self._fetch_view()
@@ -392,7 +277,7 @@ class Miner:
                 log.debug(f"metagraph synced at block {block}: {len(view)} neurons")
 
     async def shutdown(self) -> None:
-        """Refuse new requests, give running streams the grace period, cancel the rest, close the axon."""
+        """Refuse new requests, give running streams the grace period, cancel the rest, close the server."""
         if self._stopped:
             return
         self._stopped = True
@@ -400,11 +285,9 @@ class Miner:
         grace = self.config.neuron.shutdown_grace
         log.info(f"shutting down: running streams get up to {grace:g}s to finish")
         await self.engine.shutdown(grace=grace)
-        if self._server_task is not None:
-            self._server.should_exit = True
-            await self._server_task
-        if self.axon is not None:
-            self.axon.thread_pool.shutdown(wait=False)
+        if self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
         if self.config.axon.info_file and self.info is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.expanduser(self.config.axon.info_file))
@@ -422,117 +305,11 @@ class Miner:
                 # the daemon thread ends with the process.
                 log.warning(f"the metagraph sync is stuck in a chain call after {_SYNC_JOIN_S:g}s; leaving it")
                 return
-        if self._subtensor is not None and hasattr(self._subtensor, "close"):
+        if self._subtensor is not None:
             try:
-                await asyncio.to_thread(self._subtensor.close)
+                await asyncio.to_thread(sdk.close, self._subtensor)
             except Exception as exc:  # noqa: BLE001 - closing a dead connection must not fail the shutdown
                 log.debug(f"closing the subtensor connection failed: {exc}")
-
-    # ---- the StreamPrompting handlers (signatures checked by Axon.attach) -------------------------------
-    def blacklist(self, synapse: StreamPrompting) -> typing.Tuple[bool, str]:  # attach() wants typing.Tuple
-        hotkey = getattr(synapse.dendrite, "hotkey", None)
-        blacklisted, kind, reason = self.policy.verdict(hotkey)
-        if blacklisted:
-            log.debug(f"refused {hotkey!r:.100}: {reason}")  # the header is the caller's: bounded
-            if self.metrics is not None:
-                self.metrics.blacklist_rejected(kind)
-        return blacklisted, reason
-
-    async def verify(self, synapse: StreamPrompting) -> None:
-        problem = freshness_problem(synapse, self.config.axon.max_timeout)
-        if problem is not None:
-            raise NotAcceptable(problem)
-        await self.axon.default_verify(synapse)
-        now = time.monotonic()
-        if now >= self._next_prune:
-            self._next_prune = now + _PRUNE_EVERY_S
-            dropped = prune_nonces(self.axon.nonces, self.config.axon.max_timeout + ALLOWED_DELTA / 1e9 + 1.0)
-            log.debug(f"forgot {dropped} caller endpoints' nonces; {len(self.axon.nonces)} remembered")
-        # Charged here, after the signature check: in the blacklist anyone could spend a validator's budget
-        # by putting its hotkey in a header.
-        refusal = self.policy.charge(synapse.dendrite.hotkey)
-        if refusal is not None:
-            if self.metrics is not None:
-                self.metrics.blacklist_rejected("rate_limit")
-            raise RateLimited(refusal)
-
-    def priority(self, synapse: StreamPrompting) -> float:
-        hotkey = getattr(synapse.dendrite, "hotkey", None)
-        priority = self.policy.priority(hotkey)
-        self._admissions.issue(synapse.dendrite, priority, self.policy.caller_class(hotkey))
-        return priority
-
-    async def forward(self, synapse: StreamPrompting) -> StreamPrompting.BTStreamingResponse:
-        arrived = time.monotonic()
-        priority, caller = self._admissions.take(synapse.dendrite, self.policy.options.unknown_priority)
-        if self.policy.closing:
-            raise self._refused(synapse, caller, EngineClosed("miner is shutting down"))
-        problem = request_problem(synapse, self.config.engine.max_prompt_chars)
-        if problem is not None:
-            raise self._refused(synapse, caller, InvalidRequest(problem))
-        timeout = synapse.timeout if synapse.timeout and synapse.timeout > 0 else None
-        request = GenerationRequest(messages=synapse_messages(synapse), sampling=self.sampling, timeout=timeout,
-                                    priority=priority)
-        pieces = self.engine.generate(request)
-        # The status line goes out with the first byte, so wait for the first piece: errors that come before
-        # any text still get their own status.
-        try:
-            first = await anext(pieces)
-        except GenerationError as exc:
-            raise self._refused(synapse, caller, exc) from exc
-        if not first.text and first.finish_reason in _NOT_ANSWERED:
-            # Ended before any text: a 200 with an empty body would read as an empty answer.
-            await pieces.aclose()
-            raise self._rejected(synapse, caller, first.finish_reason, 503,
-                                 _NOT_ANSWERED[first.finish_reason].format(timeout=timeout))
-        streamer = functools.partial(self._stream, request.request_id, first, pieces, RequestTimer(caller, arrived))
-        return WatchedStreamingResponse(BTStreamingResponseModel(token_streamer=streamer), synapse=synapse)
-
-    def _refused(self, synapse: StreamPrompting, caller: str, error: GenerationError) -> RequestRejected:
-        """A request that failed before streaming: the contract's status and outcome for ``error`` (the miner
-        answers an overload with the contract's 503)."""
-        return self._rejected(synapse, caller, error.outcome, error.http_status, str(error))
-
-    def _rejected(self, synapse: StreamPrompting, caller: str, outcome: str, status: int,
-                  message: str) -> RequestRejected:
-        if self.metrics is not None:
-            self.metrics.observe_request(outcome, caller)
-        return RequestRejected(synapse, status, message)
-
-    async def _stream(self, request_id: str, first: Piece, pieces: AsyncIterator[Piece], seen: RequestTimer,
-                      send: Send) -> None:
-        """Send the pieces as they come. The status (200) went out before the first; an answer that cannot be
-        finished after that raises ``StreamBroken``, which cuts the connection before the body's end marker."""
-        piece = first
-        sent = 0
-        try:
-            while True:
-                if piece.text:
-                    await send({"type": "http.response.body", "body": (piece.text + self.chunk_suffix).encode(),
-                                "more_body": True})
-                    sent += len(piece.text)
-                    seen.text_sent()
-                if piece.finish_reason is not None:
-                    seen.ended(piece)
-                    break
-                piece = await anext(pieces)
-        except GenerationFailed as exc:
-            seen.outcome = exc.outcome
-            log.error(f"{request_id}: generation failed after {sent} characters were streamed; cutting the "
-                      f"connection so that the caller sees an incomplete answer: {exc}")
-            raise StreamBroken(str(exc)) from exc
-        except asyncio.CancelledError:
-            seen.outcome = "disconnected"
-            log.info(f"{request_id}: the caller disconnected after {sent} characters; generation cancelled")
-            raise
-        finally:
-            await pieces.aclose()  # a stream that ends early (send failed, task cancelled) frees its engine slot
-            seen.report(self.metrics)
-        if piece.finish_reason in _CUT_SHORT:
-            log.warning(f"{request_id}: {_CUT_SHORT[piece.finish_reason]} after {sent} characters; cutting the "
-                        "connection so that the caller sees an incomplete answer")
-            raise StreamBroken(piece.finish_reason)
-        log.debug(f"{request_id}: finished ({piece.finish_reason})")
 
 
 def _reachable(host: str | None) -> str:
@@ -542,13 +319,13 @@ def _reachable(host: str | None) -> str:
     return host
 
 
-def setup_logging(config: bt.Config) -> None:
-    bt.logging.set_config(config.logging)
-    if not (config.logging.debug or config.logging.trace or config.logging.info):
-        bt.logging.enable_info()  # the start-up report (device, model, warm-up) is worth seeing by default
-    if not (config.logging.debug or config.logging.trace):
-        # bittensor sets every logger in the process to its own level; at info, torch.compile alone reports
-        # thousands of lines of graphs and guards at start-up.
+def setup_logging(config: miner_config.Config) -> None:
+    """Standard logging to stderr: info by default (the start-up report is worth seeing), debug with
+    --logging.debug or --logging.trace; noisy libraries stay at warning unless debugging."""
+    debugging = config.logging.debug or config.logging.trace
+    logging.basicConfig(level=logging.DEBUG if debugging else logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if not debugging:
         for name in list(logging.root.manager.loggerDict):
             if name.split(".")[0] in _QUIET_LIBRARIES:
                 logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,4 +1,5 @@
-"""What a miner or client needs when there is no chain: password-less keys and the axon info file."""
+"""The axon info file: where a listening miner tells local clients its address and identity.
+(Password-less offline keys: ``sdk.ensure_wallet``.)"""
 
 from __future__ import annotations
 
@@ -8,22 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import bittensor as bt
-
 INFO_KEYS = ("ip", "port", "hotkey", "coldkey", "pid")
-
-
-def ensure_wallet(name: str, hotkey: str, path: str) -> bt.Wallet:
-    """The wallet at ``path``/``name``/``hotkey``, creating whichever keys are missing without a password.
-
-    Only for offline use: an unencrypted coldkey is fine for a throwaway identity, never for one holding TAO.
-    """
-    wallet = bt.Wallet(name=name, hotkey=hotkey, path=path)
-    if not wallet.coldkeypub_file.exists_on_device():
-        wallet.create_new_coldkey(use_password=False, overwrite=False, suppress=True)
-    if not wallet.hotkey_file.exists_on_device():
-        wallet.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
-    return wallet
 
 
 def write_axon_info(path: str | os.PathLike[str], info: dict[str, Any]) -> None:
