@@ -602,6 +602,8 @@ class Engine:
              error: BaseException | None = None, table_done: bool = False) -> None:
         if not table_done:
             self._table.release(job.slot)
+        if text and job.slot in self._before_first_text:  # the stream's first text, ended by a deadline or abort
+            text = text.removeprefix(" ")
         self._release_slot(job)
         with self._cond:
             self._counts["failed" if error is not None else "cancelled" if reason == FINISH_CANCELLED
