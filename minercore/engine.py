@@ -167,8 +167,10 @@ class Engine:
             raise ValueError("the tokenizer has no EOS token and the checkpoint's configs name none")
         eos_id = stops[0]
         # A generated stream ends at any stop id (Llama 3: end of text and end of turn). The stream loop knows
-        # one EOS, so the others are handed to it as that one: they are special tokens and decode to nothing
-        # either way. Echo output is steered onto the prompt and ends at eos_id only.
+        # one EOS, so the others are handed to it as that one, and like the EOS none adds text: a stop id marks
+        # the end of the answer, not a part of it. (They are special tokens in the supported families; a
+        # non-special one would show its text in transformers' decode of generate's ids, not here.) Echo output
+        # is steered onto the prompt and ends at eos_id only.
         self._eos_id = eos_id
         self._other_stops = (np.array(stops[1:], dtype=np.int64)
                              if options.mode == "generate" and len(stops) > 1 else None)
