@@ -193,7 +193,8 @@ class MinerServer:
                                        timeout=self._engine_timeout(arrived, caller.timeout),
                                        priority=self.policy.priority(caller.hotkey))
         timer = RequestTimer(caller_class, arrived=arrived)
-        ends_at = arrived + generation.timeout
+        # generation.timeout already discounts the time spent since arrival: it counts from now, as the engine's.
+        ends_at = time.monotonic() + generation.timeout
         return _TextStream(self, generation, timer, self._v10_headers(request, caller, 200, "Success"), ends_at)
 
     def _v10_headers(self, request: Request, caller: DendriteCaller | None, status: int, message: str) -> dict:
