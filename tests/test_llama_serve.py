@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import free_port
 from runner_wrappers import SlowRunner
 
 from minercore.config import EngineOptions, ModelOptions
@@ -95,12 +95,6 @@ async def test_chat_ends_at_a_generation_config_stop_token(checkpoint) -> None:
                 pass
     finally:
         await engine.shutdown(grace=0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_serve_path_generate_matches_transformers(checkpoint) -> None:
