@@ -12,12 +12,14 @@ Routes:
 * ``GET /health``; ``GET /metrics`` (Prometheus) when the miner keeps metrics.
 
 Statuses before an answer starts: 400 malformed request, 401 failed authentication, 403 refused by the blacklist,
-411/413 body without a length or too large, 415 not JSON, 429 over the rate limit, 503 shutting down or
-overloaded (nothing was accepted), 500 the backend failed before any text. Once a request is accepted its
-answer is a 200: an answer that cannot finish before the caller's deadline (minus ``deadline_margin``) ends
-early with the exact text so far and a normal end of stream (outcome ``deadline``); only a fault after the
-first byte (the model failed, the miner shut down mid-answer) cuts the connection, so that the caller's HTTP
-client reports an incomplete answer instead of taking it for a whole one.
+411/413 body without a length or too large, 415 not JSON, 429 over the rate limit (and, on the OpenAI routes,
+a full queue), 503 shutting down or overloaded (nothing was accepted), 500 the backend failed before any text.
+Once a request is accepted its answer is a 200: an answer that cannot finish before the caller's deadline (minus
+``deadline_margin``) ends early with the exact text so far and a normal end of stream (outcome ``deadline``). On
+StreamPrompting only a fault after the first byte (the model failed, the miner shut down mid-answer) cuts the
+connection, so that the caller's HTTP client reports an incomplete answer instead of taking it for a whole one;
+the OpenAI routes answer as ``minercore serve`` does (an error event, or finish reason ``length``, then
+``[DONE]``).
 """
 
 from __future__ import annotations
