@@ -124,6 +124,7 @@ class Engine:
         self._prefilling: dict[int, _Job] = {}  # slot -> job whose long prompt is prefilled in chunks; model thread
         self._before_first_text: set[int] = set()  # slots whose stream has produced no text yet; model thread
         self._strip_first_space = False
+        self._control_tokens: list[str] = []  # the tokenizer's special tokens' texts, refused in chat messages
         self._admitted = 0  # jobs admitted to a slot and not finished; read under _cond for admission
         self._cancelled: collections.deque[_Job] = collections.deque()
         self._seq = itertools.count()
@@ -162,6 +163,8 @@ class Engine:
         # Generated text continues the prompt as the model was trained to see it: with the tokenizer's BOS where
         # it adds one (Llama, Mistral). An echo reproduces the text, so it gets the text's tokens only.
         self._prompt_encoder = _prompt_encoder(self._tokenizer, add_special_tokens=options.mode == "generate")
+        # Read once: transformers rebuilds its added-token table on every access (~0.1 ms for Llama 3's 256).
+        self._control_tokens = _special_token_texts(self._tokenizer)
         stops = stop_token_ids(self._tokenizer, options.path)
         if not stops:
             raise ValueError("the tokenizer has no EOS token and the checkpoint's configs name none")
@@ -332,7 +335,7 @@ class Engine:
         if template:
             # The template's control tokens are tokens, so its text is tokenized with special tokens recognised:
             # a message must not smuggle them in as text (a fake end of turn, a fake system message).
-            for token in _special_token_texts(self._tokenizer):
+            for token in self._control_tokens:
                 if any(token in m["content"] for m in messages):
                     raise InvalidRequest(f"message content contains the model's control token {token!r}")
             try:
