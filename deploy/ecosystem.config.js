@@ -14,8 +14,7 @@ module.exports = {
         "--wallet.hotkey", "default",
         "--axon.port", "8091",
         "--axon.external_ip", "203.0.113.10", // this machine's public address: the miner publishes it
-        "--model.backend", "hf",
-        "--model.path", "/models/your-model",
+        "--model.path", "/models/your-model", // Llama family, Qwen, Mistral, GPT-2: the native core; others: hf
         "--metrics.port", "9100",
       ],
       interpreter: "none",

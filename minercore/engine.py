@@ -134,6 +134,7 @@ class Engine:
         self._prefilling: dict[int, _Job] = {}  # slot -> job whose long prompt is prefilled in chunks; model thread
         self._before_first_text: set[int] = set()  # slots whose stream has produced no text yet; model thread
         self._strip_first_space = False
+        self._control_tokens: list[str] = []  # the tokenizer's special tokens' texts, refused in chat messages
         self._admitted = 0  # jobs admitted to a slot and not finished; read under _cond for admission
         self._cancelled: collections.deque[_Job] = collections.deque()
         self._seq = itertools.count()
@@ -173,13 +174,17 @@ class Engine:
         # Generated text continues the prompt as the model was trained to see it: with the tokenizer's BOS where
         # it adds one (Llama, Mistral). An echo reproduces the text, so it gets the text's tokens only.
         self._prompt_encoder = _prompt_encoder(self._tokenizer, add_special_tokens=options.mode == "generate")
+        # Read once: transformers rebuilds its added-token table on every access (~0.1 ms for Llama 3's 256).
+        self._control_tokens = _special_token_texts(self._tokenizer)
         stops = stop_token_ids(self._tokenizer, options.path)
         if not stops:
             raise ValueError("the tokenizer has no EOS token and the checkpoint's configs name none")
         eos_id = stops[0]
         # A generated stream ends at any stop id (Llama 3: end of text and end of turn). The stream loop knows
-        # one EOS, so the others are handed to it as that one: they are special tokens and decode to nothing
-        # either way. Echo output is steered onto the prompt and ends at eos_id only.
+        # one EOS, so the others are handed to it as that one, and like the EOS none adds text: a stop id marks
+        # the end of the answer, not a part of it. (They are special tokens in the supported families; a
+        # non-special one would show its text in transformers' decode of generate's ids, not here.) Echo output
+        # is steered onto the prompt and ends at eos_id only.
         self._eos_id = eos_id
         self._other_stops = (np.array(stops[1:], dtype=np.int64)
                              if options.mode == "generate" and len(stops) > 1 else None)
@@ -344,7 +349,7 @@ class Engine:
         if template:
             # The template's control tokens are tokens, so its text is tokenized with special tokens recognised:
             # a message must not smuggle them in as text (a fake end of turn, a fake system message).
-            for token in _special_token_texts(self._tokenizer):
+            for token in self._control_tokens:
                 if any(token in m["content"] for m in messages):
                     raise InvalidRequest(f"message content contains the model's control token {token!r}")
             try:
@@ -628,6 +633,8 @@ class Engine:
              error: BaseException | None = None, table_done: bool = False) -> None:
         if not table_done:
             self._table.release(job.slot)
+        if text and job.slot in self._before_first_text:  # the stream's first text, ended by a deadline or abort
+            text = text.removeprefix(" ")
         self._release_slot(job)
         with self._cond:
             self._counts["failed" if error is not None else "cancelled" if reason == FINISH_CANCELLED

@@ -2,7 +2,6 @@
 
 import types
 
-import numpy as np
 import pytest
 
 from minercore.miner import sdk
@@ -23,13 +22,14 @@ def new_hotkey() -> str:
 VALIDATOR, MINER, STRANGER, FRIEND, ENEMY = (new_hotkey() for _ in range(5))
 
 
-def metagraph(block: int = 100) -> types.SimpleNamespace:
-    return types.SimpleNamespace(hotkeys=[VALIDATOR, MINER], uids=np.array([0, 1]), S=np.array([5000.0, 12.5]),
-                                 validator_permit=np.array([True, False]), block=block)
+def view(hotkeys=(VALIDATOR, MINER), block: int = 100) -> MetagraphView:
+    stakes, permits = (5000.0, 12.5), (True, False)
+    return MetagraphView.from_rows([sdk.NeuronRow(hotkey, uid, stake, permit) for uid, (hotkey, stake, permit)
+                                    in enumerate(zip(hotkeys, stakes, permits, strict=True))], netuid=1, block=block)
 
 
 def policy(**options) -> BlacklistPolicy:
-    return BlacklistPolicy(BlacklistOptions(**options), MetagraphView.from_metagraph(metagraph(), netuid=1))
+    return BlacklistPolicy(BlacklistOptions(**options), view())
 
 
 MALFORMED = [None, "", "   ", "not-a-hotkey", 42, 3.5, b"bytes", ["list"], {"a": 1}, "5" * 48, "x" * 10_000,
@@ -93,25 +93,26 @@ def test_priority_is_stake():
     assert policy(allow=frozenset({VALIDATOR})).priority(VALIDATOR) == 5000.0  # by stake unless set
 
 
-def test_view_from_a_torch_metagraph_with_bad_stakes():
+def test_view_from_a_bittensor_10_torch_metagraph_with_bad_stakes(monkeypatch):
     torch = pytest.importorskip("torch")
     graph = types.SimpleNamespace(hotkeys=[VALIDATOR, MINER], uids=torch.tensor([3, 7]),
                                   S=torch.tensor([float("nan"), 2.0]), validator_permit=torch.tensor([1, 0]),
                                   block=torch.tensor(55))
-    view = MetagraphView.from_metagraph(graph, netuid=9)
-    assert view.get(VALIDATOR).uid == 3 and view.get(VALIDATOR).stake == 0.0 and view.get(VALIDATOR).validator_permit
-    assert view.get(MINER).uid == 7 and view.block == 55 and view.netuid == 9 and len(view) == 2
+    chain = types.SimpleNamespace(metagraph=lambda netuid: graph)
+    monkeypatch.setattr(sdk, "MAJOR", 10)  # the 10.x reading, whichever SDK is installed
+    rows, block = sdk.metagraph_rows(chain, 9)
+    got = MetagraphView.from_rows(rows, netuid=9, block=block)
+    assert got.get(VALIDATOR).uid == 3 and got.get(VALIDATOR).stake == 0.0 and got.get(VALIDATOR).validator_permit
+    assert got.get(MINER).uid == 7 and got.block == 55 and got.netuid == 9 and len(got) == 2
     graph.S = torch.tensor([1.0])
     with pytest.raises(ValueError):
-        MetagraphView.from_metagraph(graph)
+        sdk.metagraph_rows(chain, 9)
 
 
 def test_the_sync_thread_swaps_views():
     p = policy()
     assert p.check(STRANGER)[0] is True
-    graph = metagraph(block=200)
-    graph.hotkeys = [VALIDATOR, STRANGER]
-    p.view = MetagraphView.from_metagraph(graph, netuid=1)
+    p.view = view(hotkeys=(VALIDATOR, STRANGER), block=200)
     assert p.check(STRANGER)[0] is False and p.check(MINER)[0] is True
 
 

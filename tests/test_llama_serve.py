@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,10 +21,13 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import free_port
+from runner_wrappers import SlowRunner
 
 from minercore.config import EngineOptions, ModelOptions
 from minercore.engine import Engine
 from minercore.generation import GenerationRequest, InvalidRequest, SamplingParams
+from minercore.runners import build_runner
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -93,12 +95,6 @@ async def test_chat_ends_at_a_generation_config_stop_token(checkpoint) -> None:
                 pass
     finally:
         await engine.shutdown(grace=0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_serve_path_generate_matches_transformers(checkpoint) -> None:
@@ -202,3 +198,25 @@ async def test_generated_completions_start_with_the_tokenizers_bos() -> None:
                 assert "".join(p.text for p in pieces) == text
         finally:
             await engine.shutdown(grace=0)
+
+
+async def test_text_ended_by_the_deadline_before_any_was_sent_drops_the_first_space_too() -> None:
+    """A stop string that the text so far could still begin holds all of it back; when the deadline ends the
+    stream there, the held text is the stream's first and loses the normalizer's space like any first text."""
+    tok = _sentencepiece_tokenizer()
+    prompt = " ".join(["hello"] * 40)
+    model = ModelOptions(preset="llama-tiny", device="cpu", dtype="float32", compile="off", max_context=128)
+    runner = SlowRunner(build_runner(model, max_batch=1, eos_id=tok.eos_token_id), delay=0.1)
+    engine = Engine(model, EngineOptions(max_batch=1), runner=runner, tokenizer=tok)
+    await engine.start()
+    try:
+        # The stop string never matches: the echoed text is one word shorter than it, and it begins with the
+        # space that the table puts before the first word.
+        stop = " " + prompt + " hello"
+        pieces = [p async for p in engine.generate(GenerationRequest(
+            prompt=prompt, sampling=SamplingParams(stop=(stop,)), timeout=1.0))]
+    finally:
+        await engine.shutdown(grace=0)
+    text = "".join(p.text for p in pieces)
+    assert pieces[-1].finish_reason == "deadline"
+    assert text and prompt.startswith(text), text

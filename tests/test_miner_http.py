@@ -182,6 +182,35 @@ async def test_an_answer_past_the_deadline_ends_cleanly_with_the_text_so_far():
             metrics.registry).decode()
 
 
+async def test_a_slow_upload_does_not_shorten_the_answer_twice(monkeypatch):
+    """The caller's timeout runs from its request's arrival: time spent reading and verifying the body comes off
+    the engine's budget once, and the answer's end stays at arrival + timeout - margin."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from minercore.miner import app
+
+    miner_key = sdk.new_keypair()
+    settings = ServerSettings(hotkey=miner_key.ss58_address, external_ip="127.0.0.1", external_port=0,
+                              max_body_bytes=1 << 20, max_timeout=600.0, max_prompt_chars=1 << 20,
+                              max_new_tokens=64, deadline_margin=0.5)
+    server = MinerServer(FakeEngine(), BlacklistPolicy(BlacklistOptions(allow_unregistered=True)), settings)
+    request = v10_request(sdk.new_keypair(), miner_key.ss58_address, [MIXED], timeout=10.0)
+    readings = iter([100.0])  # arrival; every later reading is 3 s on (the body took that long to come)
+    monkeypatch.setattr(app, "time", SimpleNamespace(monotonic=lambda: next(readings, 103.0)))
+
+    async def receive():
+        return {"type": "http.request", "body": request.body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/StreamPrompting", "query_string": b"",
+             "headers": [(k.lower().encode(), str(v).encode()) for k, v in request.headers.items()]}
+    answer = await server.stream_prompting(Request(scope, receive))
+    assert answer.status_code == 200
+    assert answer.generation.timeout == 10.0 - 0.5 - 3.0
+    assert answer.ends_at == 100.0 + 10.0 - 0.5
+
+
 class DeadlineEngine(FakeEngine):
     """A fake engine that honours ``request.timeout`` as the real one does: past it, the stream ends with
     ``deadline`` after the text it has."""

@@ -12,12 +12,14 @@ Routes:
 * ``GET /health``; ``GET /metrics`` (Prometheus) when the miner keeps metrics.
 
 Statuses before an answer starts: 400 malformed request, 401 failed authentication, 403 refused by the blacklist,
-411/413 body without a length or too large, 415 not JSON, 429 over the rate limit, 503 shutting down or
-overloaded (nothing was accepted), 500 the backend failed before any text. Once a request is accepted its
-answer is a 200: an answer that cannot finish before the caller's deadline (minus ``deadline_margin``) ends
-early with the exact text so far and a normal end of stream (outcome ``deadline``); only a fault after the
-first byte (the model failed, the miner shut down mid-answer) cuts the connection, so that the caller's HTTP
-client reports an incomplete answer instead of taking it for a whole one.
+411/413 body without a length or too large, 415 not JSON, 429 over the rate limit (and, on the OpenAI routes,
+a full queue), 503 shutting down or overloaded (nothing was accepted), 500 the backend failed before any text.
+Once a request is accepted its answer is a 200: an answer that cannot finish before the caller's deadline (minus
+``deadline_margin``) ends early with the exact text so far and a normal end of stream (outcome ``deadline``). On
+StreamPrompting only a fault after the first byte (the model failed, the miner shut down mid-answer) cuts the
+connection, so that the caller's HTTP client reports an incomplete answer instead of taking it for a whole one;
+the OpenAI routes answer as ``minercore serve`` does (an error event, or finish reason ``length``, then
+``[DONE]``).
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ class MinerServer:
                                        timeout=self._engine_timeout(arrived, caller.timeout),
                                        priority=self.policy.priority(caller.hotkey))
         timer = RequestTimer(caller_class, arrived=arrived)
-        ends_at = arrived + generation.timeout
+        # generation.timeout already discounts the time spent since arrival: it counts from now, as the engine's.
+        ends_at = time.monotonic() + generation.timeout
         return _TextStream(self, generation, timer, self._v10_headers(request, caller, 200, "Success"), ends_at)
 
     def _v10_headers(self, request: Request, caller: DendriteCaller | None, status: int, message: str) -> dict:

@@ -36,19 +36,6 @@ class MetagraphView:
     block: int | None = None
 
     @classmethod
-    def from_metagraph(cls, metagraph: Any, netuid: int | None = None) -> MetagraphView:
-        """Read ``hotkeys``, ``uids``, ``S`` (stake) and ``validator_permit`` from a bittensor metagraph."""
-        hotkeys = list(metagraph.hotkeys)
-        uids = [int(uid) for uid in metagraph.uids] if getattr(metagraph, "uids", None) is not None \
-            else list(range(len(hotkeys)))
-        stakes = [_finite(stake) for stake in metagraph.S]
-        permits = [bool(permit) for permit in metagraph.validator_permit]
-        neurons = {hotkey: Neuron(uid, stake, permit)
-                   for hotkey, uid, stake, permit in zip(hotkeys, uids, stakes, permits, strict=True)}
-        block = getattr(metagraph, "block", None)
-        return cls(neurons, netuid, int(block) if block is not None else None)
-
-    @classmethod
     def from_rows(cls, rows: Iterable[Any], netuid: int | None = None, block: int | None = None) -> MetagraphView:
         """From rows with ``hotkey``, ``uid``, ``stake`` and ``validator_permit`` (``sdk.metagraph_rows``)."""
         return cls({row.hotkey: Neuron(row.uid, _finite(row.stake), row.validator_permit) for row in rows},

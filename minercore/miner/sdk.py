@@ -8,7 +8,6 @@ Everything above it (auth, the HTTP app, the neuron) is one code path.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -188,5 +187,4 @@ def close(chain: Any) -> None:
 
 
 def _tao(balance: Any) -> float:
-    value = float(getattr(balance, "tao", balance))
-    return value if math.isfinite(value) else 0.0
+    return float(getattr(balance, "tao", balance))  # a non-finite stake reads 0 in MetagraphView.from_rows
