@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from minercore.miner import sdk
 
-# The synapse exists only in bittensor 10: CI runs these there, and deselects them (-m "not bt10") under 11.
+# The synapse exists only in bittensor 10: CI runs these there; under 11 the root conftest deselects them.
 pytestmark = pytest.mark.bt10
 
 MIXED = "Crème brûlée, naïve café.\n漢字とかな、한국어 😀🎉👩‍👩‍👧\n\nend"
