@@ -38,6 +38,7 @@ from .generation import (
     SamplingParams,
     check_messages,
     check_one_source,
+    check_prompt_ids,
     check_prompt_text,
     validated_sampling,
 )
@@ -321,13 +322,7 @@ class Engine:
     async def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         check_one_source(request)
         if request.prompt_ids is not None:
-            ids = list(request.prompt_ids)
-            vocab = len(self._tokenizer)
-            if not ids:
-                raise InvalidRequest("prompt is empty")
-            if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab for i in ids):
-                raise InvalidRequest(f"prompt_ids must be token ids in [0, {vocab})")
-            return ids
+            return check_prompt_ids(request.prompt_ids, len(self._tokenizer))
         text = request.prompt if request.prompt is not None else self._format_messages(request.messages)
         if isinstance(text, list):
             return text  # the chat template's ids

@@ -170,6 +170,19 @@ def check_prompt_text(text: Any, max_chars: int) -> str:
     return text
 
 
+def check_prompt_ids(ids: Any, vocab_size: int | None = None) -> list[int]:
+    """``ids`` as a list if it is a non-empty sequence of token ids (ints, not bools, >= 0, and below
+    ``vocab_size`` when the backend knows its vocabulary); InvalidRequest otherwise."""
+    ids = list(ids)
+    if not ids:
+        raise InvalidRequest("prompt is empty")
+    limit = vocab_size if vocab_size is not None else float("inf")
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < limit for i in ids):
+        bounds = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise InvalidRequest(f"prompt_ids must be token ids in {bounds}")
+    return ids
+
+
 def check_messages(messages: Any, max_chars: int) -> list[dict[str, str]]:
     """``messages`` as [{"role", "content"}] (a missing or empty role reads "user"), if it is a non-empty list of
     such dicts whose contents hold at most ``max_chars`` characters in all; InvalidRequest otherwise."""

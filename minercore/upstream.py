@@ -40,6 +40,7 @@ from .generation import (
     RequestStats,
     check_messages,
     check_one_source,
+    check_prompt_ids,
     check_prompt_text,
     validated_sampling,
 )
@@ -293,10 +294,7 @@ class UpstreamBackend:
             body["messages"] = check_messages(request.messages, self.options.max_prompt_chars)
             return "/chat/completions", body
         if request.prompt_ids is not None:
-            ids = list(request.prompt_ids)
-            if not ids or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
-                raise InvalidRequest("prompt_ids must be a non-empty list of token ids")
-            body["prompt"] = ids
+            body["prompt"] = check_prompt_ids(request.prompt_ids)
             return "/completions", body
         body["prompt"] = check_prompt_text(request.prompt, self.options.max_prompt_chars)
         return "/completions", body

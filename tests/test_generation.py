@@ -17,6 +17,7 @@ from minercore.generation import (
     SamplingParams,
     check_messages,
     check_one_source,
+    check_prompt_ids,
     check_prompt_text,
     validated_sampling,
 )
@@ -139,3 +140,21 @@ def test_the_contract_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("ids, vocab, message", [
+    ([], None, "prompt is empty"),
+    ((), 10, "prompt is empty"),
+    ([1, -1], None, r"token ids in >= 0"),
+    ([1, True], None, r"token ids in >= 0"),
+    ([1, 2.0], 10, r"token ids in \[0, 10\)"),
+    ([1, 10], 10, r"token ids in \[0, 10\)"),
+])
+def test_prompt_ids_must_be_token_ids(ids, vocab, message) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        check_prompt_ids(ids, vocab)
+
+
+def test_prompt_ids_pass_as_a_list() -> None:
+    assert check_prompt_ids((0, 9), 10) == [0, 9]
+    assert check_prompt_ids(iter([123_456])) == [123_456]  # no vocabulary known: any id >= 0
