@@ -334,6 +334,20 @@ async def test_x_client_timeout_is_the_deadline():
         assert finishes == ["length"] and response.text.endswith("data: [DONE]\n\n")
 
 
+async def test_without_x_client_timeout_the_deadline_is_max_timeout():
+    engine = DeadlineEngine(delay=0.05)
+    async with miner_server(engine, deadline_margin=0.5, max_timeout=2.0) as (url, miner_key, _):
+        document = {"messages": [{"role": "user", "content": LONG}], "stream": True}
+        body, headers = sign_openai(sdk.new_keypair(), miner_key, document)
+        started = time.monotonic()
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.post(url + "/v1/chat/completions", content=body, headers=headers)
+        assert time.monotonic() - started < 2.0
+        text, finishes = sse_text(response.text)
+        assert response.status_code == 200 and LONG.startswith(text) and text != LONG
+        assert finishes == ["length"] and response.text.endswith("data: [DONE]\n\n")
+
+
 async def test_health_and_metrics():
     metrics = Metrics()
     async with miner_server(tiny_engine(), metrics=metrics) as (url, miner_key, _):

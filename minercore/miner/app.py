@@ -8,7 +8,7 @@ Routes:
   ``bt_header_axon_*`` response headers the dendrite reads its status from.
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``: the OpenAI shapes of ``minercore serve``
   (``openai_api.OpenAIApi``), signed with btauth/1 by a hotkey the blacklist admits, for this miner's hotkey.
-  ``X-Client-Timeout`` (seconds) is the caller's deadline.
+  ``X-Client-Timeout`` (seconds, ``max_timeout`` when absent) is the caller's deadline.
 * ``GET /health``; ``GET /metrics`` (Prometheus) when the miner keeps metrics.
 
 Statuses before an answer starts: 400 malformed request, 401 failed authentication, 403 refused by the blacklist,
@@ -391,9 +391,11 @@ def conversation_of(roles: Any, messages: Any, max_chars: int) -> list[dict[str,
         raise Refusal(400, str(exc), "invalid") from None
 
 
-def _client_timeout(raw: str | None, max_timeout: float) -> float | None:
+def _client_timeout(raw: str | None, max_timeout: float) -> float:
+    """The caller's deadline in seconds. A caller that names none gets ``max_timeout``: accepted work is always
+    bounded in time, so an overloaded miner cannot hold a slot for an answer nobody waits for any longer."""
     if raw is None:
-        return None
+        return max_timeout
     try:
         seconds = float(raw)
     except ValueError:
