@@ -54,6 +54,7 @@ cdef struct Stream:
     Py_ssize_t* stop_len
     Py_ssize_t n_stops      # 0: no stop search at all for this stream
     bint include_stop
+    bint strip_first_space  # until the stream's first byte arrives: drop it if it is a space (see add)
     bint active
 
 
@@ -249,8 +250,14 @@ cdef class StreamTable:
         return bool(self._streams[self._slot(slot)].active)
 
     def add(self, slot: int, *, max_new_tokens: int, stop: Sequence[str] = (), include_stop: bool = False,
-            now: float | None = None) -> None:
-        """Start a stream in ``slot``; ``now`` starts its flush clock. A bare ``str`` is one stop string."""
+            strip_first_space: bool = False, now: float | None = None) -> None:
+        """Start a stream in ``slot``; ``now`` starts its flush clock. A bare ``str`` is one stop string.
+
+        ``strip_first_space`` drops the stream's first byte if it is a space, as SentencePiece-style decoders
+        drop the space their normalizer put before the first word
+        (:func:`minercore.token_bytes.strips_first_space`). Stop strings, hold-back and chunking see the
+        text without it.
+        """
         cdef Py_ssize_t s = self._slot(slot)
         cdef Stream* st = &self._streams[s]
         cdef Py_ssize_t i, limit, total = 0, pos = 0
@@ -292,6 +299,7 @@ cdef class StreamTable:
                 pos += len(enc)
         st.n_stops = len(encoded)
         st.include_stop = bool(include_stop)
+        st.strip_first_space = bool(strip_first_space)
         st.length = 0
         st.count = 0
         st.limit = limit
@@ -400,6 +408,7 @@ cdef class StreamTable:
                   list events) except -1:
         cdef Py_ssize_t i, nb, old, cut
         cdef int64_t tid
+        cdef const char* piece
         cdef Stream* st
         cdef Stream* streams = self._streams
         cdef const Py_ssize_t* off = self._off
@@ -410,12 +419,18 @@ cdef class StreamTable:
             if tid == self._eos:
                 events.append((slots[i], self._end(st, st.length), _EOS))
                 continue
+            piece = self._tbl + off[tid]
             nb = off[tid + 1] - off[tid]
+            if st.strip_first_space and nb:
+                st.strip_first_space = False
+                if piece[0] == b' ':
+                    piece += 1
+                    nb -= 1
             if nb:
                 old = st.length
                 if old + nb > st.cap:
                     self._grow(st, old + nb)
-                memcpy(st.buf + old, self._tbl + off[tid], nb)
+                memcpy(st.buf + old, piece, nb)
                 st.length = old + nb
                 if st.n_stops:
                     cut = _stop_cut(st, old)

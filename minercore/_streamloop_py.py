@@ -85,9 +85,11 @@ def _complete_len(buf: bytearray) -> int:
 class _Stream:
     """One active stream. Slotted attributes cost about what a local list index does."""
 
-    __slots__ = ("buf", "count", "limit", "check_at", "deadline", "stops", "include_stop")
+    __slots__ = ("buf", "count", "limit", "check_at", "deadline", "stops", "include_stop", "strip_first_space",
+                 "plain")
 
-    def __init__(self, limit: int, deadline: float, stops: tuple[bytes, ...], include_stop: bool) -> None:
+    def __init__(self, limit: int, deadline: float, stops: tuple[bytes, ...], include_stop: bool,
+                 strip_first_space: bool) -> None:
         self.buf = bytearray()  # bytes not released yet
         self.count = 0  # tokens consumed
         self.limit = limit
@@ -95,9 +97,19 @@ class _Stream:
         # release, so the first releasable text goes out at once.
         self.check_at = 0
         self.deadline = deadline  # clock value at which the time rule releases text
-        # None without stop strings, so the per-token test is one identity check.
+        # None without stop strings: cheaper to test than an empty tuple.
         self.stops = stops or None
         self.include_stop = include_stop
+        # Until the stream's first byte arrives: drop it if it is a space (see StreamTable.add).
+        self.strip_first_space = strip_first_space
+        # Token bytes are appended as they are (no stop strings, no first space to drop): the one per-token test.
+        self.plain = self.stops is None and not strip_first_space
+
+    def first_bytes(self, piece: bytes) -> bytes:
+        """The stream's first non-empty piece without its leading space; from here on only stops are special."""
+        self.strip_first_space = False
+        self.plain = self.stops is None
+        return piece[1:] if piece[0] == 0x20 else piece
 
 
 def _stop_cut(st: _Stream, old: int) -> int:
@@ -193,8 +205,14 @@ class StreamTable:
         return self._slot(slot) in self._active
 
     def add(self, slot: int, *, max_new_tokens: int, stop: Sequence[str] = (), include_stop: bool = False,
-            now: float | None = None) -> None:
-        """Start a stream in ``slot``; ``now`` starts its flush clock. A bare ``str`` is one stop string."""
+            strip_first_space: bool = False, now: float | None = None) -> None:
+        """Start a stream in ``slot``; ``now`` starts its flush clock. A bare ``str`` is one stop string.
+
+        ``strip_first_space`` drops the stream's first byte if it is a space, as SentencePiece-style decoders
+        drop the space their normalizer put before the first word
+        (:func:`minercore.token_bytes.strips_first_space`). Stop strings, hold-back and chunking see the
+        text without it.
+        """
         slot = self._slot(slot)
         if slot in self._active:
             raise ValueError(f"slot {slot} is already active")
@@ -214,7 +232,8 @@ class StreamTable:
             except UnicodeEncodeError as exc:
                 raise ValueError(f"stop string {text!r} is not valid Unicode: {exc}") from None
         now = _monotonic() if now is None else float(now)
-        self._streams[slot] = _Stream(max_new_tokens, now + self._flush_s, tuple(encoded), bool(include_stop))
+        self._streams[slot] = _Stream(max_new_tokens, now + self._flush_s, tuple(encoded), bool(include_stop),
+                                     bool(strip_first_space))
         self._active.add(slot)
 
     def _end(self, slot: int, cut: int) -> str:
@@ -294,9 +313,9 @@ class StreamTable:
                 self._reject(slot_list, id_list)
             st = self._streams[slot]
             count = st.count + 1
-            # A lone stream's token that can end nothing (no EOS, no stop strings, length not reached)
-            # skips the loop set-up below, which costs as much as the token itself.
-            if tid != self._eos and st.stops is None and count < st.limit:
+            # A lone plain stream's token that can end nothing (no EOS, length not reached) skips the loop
+            # set-up below, which costs as much as the token itself.
+            if tid != self._eos and st.plain and count < st.limit:
                 st.count = count
                 st.buf += self._table[tid]
                 if count < st.check_at and now < st.deadline:
@@ -318,12 +337,14 @@ class StreamTable:
                 continue
             piece = table[tid]
             if piece:
-                if st.stops is None:
+                if st.plain:
                     st.buf += piece
                 else:
+                    if st.strip_first_space:
+                        piece = st.first_bytes(piece)
                     old = len(st.buf)
                     st.buf += piece
-                    cut = _stop_cut(st, old)
+                    cut = -1 if st.stops is None else _stop_cut(st, old)
                     if cut >= 0:
                         events.append((slot, self._end(slot, cut), _STOP))
                         continue

@@ -133,7 +133,6 @@ class Engine:
         self._waiting: list[_Job] = []  # heap
         self._active: dict[int, _Job] = {}  # slot -> job, decoding; model thread only
         self._prefilling: dict[int, _Job] = {}  # slot -> job whose long prompt is prefilled in chunks; model thread
-        self._before_first_text: set[int] = set()  # slots whose stream has produced no text yet; model thread
         self._strip_first_space = False
         self._control_tokens: list[str] = []  # the tokenizer's special tokens' texts, refused in chat messages
         self._admitted = 0  # jobs admitted to a slot and not finished; read under _cond for admission
@@ -206,7 +205,8 @@ class Engine:
         # does not know decode to nothing, as tokenizer.decode would skip them, instead of failing the step.
         table += [b""] * (self._runner.vocab_size - len(table))
         # SentencePiece-style tokenizers decode a text without the space their normalizer put before its first
-        # word; a stream's first text drops it the same way (the per-token table cannot know what is first).
+        # word; the stream loop drops it from each stream's first byte (the per-token table cannot know what is
+        # first), before stop strings are matched, so they see the text the caller gets.
         self._strip_first_space = strips_first_space(self._tokenizer)
         self._table = streamloop.StreamTable(
             table, self.options.max_batch, eos_id=eos_id,
@@ -476,9 +476,6 @@ class Engine:
             self._counts["tokens"] += len(slots)
         for slot, text, reason in events:
             job = self._active[slot]
-            if text and slot in self._before_first_text:
-                self._before_first_text.discard(slot)
-                text = text.removeprefix(" ")
             if reason is None:
                 outbox.append(_Delivery(job.mailbox, text))
             else:
@@ -588,11 +585,9 @@ class Engine:
     def _start_stream(self, job: _Job, first: int, outbox: list[_Delivery]) -> None:
         """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
         self._active[job.slot] = job
-        if self._strip_first_space:
-            self._before_first_text.add(job.slot)
         try:
             self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
-                            include_stop=job.sampling.include_stop)
+                            include_stop=job.sampling.include_stop, strip_first_space=self._strip_first_space)
         except Exception as exc:  # noqa: BLE001 - only this request fails
             self._prefill_failed(job, exc, outbox)
             return
@@ -628,8 +623,6 @@ class Engine:
              error: BaseException | None = None, table_done: bool = False) -> None:
         if not table_done:
             self._table.release(job.slot)
-        if text and job.slot in self._before_first_text:  # the stream's first text, ended by a deadline or abort
-            text = text.removeprefix(" ")
         self._release_slot(job)
         with self._cond:
             self._counts["failed" if error is not None else "cancelled" if reason == FINISH_CANCELLED
@@ -645,7 +638,6 @@ class Engine:
         # A job ends while decoding, while its prompt is prefilled in chunks, or in a failed prefill (in neither).
         self._active.pop(job.slot, None)
         self._prefilling.pop(job.slot, None)
-        self._before_first_text.discard(job.slot)
         job.tokens = int(self._slot_tokens[job.slot])
         self._slot_tokens[job.slot] = 0
         self._tenancy[job.slot] += 1

@@ -159,8 +159,8 @@ def token_bytes_table(tokenizer: Any, *, skip_special_tokens: bool = True) -> li
 def strips_first_space(tokenizer: Any) -> bool:
     """Whether ``decode`` drops one leading space of the whole text that the table keeps: SentencePiece-style
     decoders (a Strip after Fuse, as Llama 2's; Metaspace unless ``prepend_scheme="never"``), which undo the
-    "▁" their normalizer put before the first word. A stream starting a ``decode`` drops it too, so echoed text
-    equals the prompt."""
+    "▁" their normalizer put before the first word. A stream starting a ``decode`` drops it too
+    (``StreamTable.add(strip_first_space=True)``), so echoed text equals the prompt."""
     backend, _ = _backend(tokenizer)
     fused = False
     for step in _decoder_steps(backend):

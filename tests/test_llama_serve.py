@@ -177,6 +177,29 @@ async def test_echo_is_exact_with_a_sentencepiece_byte_fallback_tokenizer() -> N
         await engine.shutdown(grace=0)
 
 
+async def test_stop_strings_match_the_text_without_its_first_space() -> None:
+    """The token table reads "hello world" as " hello world" (the normalizer's "▁" before the first word); the
+    caller gets it without that space, and stop strings are matched on exactly what the caller gets."""
+    tok = _sentencepiece_tokenizer()
+    assert tok.convert_ids_to_tokens(tok.encode("hello world"))[0].startswith("▁")
+    engine = Engine(ModelOptions(preset="llama-tiny", device="cpu", dtype="float32", compile="off",
+                                 max_context=64), EngineOptions(max_batch=2), tokenizer=tok)
+    await engine.start()
+
+    async def echo(*stop: str, include_stop: bool = False) -> tuple[str, str | None]:
+        request = GenerationRequest(prompt="hello world", sampling=SamplingParams(stop=stop, include_stop=include_stop))
+        pieces = [p async for p in engine.generate(request)]
+        return "".join(p.text for p in pieces), pieces[-1].finish_reason
+
+    try:
+        assert await echo(" hello") == ("hello world", "eos")  # not in the visible text: no stop
+        assert await echo(" world") == ("hello", "stop")
+        assert await echo("hello", include_stop=True) == ("hello", "stop")
+        assert await echo("o w", " hello w") == ("hell", "stop")
+    finally:
+        await engine.shutdown(grace=0)
+
+
 async def test_generated_completions_start_with_the_tokenizers_bos() -> None:
     """Generate mode encodes a prompt as the tokenizer does by default (Llama's BOS first); echo does not."""
     from tokenizers import processors
@@ -202,7 +225,8 @@ async def test_generated_completions_start_with_the_tokenizers_bos() -> None:
 
 async def test_text_ended_by_the_deadline_before_any_was_sent_drops_the_first_space_too() -> None:
     """A stop string that the text so far could still begin holds all of it back; when the deadline ends the
-    stream there, the held text is the stream's first and loses the normalizer's space like any first text."""
+    stream there, the held text is the stream's first and comes without the normalizer's space like any first
+    text."""
     tok = _sentencepiece_tokenizer()
     prompt = " ".join(["hello"] * 40)
     model = ModelOptions(preset="llama-tiny", device="cpu", dtype="float32", compile="off", max_context=128)
@@ -210,13 +234,14 @@ async def test_text_ended_by_the_deadline_before_any_was_sent_drops_the_first_sp
     engine = Engine(model, EngineOptions(max_batch=1), runner=runner, tokenizer=tok)
     await engine.start()
     try:
-        # The stop string never matches: the echoed text is one word shorter than it, and it begins with the
-        # space that the table puts before the first word.
-        stop = " " + prompt + " hello"
+        # The stop string never matches, as the echoed text is one word shorter than it, but the text so far
+        # always begins it, so all of it is held back until the deadline ends the stream.
+        stop = prompt + " hello"
         pieces = [p async for p in engine.generate(GenerationRequest(
             prompt=prompt, sampling=SamplingParams(stop=(stop,)), timeout=1.0))]
     finally:
         await engine.shutdown(grace=0)
     text = "".join(p.text for p in pieces)
     assert pieces[-1].finish_reason == "deadline"
+    assert not any(p.text for p in pieces[:-1])
     assert text and prompt.startswith(text), text

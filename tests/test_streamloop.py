@@ -72,6 +72,7 @@ class Spec:
     max_new_tokens: int = 10**6
     stop: tuple[str, ...] = ()
     include_stop: bool = False
+    strip_first_space: bool = False
 
 
 def ids_of(text: str) -> list[int]:
@@ -95,7 +96,7 @@ def drive(mod: ModuleType, specs: list[Spec], *, skip: bool = True, eos_id: int 
     tab = mod.StreamTable(table, len(specs) + 1, eos_id=eos_id, flush_tokens=flush_tokens, flush_ms=flush_ms)
     for slot, spec in enumerate(specs):
         tab.add(slot, max_new_tokens=spec.max_new_tokens, stop=spec.stop, include_stop=spec.include_stop,
-                now=nows[0])
+                strip_first_space=spec.strip_first_space, now=nows[0])
     events: list[tuple[int, int, str, str | None]] = []
     since_release = [0] * len(specs)
     hold = [max([len(s.encode()) - 1 for s in spec.stop] + [3]) for spec in specs]
@@ -119,8 +120,11 @@ def drive(mod: ModuleType, specs: list[Spec], *, skip: bool = True, eos_id: int 
     return events
 
 
-def decode(ids: list[int], skip: bool = True) -> str:
-    return TOKENIZER.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+def decode(ids: list[int], skip: bool = True, strip_first_space: bool = False) -> str:
+    """``tokenizer.decode``; with ``strip_first_space`` less one leading space, as SentencePiece-style decoders
+    give the text (GPT-2's keeps it)."""
+    text = TOKENIZER.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    return text.removeprefix(" ") if strip_first_space else text
 
 
 def earliest_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
@@ -129,18 +133,20 @@ def earliest_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
 
 
 def reference(spec: Spec, *, skip: bool = True, eos_id: int | None = None) -> tuple[str, str]:
-    """(text, reason) straight from tokenizer.decode on the ids the stream consumes."""
+    """(text, reason) straight from tokenizer.decode on the ids the stream consumes; stop strings are matched on
+    the decoded text, so with ``strip_first_space`` never on the dropped space."""
+    strip = spec.strip_first_space
     limit = min(len(spec.ids), spec.max_new_tokens)
     for k in range(1, limit + 1):
         if spec.ids[k - 1] == eos_id:
-            return decode(spec.ids[:k - 1], skip), "eos"
+            return decode(spec.ids[:k - 1], skip, strip), "eos"
         if spec.stop:
-            text = decode(spec.ids[:k], skip)
+            text = decode(spec.ids[:k], skip, strip)
             hit = earliest_stop(text, spec.stop)
             if hit:
                 pos, stop = hit
                 return text[:pos] + (stop if spec.include_stop else ""), "stop"
-    return decode(spec.ids[:limit], skip), ("length" if limit == spec.max_new_tokens else "finish")
+    return decode(spec.ids[:limit], skip, strip), ("length" if limit == spec.max_new_tokens else "finish")
 
 
 def check_stream(events: list[tuple[int, int, str, str | None]], slot: int, spec: Spec, **kw: Any) -> None:
@@ -161,6 +167,9 @@ def check_stream(events: list[tuple[int, int, str, str | None]], slot: int, spec
 
 random_ids = st.lists(st.integers(0, VOCAB - 1), max_size=40)
 text_ids = st.text(max_size=40).map(ids_of)
+# Texts that begin with spaces, for the first space a flagged stream drops.
+spaced_text = st.tuples(st.integers(0, 2), st.text(max_size=40)).map(lambda n_text: " " * n_text[0] + n_text[1])
+spaced_text_ids = spaced_text.map(ids_of)
 stop_text = st.text(min_size=1, max_size=4).filter(lambda s: "\ufffd" not in s)
 # One clock reading per step: text_ids can yield up to 4 tokens per character (one per UTF-8 byte) of 40.
 nows_st = st.builds(
@@ -184,13 +193,14 @@ def stream_specs(draw: st.DrawFn, ids_st: st.SearchStrategy[list[int]], skip: bo
                 stops.append(piece)
         else:
             stops.append(draw(stop_text))
-    return Spec(ids, max_new_tokens=draw(st.integers(1, 50)), stop=tuple(stops), include_stop=draw(st.booleans()))
+    return Spec(ids, max_new_tokens=draw(st.integers(1, 50)), stop=tuple(stops), include_stop=draw(st.booleans()),
+                strip_first_space=draw(st.booleans()))
 
 
 @st.composite
 def batches(draw: st.DrawFn) -> dict[str, Any]:
     skip = draw(st.booleans())
-    ids_st = st.one_of(random_ids, text_ids)
+    ids_st = st.one_of(random_ids, text_ids, spaced_text_ids)
     return {
         "specs": draw(st.lists(stream_specs(ids_st, skip), min_size=1, max_size=3)),
         "skip": skip,
@@ -227,6 +237,30 @@ def test_long_random_streams_without_stops(impl: ModuleType, other: ModuleType, 
 def test_text_round_trips(impl: ModuleType, text: str, flush_tokens: int) -> None:
     events = drive(impl, [Spec(ids_of(text))], flush_tokens=flush_tokens)
     assert "".join(e[2] for e in events) == decode(ids_of(text))
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=spaced_text, data=st.data(), include_stop=st.booleans(), flush_tokens=st.integers(1, 6))
+def test_strip_first_space_drops_exactly_one_leading_space(impl: ModuleType, other: ModuleType, text: str,
+                                                           data: st.DataObject, include_stop: bool,
+                                                           flush_tokens: int) -> None:
+    """A flagged stream's text is the unflagged one less one leading space, and its stop strings only ever see
+    that text: a stop taken from the start of the unflagged text, dropped space included, must not match there."""
+    ids = ids_of(text)
+    prefix_stop = st.integers(1, 6).map(lambda n: text[:n]).filter(lambda s: s and "\ufffd" not in s)
+    stops = tuple(data.draw(st.lists(st.one_of(stop_text, prefix_stop), max_size=3)))
+    unflagged = "".join(e[2] for e in drive(impl, [Spec(ids)], flush_tokens=flush_tokens))
+    assert unflagged == text  # GPT-2 round-trips text
+    flagged = Spec(ids, stop=stops, include_stop=include_stop, strip_first_space=True)
+    events = drive(impl, [flagged, Spec(ids, strip_first_space=True), Spec(ids, stop=stops)],
+                   flush_tokens=flush_tokens)
+    # Slot 0 ends as decode of the text less one leading space would (stops included); slot 1 has no stops.
+    check_stream(events, 0, flagged)
+    assert "".join(t for _, slot, t, _ in events if slot == 1) == unflagged.removeprefix(" ")
+    # An unflagged stream in the same table keeps its space.
+    check_stream(events, 2, Spec(ids, stop=stops))
+    assert drive(other, [flagged, Spec(ids, strip_first_space=True), Spec(ids, stop=stops)],
+                 flush_tokens=flush_tokens) == events
 
 
 # --- corpus -------------------------------------------------------------------------------------------
@@ -409,6 +443,73 @@ def test_bare_string_is_one_stop(impl: ModuleType) -> None:
 def test_streams_without_stops_do_not_hold_text(impl: ModuleType) -> None:
     events = run(impl, ids_of("Hello world"))
     assert events == [("Hello", None), (" world", None), ("", "finish")]
+
+
+# --- the first space of SentencePiece-style text ----------------------------------------------------------
+
+
+def test_first_space_is_dropped_before_stop_strings_see_it(impl: ModuleType) -> None:
+    ids = ids_of(" hello world")  # ␣hello | ␣world: as a "▁hello▁world" Llama 2 stream reads
+    assert run(impl, ids, stop=(" hello",)) == [("", "stop")]
+    assert run(impl, ids, stop=(" hello",), strip_first_space=True) == [("hello", None), (" world", None),
+                                                                          ("", "finish")]
+    assert run(impl, ids, stop=(" world",), strip_first_space=True) == [("hello", None), ("", "stop")]
+    assert run(impl, ids, stop=("hello",), include_stop=True, strip_first_space=True) == [("hello", "stop")]
+
+
+def test_first_space_is_not_held_back(impl: ModuleType) -> None:
+    # Unflagged, the space may begin " x" and waits; flagged, it is no text at all.
+    table = [b" ", b"x"]
+    assert run(impl, [0, 1], table=table, stop=(" x",)) == [("", "stop")]
+    assert run(impl, [0, 1], table=table, stop=(" x",), strip_first_space=True) == [("x", None), ("", "finish")]
+    tab = impl.StreamTable(table, 1, flush_tokens=1)
+    tab.add(0, max_new_tokens=10, stop=(" x",), strip_first_space=True, now=0.0)
+    assert tab.step(arr([0]), arr([0]), 0.0) == []
+    assert tab._pending_bytes(0) == 0
+
+
+def test_exactly_one_leading_space_is_dropped(impl: ModuleType) -> None:
+    flagged = {"strip_first_space": True}
+    assert run(impl, ids_of("  two"), **flagged) == [(" two", None), ("", "finish")]  # ␣ | ␣two
+    assert run(impl, ids_of("a b"), **flagged) == [("a", None), (" b", None), ("", "finish")]
+    assert run(impl, ids_of(" "), **flagged) == [("", "finish")]
+    # The space of a later token stays, even when every earlier token was empty.
+    assert run(impl, [0, 1, 0], table=[b"", b" x"], **flagged) == [("x", None), ("", "finish")]
+    assert run(impl, [1, 1], table=[b"", b" x"], **flagged) == [("x", None), (" x", None), ("", "finish")]
+    # A multi-byte first character is whole text: nothing but U+0020 is dropped.
+    assert run(impl, ids_of("\u3000x"), **flagged)[0][0] == "\u3000"
+
+
+def test_first_space_with_length_eos_and_finish(impl: ModuleType) -> None:
+    flagged = {"strip_first_space": True}
+    assert run(impl, ids_of(" one two"), max_new_tokens=1, **flagged) == [("one", "length")]
+    assert run(impl, ids_of(" one") + [EOS], eos_id=EOS, flush_tokens=100, **flagged) == [("one", None),
+                                                                                           ("", "eos")]
+    # Held back by a stop prefix, then finished (a deadline): the held text is the first and loses its space.
+    tab = impl.StreamTable([b" \xe4\xb8", b"\x96"], 1, flush_tokens=1)
+    tab.add(0, max_new_tokens=10, stop=("\u4e16!",), strip_first_space=True, now=0.0)
+    assert tab.step(arr([0]), arr([0]), 0.0) == []
+    assert tab._pending_bytes(0) == 2
+    assert tab.finish(0, drop_incomplete=True) == ""
+    tab.add(0, max_new_tokens=10, stop=("\u4e16!",), strip_first_space=True, now=0.0)
+    tab.step(arr([0]), arr([0]), 0.0)
+    assert tab.step(arr([0]), arr([1]), 0.0) == []
+    assert tab.finish(0) == "\u4e16"
+
+
+def test_first_space_flag_is_per_stream(impl: ModuleType) -> None:
+    tab = impl.StreamTable([b" a", b" b"], 2, flush_tokens=1)
+    tab.add(0, max_new_tokens=10, strip_first_space=True, now=0.0)
+    tab.add(1, max_new_tokens=10, now=0.0)
+    assert tab.step(arr([0, 1]), arr([0, 0]), 0.0) == [(0, "a", None), (1, " a", None)]
+    assert tab.step(arr([0, 1]), arr([1, 1]), 0.0) == [(0, " b", None), (1, " b", None)]
+    tab.release(0)
+    # A slot's next stream starts with its own flag, not the last stream's.
+    tab.add(0, max_new_tokens=10, now=0.0)
+    assert tab.step(arr([0]), arr([0]), 0.0) == [(0, " a", None)]
+    tab.release(0)
+    tab.add(0, max_new_tokens=10, strip_first_space=True, now=0.0)
+    assert tab.step(arr([0]), arr([1]), 0.0) == [(0, "b", None)]
 
 
 # --- chunking policy ----------------------------------------------------------------------------------
