@@ -168,8 +168,8 @@ def _compile_steps(device: torch.device, graphs: str) -> tuple:
     (the cache's spare position keeps the full-context bucket in the dynamic graph). One function per kind
     gives each its own dynamo cache and recompile limit. That cache is per function, not per runner, and
     cache shapes are static: each further runner configuration (max_batch, max_context, dtype, model) in
-    the same process adds two graphs per kind, so past four of them dynamo's default limit of 8 sends the
-    step back to eager, with a warning. With ``graphs="torch"`` on CUDA, reduce-overhead records a CUDA
+    the same process adds graphs to it, so each compiled runner raises the limit by what it may add
+    (``_make_room_for``). With ``graphs="torch"`` on CUDA, reduce-overhead records a CUDA
     graph per distinct shape; the caller clones the output before the next replay.
     """
     if graphs == "manual":
@@ -268,8 +268,10 @@ class ModelRunner:
             # Static addresses: CUDA graphs read the cache and slot state in place instead of copying them in.
             for tensor in [*self.model.buffers(), *self.state.buffers()]:
                 torch._dynamo.mark_static_address(tensor)
-        if self._manual and compile:
-            _raise_recompile_limit(len(self.batch_buckets) * len(self.context_buckets) + 8)
+        if compile:
+            # A static compile adds a graph per step shape; a dynamic one at most its batch-1 and context-extreme
+            # specialisations (see warmup).
+            _make_room_for(len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
         if compile:
             self._steps = _compile_steps(device, graphs)
         else:
@@ -501,9 +503,17 @@ class ModelRunner:
         self.state.active.copy_(host, non_blocking=True)
 
 
-def _raise_recompile_limit(needed: int) -> None:
-    """A static compile per step shape: dynamo's per-function recompile limit (8 by default) must hold them all,
-    as SGLang raises it for its per-batch-size graphs."""
+_graphs_compiled = 0  # graphs every compiled runner in this process may add to a step function's dynamo cache
+
+
+def _make_room_for(graphs: int) -> None:
+    """Dynamo's cache is per step function, shared by every runner in the process, and with ``fullgraph=True``
+    a step past its recompile limit (8 by default) fails instead of falling back to eager: raise the limit by
+    what each new runner may add (as SGLang raises it for its per-batch-size graphs), so that a process building
+    several runners (tests, benchmarks, a server reloading its model) keeps compiling."""
+    global _graphs_compiled
+    _graphs_compiled += graphs
+    needed = _graphs_compiled + 8
     config: Any = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(config, name):

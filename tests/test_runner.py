@@ -351,3 +351,18 @@ def test_model_runner_rejects_bad_graph_options(options, match) -> None:
     with pytest.raises(ValueError, match=match):
         ModelRunner(SimulatedLM.random(SMALL, 0), **{"max_batch": 4, "max_context": 64, "eos_id": 0, "device": CPU,
                                                      "dtype": torch.float32, "compile": False, **options})
+
+
+def test_a_process_keeps_compiling_past_dynamos_default_recompile_limit() -> None:
+    # Every compiled runner adds graphs to the same step functions' dynamo caches; with fullgraph=True a step
+    # past the limit raises instead of falling back to eager, so each runner must make room for its own.
+    configs = [(2, 64), (2, 96), (2, 128), (3, 64), (3, 96)]  # two graphs each: ten, past the default eight
+    for batch, context in configs:
+        runner = small_runner(max_batch=batch, max_context=context, compile=True, kinds=(GREEDY,))
+        runner.warmup()
+        eager = small_runner(max_batch=batch, max_context=context, kinds=(GREEDY,))
+        ids = prompt(9, seed=batch * context)
+        params = SlotParams(echo=False)
+        assert runner.prefill(0, ids, params) == eager.prefill(0, ids, params)
+        slots = np.array([0])
+        assert runner.decode(slots).tolist() == eager.decode(slots).tolist()
