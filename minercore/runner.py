@@ -22,6 +22,7 @@ for its ids. How a step reaches the device is the ``graphs`` choice:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -156,7 +157,7 @@ def _static_filter(model: CachedLM, state: SlotState, sampled: Tensor, b: int, c
 _STATIC_STEPS = (_static_greedy, _static_sample, _static_filter)  # indexed by kind
 
 
-def _compile_steps(device: torch.device, graphs: str) -> tuple:
+def _compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> tuple:
     """The decode steps, compiled: the only torch.compile in minercore's native path.
 
     ``graphs="manual"``: the static steps with ``dynamic=False`` and no CUDA graphs of inductor's own; one
@@ -172,10 +173,16 @@ def _compile_steps(device: torch.device, graphs: str) -> tuple:
     (``_make_room_for``). With ``graphs="torch"`` on CUDA, reduce-overhead records a CUDA
     graph per distinct shape; the caller clones the output before the next replay.
     """
+    # Where torch.compile takes the limit itself (2.13), dynamo applies it during each compile of these steps,
+    # whatever the process's global config says by then; older torch reads the global one _make_room_for raised.
+    limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
     if graphs == "manual":
-        return tuple(torch.compile(step, fullgraph=True, dynamic=False) for step in _STATIC_STEPS)
+        return tuple(torch.compile(step, fullgraph=True, dynamic=False, **limit) for step in _STATIC_STEPS)
     mode = "reduce-overhead" if device.type == "cuda" and graphs == "torch" else None
-    return tuple(torch.compile(step, fullgraph=True, dynamic=True, mode=mode) for step in _STEPS)
+    return tuple(torch.compile(step, fullgraph=True, dynamic=True, mode=mode, **limit) for step in _STEPS)
+
+
+_PER_CALL_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
 class _HostCopy:
@@ -271,9 +278,8 @@ class ModelRunner:
         if compile:
             # A static compile adds a graph per step shape; a dynamic one at most its batch-1 and context-extreme
             # specialisations (see warmup).
-            _make_room_for(len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
-        if compile:
-            self._steps = _compile_steps(device, graphs)
+            limit = _make_room_for(len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
+            self._steps = _compile_steps(device, graphs, limit)
         else:
             self._steps = _STATIC_STEPS if self._manual else _STEPS
         self._copy = _HostCopy(max_batch, device)
@@ -506,7 +512,7 @@ class ModelRunner:
 _graphs_compiled = 0  # graphs every compiled runner in this process may add to a step function's dynamo cache
 
 
-def _make_room_for(graphs: int) -> None:
+def _make_room_for(graphs: int) -> int:
     """Dynamo's cache is per step function, shared by every runner in the process, and with ``fullgraph=True``
     a step past its recompile limit (8 by default) fails instead of falling back to eager: raise the limit by
     what each new runner may add (as SGLang raises it for its per-batch-size graphs), so that a process building
@@ -521,6 +527,7 @@ def _make_room_for(graphs: int) -> None:
             break
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)
+    return needed
 
 
 # ---- construction ----
