@@ -174,7 +174,7 @@ def _compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> t
     graph per distinct shape; the caller clones the output before the next replay.
     """
     # Where torch.compile takes the limit itself (2.13), dynamo applies it during each compile of these steps,
-    # whatever the process's global config says by then; older torch reads the global one _make_room_for raised.
+    # on whichever thread compiles; older torch reads the config warmup raises on its own thread.
     limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
     if graphs == "manual":
         return tuple(torch.compile(step, fullgraph=True, dynamic=False, **limit) for step in _STATIC_STEPS)
@@ -278,8 +278,9 @@ class ModelRunner:
         if compile:
             # A static compile adds a graph per step shape; a dynamic one at most its batch-1 and context-extreme
             # specialisations (see warmup).
-            limit = _make_room_for(len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
-            self._steps = _compile_steps(device, graphs, limit)
+            self._recompile_limit = _make_room_for(
+                len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
+            self._steps = _compile_steps(device, graphs, self._recompile_limit)
         else:
             self._steps = _STATIC_STEPS if self._manual else _STEPS
         self._copy = _HostCopy(max_batch, device)
@@ -318,6 +319,8 @@ class ModelRunner:
         graphs are recorded or captured, or the compile is static; one per compiled specialisation
         otherwise) with no row active, so no slot state changes."""
         started = time.perf_counter()
+        if self.compiled:
+            _raise_recompile_limit(self._recompile_limit)  # dynamo's config is per thread: set it where compiles run
         self._graph_thread = threading.get_ident()
         if self.device.type == "cuda":
             # Graph replays and stream waits use the calling thread's current device: make it this runner's.
@@ -513,13 +516,19 @@ _graphs_compiled = 0  # graphs every compiled runner in this process may add to 
 
 
 def _make_room_for(graphs: int) -> int:
-    """Dynamo's cache is per step function, shared by every runner in the process, and with ``fullgraph=True``
-    a step past its recompile limit (8 by default) fails instead of falling back to eager: raise the limit by
-    what each new runner may add (as SGLang raises it for its per-batch-size graphs), so that a process building
-    several runners (tests, benchmarks, a server reloading its model) keeps compiling."""
+    """The recompile limit a new runner's steps need. Dynamo's cache is per step function, shared by every runner
+    in the process, and with ``fullgraph=True`` a step past its recompile limit (8 by default) fails instead of
+    falling back to eager: each runner adds what it may compile (as SGLang raises the limit for its per-batch-size
+    graphs), so a process building several runners (tests, benchmarks, a server reloading its model) keeps
+    compiling."""
     global _graphs_compiled
     _graphs_compiled += graphs
-    needed = _graphs_compiled + 8
+    return _graphs_compiled + 8
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    """On the calling thread: torch's dynamo config is thread-local (2.13), and the engine compiles on its model
+    thread, not on the thread that built the runner."""
     config: Any = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(config, name):
@@ -527,7 +536,6 @@ def _make_room_for(graphs: int) -> int:
             break
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)
-    return needed
 
 
 # ---- construction ----

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 
 import numpy as np
@@ -355,14 +356,17 @@ def test_model_runner_rejects_bad_graph_options(options, match) -> None:
 
 def test_a_process_keeps_compiling_past_dynamos_default_recompile_limit() -> None:
     # Every compiled runner adds graphs to the same step functions' dynamo caches; with fullgraph=True a step
-    # past the limit raises instead of falling back to eager, so each runner must make room for its own.
+    # past the limit raises instead of falling back to eager, so each runner must make room for its own. As in
+    # the engine, each runner is built on one thread and compiles on another (dynamo's config is per thread).
     configs = [(2, 64), (2, 96), (2, 128), (3, 64), (3, 96)]  # two graphs each: ten, past the default eight
     for batch, context in configs:
         runner = small_runner(max_batch=batch, max_context=context, compile=True, kinds=(GREEDY,))
-        runner.warmup()
         eager = small_runner(max_batch=batch, max_context=context, kinds=(GREEDY,))
         ids = prompt(9, seed=batch * context)
         params = SlotParams(echo=False)
-        assert runner.prefill(0, ids, params) == eager.prefill(0, ids, params)
         slots = np.array([0])
-        assert runner.decode(slots).tolist() == eager.decode(slots).tolist()
+        with concurrent.futures.ThreadPoolExecutor(1) as model_thread:
+            model_thread.submit(runner.warmup).result()
+            first = model_thread.submit(runner.prefill, 0, ids, params).result()
+            assert first == eager.prefill(0, ids, params)
+            assert model_thread.submit(runner.decode, slots).result().tolist() == eager.decode(slots).tolist()
