@@ -48,7 +48,7 @@ def extensions() -> list[Extension]:
         print("minercore: Cython is not available; installing the pure-Python twin", file=sys.stderr)
         return []
     ext = Extension(
-        "minercore._streamloop_c",
+        "minercore.text._streamloop_c",
         ["csrc/_streamloop_c.pyx"],
         extra_compile_args=["-O3"],
     )

@@ -28,11 +28,11 @@ import time
 import pytest
 import torch
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.generation import GenerationRequest, SamplingParams
-from minercore.llama import PRESETS
-from minercore.tokenizer import load_tokenizer
+from minercore.models.llama import PRESETS
+from minercore.text.tokenizer import load_tokenizer
 
 PROMPT_TOKENS = 256
 WORDS = ("Validators score what miners stream back.", "Crème brûlée, Zürich, São Paulo.", "東京は日本の首都です。",

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from minercore.config import ModelOptions
-from minercore.model import PRESETS, SimulatedLM
-from minercore.runner import ModelRunner
-from minercore.runners import Runner, build_runner
-from minercore.sampling import GREEDY, SlotParams
+from minercore.contract.config import ModelOptions
+from minercore.models.gpt2 import PRESETS, SimulatedLM
+from minercore.runtime.native import ModelRunner
+from minercore.runtime.protocol import Runner, build_runner
+from minercore.runtime.sampling import GREEDY, SlotParams
 
 PROMPT = 128
 STEPS = 32

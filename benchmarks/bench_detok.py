@@ -19,8 +19,8 @@ import pytest
 from tokenizers.decoders import DecodeStream
 from tokenizers.implementations import BaseTokenizer
 
-from minercore.token_bytes import token_bytes_table
-from minercore.tokenizer import load_tokenizer
+from minercore.text.token_bytes import token_bytes_table
+from minercore.text.tokenizer import load_tokenizer
 
 TOKENS_PER_STREAM = 2048
 # Each stream starts this many tokens further into the text, so concurrent streams differ.

@@ -32,11 +32,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.generation import GenerationRequest, SamplingParams
 from minercore.miner import client, sdk
-from minercore.tokenizer import load_tokenizer
+from minercore.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300

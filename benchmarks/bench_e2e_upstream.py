@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from minercore.miner import client
-from minercore.tokenizer import load_tokenizer
+from minercore.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300.0  # a compile warm-up on CUDA (compile auto) takes minutes; on CPU, seconds

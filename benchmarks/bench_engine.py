@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest
 from minercore.engine import Engine
-from minercore.generation import GenerationRequest
 
 PROMPT_WORDS = ("Streams of text", "ça coule", "流れる文字", "🚰💬", "and more words to echo back")
 

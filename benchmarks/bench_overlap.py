@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 import torch
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.generation import GenerationRequest, SamplingParams
-from minercore.steps import Launched
-from minercore.tokenizer import load_tokenizer
+from minercore.runtime.steps import Launched
+from minercore.text.tokenizer import load_tokenizer
 
 DEVICE_STEP_US = 250
 TOKENS = 256

@@ -17,10 +17,10 @@ import time
 import httpx
 import pytest
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.backends.upstream import UpstreamBackend
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.generation import GenerationRequest, SamplingParams
-from minercore.upstream import UpstreamBackend
 
 WORDS = ("Streams of text", "ça coule très bien", "流れる文字", "🚰💬", "naïve café", "κόσμε", "and more words\n")
 PROMPT = " ".join(WORDS[k % len(WORDS)] for k in range(84))  # 504 GPT-2 tokens

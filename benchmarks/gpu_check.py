@@ -55,9 +55,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from minercore.model import PRESETS, SimulatedLM, describe
-from minercore.runner import ModelRunner
-from minercore.sampling import GREEDY, SlotParams
+from minercore.models.gpt2 import PRESETS, SimulatedLM, describe
+from minercore.runtime.native import ModelRunner
+from minercore.runtime.sampling import GREEDY, SlotParams
 
 PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama")
 PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
@@ -437,9 +437,9 @@ def phase_engine(sizes: Sizes, out: Path, part: Part) -> None:
 def _engine_against_raw_loop(runner: ModelRunner, sizes: Sizes, part: Part) -> None:
     import asyncio
 
-    from minercore.config import EngineOptions, ModelOptions
+    from minercore.contract.config import EngineOptions, ModelOptions
+    from minercore.contract.generation import GenerationRequest, SamplingParams
     from minercore.engine import Engine
-    from minercore.generation import GenerationRequest, SamplingParams
 
     # The raw loop first, on this thread, then the engine on its own: torch.compile's CUDA-graph trees belong to
     # the thread that warmed them, so each side warms once rather than in turns.

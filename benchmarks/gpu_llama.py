@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from minercore.llama import PRESETS, LlamaConfig, LlamaLM, rope_frequencies
-from minercore.runner import CUDA_AUTO_GRAPHS, ModelRunner
-from minercore.sampling import SlotParams
+from minercore.models.llama import PRESETS, LlamaConfig, LlamaLM, rope_frequencies
+from minercore.runtime.native import CUDA_AUTO_GRAPHS, ModelRunner
+from minercore.runtime.sampling import SlotParams
 
 PROMPT, NEW, MAX_BATCH = 32, 128, 64
 TARGET_OF_LIMIT = 0.85

@@ -29,7 +29,7 @@ import torch
 torch.set_num_threads(1)
 loader, directory, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 if loader == "native":
-    from minercore.llama import load_llama
+    from minercore.models.llama import load_llama
 else:
     from transformers import AutoModelForCausalLM
 def rss_kib():
@@ -54,7 +54,7 @@ def write_checkpoint(directory: Path, dtype_name: str, shard_bytes: int = 1 << 3
     import torch
     from safetensors.torch import save_file
 
-    from minercore.llama import LlamaConfig, LlamaLM
+    from minercore.models.llama import LlamaConfig, LlamaLM
 
     dtype = getattr(torch, dtype_name)
     directory.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,7 @@ async def _drive(target: Any, streams: int, duration: float, miner: Any, stats_f
     import psutil
 
     from minercore.miner import client, sdk
-    from minercore.tokenizer import load_tokenizer
+    from minercore.text.tokenizer import load_tokenizer
 
     rotation = prompts()
     tokenizer = load_tokenizer("gpt2")

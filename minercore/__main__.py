@@ -19,9 +19,10 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2") -> 
     """Everything an operator's bug report needs, without importing bittensor (it is slow and noisy)."""
     import torch
 
-    from . import __version__, streamloop
-    from .device import dtype_name, select
-    from .tokenizer import load_tokenizer, tokenizer_source
+    from . import __version__
+    from .runtime.device import dtype_name, select
+    from .text import streamloop
+    from .text.tokenizer import load_tokenizer, tokenizer_source
 
     chosen_device, chosen_dtype = select(device, dtype)
     tok = load_tokenizer(tokenizer)
@@ -42,7 +43,7 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2") -> 
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
-    from .options import add_serve_arguments
+    from .contract.options import add_serve_arguments
 
     serve = commands.add_parser("serve", help="serve the engine (or an upstream) as an OpenAI-compatible HTTP API")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
@@ -57,8 +58,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .options import core_options
-    from .server import serve
+    from .contract.options import core_options
+    from .serve.server import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
 
-    from .device import DeviceError
+    from .runtime.device import DeviceError
 
     try:
         report = info(args.device, args.dtype, args.tokenizer)

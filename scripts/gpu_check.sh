@@ -29,5 +29,5 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 echo "== build: compiled stream loop, in place" | tee -a "$log"
 "$python" setup.py -q build_ext --inplace >>"$log" 2>&1 || echo "build failed: the pure-Python twin runs" | tee -a "$log"
-"$python" -c "import minercore.streamloop as s; print('stream loop:', s.IMPLEMENTATION)" 2>&1 | tee -a "$log"
+"$python" -c "import minercore.text.streamloop as s; print('stream loop:', s.IMPLEMENTATION)" 2>&1 | tee -a "$log"
 exec "$python" benchmarks/gpu_check.py --out "$out" "$@"

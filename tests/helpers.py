@@ -24,14 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamloop_corpus import CORPUS
 from v10_signing import v10_request
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import FINISH_CANCELLED, GenerationFailed, InvalidRequest, Piece
 from minercore.engine import Engine
-from minercore.generation import FINISH_CANCELLED, GenerationFailed, InvalidRequest, Piece
 from minercore.miner import client, sdk
 from minercore.miner.config import build_config
 from minercore.miner.neuron import Miner
-from minercore.runners import build_runner
-from minercore.tokenizer import load_tokenizer
+from minercore.runtime.protocol import build_runner
+from minercore.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300  # a miner subprocess: import, model build and warm-up on a busy 2-core machine

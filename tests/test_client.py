@@ -14,7 +14,7 @@ from helpers import MIXED, FakeEngine, free_port, new_keypair, running_miner
 
 from minercore.miner import client, sdk
 from minercore.miner.sdk import ensure_wallet
-from minercore.tokenizer import load_tokenizer
+from minercore.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ["openai", *(["streamprompting"] if sdk.MAJOR == 10 else [])]

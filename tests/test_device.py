@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from minercore import device as dev
-from minercore.device import DeviceError, select, select_device, select_dtype
+from minercore.runtime import device as dev
+from minercore.runtime.device import DeviceError, select, select_device, select_dtype
 
 
 @pytest.fixture

@@ -9,9 +9,8 @@ import threading
 import pytest
 from runner_wrappers import FaultyRunner, SlowRunner
 
-from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine
-from minercore.generation import (
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import (
     EngineClosed,
     EngineOverloaded,
     GenerationFailed,
@@ -19,6 +18,7 @@ from minercore.generation import (
     InvalidRequest,
     SamplingParams,
 )
+from minercore.engine import Engine
 
 MIXED = ["Hello, world!", "Ça va très bien, merci.", "世界你好，今天天气很好。", "👩‍👩‍👧‍👦 family 🇫🇷 flag 👍🏽",
          "مرحبا بالعالم", "naïve café résumé", "line one\nline two\r\n\ttabbed", "e\u0301 combining", "κόσμε",
@@ -41,7 +41,7 @@ async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, str 
 async def running(runner_wrapper=None, **engine_options):
     engine = Engine(ModelOptions(preset="tiny", compile="off", max_context=2048), EngineOptions(**engine_options))
     if runner_wrapper is not None:
-        from minercore.runners import build_runner
+        from minercore.runtime.protocol import build_runner
 
         engine._runner = runner_wrapper(build_runner(engine.model_options, max_batch=engine.options.max_batch,
                                                      eos_id=50256))
@@ -155,7 +155,7 @@ async def test_ids_past_the_tokenizer_from_a_padded_vocabulary_decode_to_nothing
 
 
 async def test_chat_template_errors_are_invalid_requests():
-    from minercore.tokenizer import load_tokenizer
+    from minercore.text.tokenizer import load_tokenizer
 
     tokenizer = copy.copy(load_tokenizer())
     tokenizer.chat_template = "{{ raise_exception('conversation roles must alternate') }}"
@@ -357,7 +357,7 @@ async def test_long_prompts_are_prefilled_in_chunks_while_streams_decode():
 
 
 def test_prompts_prefilled_together_have_similar_lengths():
-    from minercore.engine import _prefill_groups
+    from minercore.engine.loop import _prefill_groups
 
     class Job:
         def __init__(self, n):
@@ -464,7 +464,7 @@ async def test_prompts_that_fit_a_prefill_step_are_never_split():
             chunks.append((len(prompt_ids), start, end))
             return self._runner.prefill_chunk(slot, prompt_ids, params, start, end)
 
-    from minercore.tokenizer import load_tokenizer
+    from minercore.text.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("gpt2")
     short = ["naïve café résumé, Zürich → Genève", "streams of text, ça coule 流れる", "Zürich → Genève ✓ and back"]

@@ -1,5 +1,5 @@
-"""The contract (minercore.generation): the one set of request checks every backend applies, and the exceptions'
-outcome labels and HTTP statuses as each front end answers them."""
+"""The contract (minercore.contract.generation): the one set of request checks every backend applies, and the
+exceptions' outcome labels and HTTP statuses as each front end answers them."""
 
 import math
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from minercore.generation import (
+from minercore.contract.generation import (
     EngineClosed,
     EngineOverloaded,
     GenerationError,
@@ -122,7 +122,7 @@ def test_failures_keep_their_builtin_bases():
 
 
 def test_the_server_answers_an_overload_with_429_and_the_rest_with_the_contract_status():
-    from minercore.openai_api import _backend_error
+    from minercore.serve.openai_api import _backend_error
 
     overloaded = _backend_error(EngineOverloaded("all slots busy"))
     assert (overloaded.status, overloaded.type, overloaded.code) == (429, "overloaded_error", "engine_overloaded")
@@ -135,8 +135,8 @@ def test_the_server_answers_an_overload_with_429_and_the_rest_with_the_contract_
 
 
 def test_the_contract_imports_no_torch():
-    code = "import sys, minercore.generation, minercore.options, minercore.observe, minercore.backend; " \
-           "print('torch' in sys.modules)"
+    code = ("import sys, minercore.contract.generation, minercore.contract.options, minercore.contract.observe, "
+            "minercore.backends; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -13,8 +13,8 @@ import aiohttp
 from helpers import SignedRequest, new_keypair, running_miner, sign, stream_prompt, target, tiny_engine
 from runner_wrappers import SlowRunner
 
+from minercore.contract.generation import EngineStats
 from minercore.engine import Engine
-from minercore.generation import EngineStats
 
 STEP_S = 0.05
 # A disconnect seen mid-step is handled when the next step starts: the step under way plus one.

@@ -7,7 +7,7 @@ import math
 import pytest
 from helpers import tiny_engine
 
-from minercore.generation import GenerationRequest, InvalidRequest, SamplingParams
+from minercore.contract.generation import GenerationRequest, InvalidRequest, SamplingParams
 from minercore.miner import neuron
 from minercore.miner.app import Refusal, conversation_of
 from minercore.miner.config import build_config
@@ -71,7 +71,7 @@ def test_default_logging_keeps_torch_compile_quiet(monkeypatch):
     monkeypatch.setattr(logging.root, "level", logging.root.level)
     inductor = logging.getLogger("torch._inductor.hardening_probe")
     inductor.setLevel(logging.INFO)  # as torch.compile's debug settings leave it
-    engine_log = logging.getLogger("minercore.engine")
+    engine_log = logging.getLogger("minercore.engine.loop")
     before = engine_log.level
     neuron.setup_logging(build_config(["--offline"]))
     assert inductor.getEffectiveLevel() == logging.WARNING

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from minercore.config import ModelOptions
-from minercore.hf_runner import HFRunner
-from minercore.model import load_gpt2
-from minercore.runner import ModelRunner
-from minercore.runners import build_runner
-from minercore.sampling import ContextOverflow, SlotParams
+from minercore.contract.config import ModelOptions
+from minercore.models.gpt2 import load_gpt2
+from minercore.runtime.hf import HFRunner
+from minercore.runtime.native import ModelRunner
+from minercore.runtime.protocol import build_runner
+from minercore.runtime.sampling import ContextOverflow, SlotParams
 
 VOCAB, EOS = 128, 127
 

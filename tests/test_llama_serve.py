@@ -24,10 +24,10 @@ import torch
 from helpers import free_port
 from runner_wrappers import SlowRunner
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, InvalidRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.generation import GenerationRequest, InvalidRequest, SamplingParams
-from minercore.runners import build_runner
+from minercore.runtime.protocol import build_runner
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -36,7 +36,7 @@ PROMPT = "The quick brown fox, naïve café 世界"
 
 
 def _tokenizer():
-    from minercore.tokenizer import _load_gpt2
+    from minercore.text.tokenizer import _load_gpt2
 
     tok = _load_gpt2()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

@@ -7,12 +7,12 @@ import httpx
 import pytest
 from helpers import scrape
 
-from minercore.backend import build_backend
-from minercore.config import EngineOptions, ModelOptions
+from minercore.backends import build_backend
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import EngineStats, GenerationFailed, GenerationRequest
 from minercore.engine import Engine
-from minercore.generation import EngineStats, GenerationFailed, GenerationRequest
-from minercore.metrics import Metrics
-from minercore.server import create_app, serving
+from minercore.serve.metrics import Metrics
+from minercore.serve.server import create_app, serving
 
 MIXED = "Prometheus sees «ça», 世界 and 🙂\n" * 3
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import new_keypair
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.miner import config as miner_config
 from minercore.miner.config import ConfigError, build_config, build_parser
 

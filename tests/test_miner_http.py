@@ -14,11 +14,11 @@ from helpers import MIXED, FakeEngine, mixed_prompt, tiny_engine
 from prometheus_client import generate_latest
 from v10_signing import v10_request
 
-from minercore.metrics import Metrics
 from minercore.miner import auth, client, sdk
 from minercore.miner.app import MinerServer, ServerSettings
 from minercore.miner.blacklist import BlacklistOptions, BlacklistPolicy
-from minercore.server import serving
+from minercore.serve.metrics import Metrics
+from minercore.serve.server import serving
 
 LONG = (MIXED + "\n") * 60
 MIXED_2K = mixed_prompt(1900)  # the ~1,900-token mixed prompt: prose, accents, CJK, emoji, the detokenizer corpus
@@ -220,7 +220,7 @@ class DeadlineEngine(FakeEngine):
         self.timeouts = []
 
     async def generate(self, request):
-        from minercore.generation import FINISH_DEADLINE, Piece
+        from minercore.contract.generation import FINISH_DEADLINE, Piece
 
         self.timeouts.append(request.timeout)
         ends = None if request.timeout is None else time.monotonic() + request.timeout

@@ -10,7 +10,7 @@ import pytest
 from helpers import PROSE, miner_process, mixed_prompt, stream_prompt
 
 from minercore.miner import client
-from minercore.tokenizer import load_tokenizer
+from minercore.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300  # import, model build and warm-up on a busy 2-core machine

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import MIXED, FakeEngine, free_port, new_keypair, running_miner, stream_prompt, target, target_at
 
-from minercore.generation import (
+from minercore.contract.generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     EngineOverloaded,

@@ -25,7 +25,7 @@ from helpers import free_port, stream_prompt
 from streamloop_corpus import CORPUS
 
 from minercore.miner import client
-from minercore.tokenizer import load_tokenizer
+from minercore.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180.0  # torch import and the tiny model's build on a busy 2-core machine

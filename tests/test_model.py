@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minercore.model import PRESETS, GPTConfig, SimulatedLM, load_gpt2
+from minercore.models.gpt2 import PRESETS, GPTConfig, SimulatedLM, load_gpt2
 
 SMALL = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=4, n_embd=32)
 

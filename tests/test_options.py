@@ -1,5 +1,5 @@
-"""The option table (minercore.options): both command lines, ``minercore serve`` and the miner, are built from it,
-with the same defaults, choices and bounds; the choices agree with what they name; and the miner's ``--help``
+"""The option table (minercore.contract.options): both command lines, ``minercore serve`` and the miner, are built
+from it, with the same defaults, choices and bounds; the choices agree with what they name; and the miner's ``--help``
 loads no torch."""
 
 import argparse
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from minercore import __main__ as cli
-from minercore.config import DTYPE_NAMES, PRESET_NAMES, EngineOptions, ModelOptions
+from minercore.contract.config import DTYPE_NAMES, PRESET_NAMES, EngineOptions, ModelOptions
+from minercore.contract.options import OPTIONS, core_options
 from minercore.miner import config as miner_config
-from minercore.options import OPTIONS, core_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,9 +99,9 @@ def test_help_names_the_other_options_in_each_spelling():
 
 
 def test_the_choices_name_what_exists():
-    from minercore.device import DTYPES
-    from minercore.llama import PRESETS as LLAMA_PRESETS
-    from minercore.model import PRESETS
+    from minercore.models.gpt2 import PRESETS
+    from minercore.models.llama import PRESETS as LLAMA_PRESETS
+    from minercore.runtime.device import DTYPES
 
     assert (*PRESETS, *LLAMA_PRESETS) == PRESET_NAMES
     assert tuple(DTYPES) == DTYPE_NAMES
@@ -156,5 +156,5 @@ def test_no_import_circle_in_minercore():
 
     for name in modules:
         visit(name, [name])
-    assert edges["minercore.hf_runner"] >= {"minercore.sampling"} and "minercore.runner" not in edges[
-        "minercore.hf_runner"]
+    assert edges["minercore.runtime.hf"] >= {"minercore.runtime.sampling"} and "minercore.runtime.native" not in edges[
+        "minercore.runtime.hf"]

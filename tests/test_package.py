@@ -40,12 +40,12 @@ def test_no_extensions_at_run_time_forces_the_twin():
 def test_import_site_choice(monkeypatch):
     import importlib
 
-    import minercore.streamloop as streamloop
+    import minercore.text.streamloop as streamloop
 
     monkeypatch.setenv("MINERCORE_NO_EXTENSIONS", "1")
     forced = importlib.reload(streamloop)
     assert forced.IMPLEMENTATION == "python"
-    from minercore import _streamloop_py
+    from minercore.text import _streamloop_py
 
     assert forced.StreamTable is _streamloop_py.StreamTable
     monkeypatch.delenv("MINERCORE_NO_EXTENSIONS")
@@ -56,11 +56,11 @@ def test_import_site_choice(monkeypatch):
 def test_import_error_falls_back_with_one_warning(monkeypatch, caplog):
     import importlib
 
-    import minercore.streamloop as streamloop
+    import minercore.text.streamloop as streamloop
 
     monkeypatch.delenv("MINERCORE_NO_EXTENSIONS", raising=False)
-    monkeypatch.setitem(sys.modules, "minercore._streamloop_c", None)  # makes the import raise ImportError
-    with caplog.at_level("WARNING", logger="minercore.streamloop"):
+    monkeypatch.setitem(sys.modules, "minercore.text._streamloop_c", None)  # makes the import raise ImportError
+    with caplog.at_level("WARNING", logger="minercore.text.streamloop"):
         fallen = importlib.reload(streamloop)
     assert fallen.IMPLEMENTATION == "python"
     assert [r.levelname for r in caplog.records] == ["WARNING"]
@@ -94,6 +94,6 @@ def test_pure_python_install(tmp_path, how):
     result = _install_to(tmp_path / "site", **env)
     assert result.returncode == 0, result.stderr
     assert "installing the pure-Python twin" in result.stdout + result.stderr
-    installed = tmp_path / "site" / "minercore"
+    installed = tmp_path / "site" / "minercore" / "text"
     assert (installed / "_streamloop_py.py").exists()
     assert not list(installed.glob("_streamloop_c*.so"))

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from minercore.config import ModelOptions
-from minercore.device import DeviceError
-from minercore.model import GPTConfig, SimulatedLM
-from minercore.runner import CPU_AUTO_COMPILE, ModelRunner
-from minercore.runners import build_runner
-from minercore.sampling import FILTER, GREEDY, KINDS, SAMPLE, ContextOverflow, SlotParams, choose_tokens
-from minercore.tokenizer import load_tokenizer
+from minercore.contract.config import ModelOptions
+from minercore.models.gpt2 import GPTConfig, SimulatedLM
+from minercore.runtime.device import DeviceError
+from minercore.runtime.native import CPU_AUTO_COMPILE, ModelRunner
+from minercore.runtime.protocol import build_runner
+from minercore.runtime.sampling import FILTER, GREEDY, KINDS, SAMPLE, ContextOverflow, SlotParams, choose_tokens
+from minercore.text.tokenizer import load_tokenizer
 
 SMALL = GPTConfig(vocab_size=97, n_positions=128, n_layer=2, n_head=4, n_embd=32)
 CPU = torch.device("cpu")
@@ -142,7 +142,7 @@ def test_sampling_distribution_and_top_k_top_p_support() -> None:
 def test_top_k_top_p_keeps_what_hf_warpers_keep() -> None:
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    from minercore.sampling import _top_k_top_p
+    from minercore.runtime.sampling import _top_k_top_p
 
     torch.manual_seed(0)
     scaled = torch.randn(6, 300) * 3
@@ -235,7 +235,7 @@ def test_build_runner_device_dtype_and_kv_bytes(caplog) -> None:
     assert "tiny" in runner.description and "cpu" in runner.description and "eager" in runner.description
     formula = 2 * 2 * 128 * 128 * 4  # 2 (K and V) x layers x context x width x bytes
     assert abs(runner.kv_cache_bytes_per_slot - formula) <= 0.1 * formula
-    with caplog.at_level(logging.INFO, logger="minercore.runner"):
+    with caplog.at_level(logging.INFO, logger="minercore.runtime.native"):
         assert runner.warmup() >= 0
     assert "warmup" in caplog.text
     bf16 = tiny_runner(max_batch=1, max_context=64, dtype="bfloat16")

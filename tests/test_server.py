@@ -16,10 +16,17 @@ import pytest_asyncio
 from helpers import free_port
 from runner_wrappers import SlowRunner
 
-from minercore.config import EngineOptions, ModelOptions
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import (
+    EngineClosed,
+    EngineStats,
+    GenerationFailed,
+    GenerationRequest,
+    Piece,
+    RequestStats,
+)
 from minercore.engine import Engine
-from minercore.generation import EngineClosed, EngineStats, GenerationFailed, GenerationRequest, Piece, RequestStats
-from minercore.server import create_app, serving
+from minercore.serve.server import create_app, serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -216,7 +223,7 @@ async def test_openai_client_abandoning_a_stream_frees_the_slot(api, engine):
 @contextlib.asynccontextmanager
 async def small_server():
     """One slot and one queue place, slowed down: room for exactly two requests."""
-    from minercore.runners import build_runner
+    from minercore.runtime.protocol import build_runner
 
     model = ModelOptions(preset="tiny", compile="off")
     engine = Engine(model, EngineOptions(max_batch=1, max_queue=1),

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from streamloop_corpus import CORPUS
 
-from minercore import _streamloop_py
-from minercore.token_bytes import token_bytes_table
-from minercore.tokenizer import load_tokenizer
+from minercore.text import _streamloop_py
+from minercore.text.token_bytes import token_bytes_table
+from minercore.text.tokenizer import load_tokenizer
 
 TOKENIZER = load_tokenizer("gpt2")
 EOS = TOKENIZER.eos_token_id
@@ -32,7 +32,7 @@ BYTE_TOKEN = {b: TABLES[True].index(bytes([b])) for b in range(256)}
 
 def _compiled() -> ModuleType:
     try:
-        return importlib.import_module("minercore._streamloop_c")
+        return importlib.import_module("minercore.text._streamloop_c")
     except ImportError as exc:
         # CI always builds the extension, so a missing one is a failure, never a skip.
         pytest.fail(f"compiled stream loop is not built ({exc}); run `python setup.py build_ext --inplace`")
@@ -50,7 +50,7 @@ def other(impl: ModuleType) -> ModuleType:
 
 
 def test_import_site_picks_the_compiled_loop() -> None:
-    from minercore import streamloop
+    from minercore.text import streamloop
 
     if os.environ.get("MINERCORE_NO_EXTENSIONS", "") not in ("", "0"):
         assert streamloop.IMPLEMENTATION == "python"

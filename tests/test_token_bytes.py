@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from minercore.token_bytes import token_bytes_table
-from minercore.tokenizer import load_tokenizer
+from minercore.text.token_bytes import token_bytes_table
+from minercore.text.tokenizer import load_tokenizer
 
 GPT2 = load_tokenizer("gpt2")
 GPT2_TABLES = {skip: token_bytes_table(GPT2, skip_special_tokens=skip) for skip in (True, False)}

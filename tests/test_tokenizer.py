@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minercore.tokenizer import gpt2_vocab_size, load_tokenizer
+from minercore.text.tokenizer import gpt2_vocab_size, load_tokenizer
 
 # Lone surrogates cannot be encoded as UTF-8, so they are not text a tokenizer can see.
 unicode_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)

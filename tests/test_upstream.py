@@ -14,10 +14,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from minercore.backend import build_backend
-from minercore.config import EngineOptions, ModelOptions
-from minercore.engine import Engine
-from minercore.generation import (
+from minercore.backends import build_backend
+from minercore.backends.upstream import SSEDecoder, TextCoalescer, UpstreamBackend
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import (
     EngineClosed,
     EngineOverloaded,
     GenerationFailed,
@@ -25,8 +25,8 @@ from minercore.generation import (
     InvalidRequest,
     SamplingParams,
 )
-from minercore.server import create_app, serving
-from minercore.upstream import SSEDecoder, TextCoalescer, UpstreamBackend
+from minercore.engine import Engine
+from minercore.serve.server import create_app, serving
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # for the tests that share the served engine
 

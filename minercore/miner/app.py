@@ -38,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..generation import (
+from ..contract.generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     GenerationError,
@@ -48,9 +48,9 @@ from ..generation import (
     SamplingParams,
     check_messages,
 )
-from ..metrics import Metrics
-from ..observe import RequestTimer, disconnected, next_piece
-from ..openai_api import OpenAIApi
+from ..contract.observe import RequestTimer, disconnected, next_piece
+from ..serve.metrics import Metrics
+from ..serve.openai_api import OpenAIApi
 from .auth import AuthError, BtAuthVerifier, DendriteCaller, DendriteVerifier
 from .blacklist import BlacklistPolicy, is_hotkey
 from .config import DEFAULT_DEADLINE_MARGIN_S

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from ..tokenizer import load_tokenizer
+from ..text.tokenizer import load_tokenizer
 from . import sdk
 from .auth import btauth_headers
 from .offline import read_axon_info

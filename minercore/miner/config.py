@@ -13,9 +13,9 @@ import os
 import types
 from collections.abc import Sequence
 
-from .. import options
-from ..config import EngineOptions, ModelOptions
-from ..options import non_negative_float, non_negative_int, positive_float, positive_int
+from ..contract import options
+from ..contract.config import EngineOptions, ModelOptions
+from ..contract.options import non_negative_float, non_negative_int, positive_float, positive_int
 from . import sdk
 from .blacklist import BlacklistOptions, hotkey_set
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import uvicorn
 
-from ..backend import Backend, build_backend
-from ..metrics import Metrics
+from ..backends import Backend, build_backend
+from ..serve.metrics import Metrics
 from . import config as miner_config
 from . import sdk
 from .app import MinerServer, ServerSettings

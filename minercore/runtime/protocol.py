@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from .config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES
+from ..contract.config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from .config import ModelOptions
+    from ..contract.config import ModelOptions
     from .sampling import SlotParams
     from .steps import Launched
 
@@ -96,11 +96,11 @@ def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> Runne
                         ", ".join(NATIVE_MODEL_TYPES))
             backend = "hf"
     if backend in NATIVE_BACKENDS:
-        from .runner import build_model_runner
+        from .native import build_model_runner
 
         return build_model_runner(options, max_batch=max_batch, eos_id=eos_id)
     if backend == "hf":
-        from .hf_runner import HFRunner
+        from .hf import HFRunner
 
         return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id)
     raise ValueError(f"backend must be native (or simulated) or hf, got {options.backend!r}")

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from .backend import Backend, build_backend
-from .config import EngineOptions, ModelOptions
+from ..backends import Backend, build_backend
+from ..contract.config import EngineOptions, ModelOptions
 from .openai_api import ApiError, OpenAIApi
 
 if TYPE_CHECKING:

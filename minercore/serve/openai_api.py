@@ -24,8 +24,8 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .backend import Backend
-from .generation import (
+from ..backends import Backend
+from ..contract.generation import (
     EngineClosed,
     EngineOverloaded,
     GenerationError,
@@ -35,7 +35,7 @@ from .generation import (
     Piece,
     SamplingParams,
 )
-from .observe import RequestTimer, disconnected, next_piece
+from ..contract.observe import RequestTimer, disconnected, next_piece
 
 if TYPE_CHECKING:
     from .metrics import Metrics

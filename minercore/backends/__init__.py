@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
-from .config import EngineOptions, ModelOptions
-from .engine import Engine
-from .generation import EngineStats, GenerationRequest, Piece
+from ..contract.config import EngineOptions, ModelOptions
+from ..contract.generation import EngineStats, GenerationRequest, Piece
+from ..engine import Engine
 
 if TYPE_CHECKING:
     from .upstream import ErrorSink

@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from . import streamloop
-from .config import EngineOptions, ModelOptions
-from .generation import (
+from ..contract.config import EngineOptions, ModelOptions
+from ..contract.generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     EngineClosed,
@@ -42,11 +41,12 @@ from .generation import (
     check_prompt_text,
     validated_sampling,
 )
+from ..text import streamloop
 
 if TYPE_CHECKING:
-    from .runners import Runner
-    from .sampling import SlotParams
-    from .steps import Launched
+    from ..runtime.protocol import Runner
+    from ..runtime.sampling import SlotParams
+    from ..runtime.steps import Launched
 
 log = logging.getLogger("minercore.engine")
 
@@ -165,8 +165,8 @@ class Engine:
         await ready
 
     def _build(self) -> None:
-        from .token_bytes import strips_first_space, token_bytes_table
-        from .tokenizer import load_tokenizer, stop_token_ids, tokenizer_for
+        from ..text.token_bytes import strips_first_space, token_bytes_table
+        from ..text.tokenizer import load_tokenizer, stop_token_ids, tokenizer_for
 
         options = self.model_options
         if self._tokenizer is None:
@@ -189,7 +189,7 @@ class Engine:
         self._other_stops = (np.array(stops[1:], dtype=np.int64)
                              if options.mode == "generate" and len(stops) > 1 else None)
         if self._runner is None:
-            from .runners import build_runner
+            from ..runtime.protocol import build_runner
 
             self._runner = build_runner(self.model_options, max_batch=self.options.max_batch, eos_id=eos_id)
         if self._runner.max_batch < self.options.max_batch:
@@ -297,7 +297,7 @@ class Engine:
         if room < sampling.max_new_tokens:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         deadline = None if request.timeout is None else time.monotonic() + max(0.0, float(request.timeout))
-        from .sampling import SlotParams  # torch: loaded with the runner, not with the contract
+        from ..runtime.sampling import SlotParams  # torch: loaded with the runner, not with the contract
 
         # An unseeded request draws from the random module (seeded by the OS, reseeded after fork) rather than
         # os.urandom: that syscall gives up the GIL mid-burst on the loop, and the model thread keeps it.

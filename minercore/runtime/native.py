@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ATTENTION_CHOICES, GRAPH_CHOICES, ModelOptions, context_for
+from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES, ModelOptions, context_for
+from ..models.gpt2 import PRESETS, SimulatedLM, load_gpt2
+from ..models.llama import PRESETS as LLAMA_PRESETS
+from ..models.llama import LlamaConfig, LlamaLM, load_llama, read_config
 from .device import dtype_name, select
-from .llama import PRESETS as LLAMA_PRESETS
-from .llama import LlamaConfig, LlamaLM, load_llama, read_config
-from .model import PRESETS, SimulatedLM, load_gpt2
 from .sampling import (
     FILTER,
     GREEDY,

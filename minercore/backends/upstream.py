@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from .config import EngineOptions, ModelOptions
-from .generation import (
+from ..contract.config import EngineOptions, ModelOptions
+from ..contract.generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     FINISH_EOS,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .generation import FINISH_DEADLINE, Piece
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from ..serve.metrics import Metrics
 
 
 class RequestTimer:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LLAMA_MODEL_TYPES
-from .model import KVCache, prompt_attention, prompt_rows
+from ..contract.config import LLAMA_MODEL_TYPES
+from .gpt2 import KVCache, prompt_attention, prompt_rows
 
 FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is minercore.model's)
 

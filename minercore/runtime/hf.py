@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelOptions, context_for
+from ..contract.config import ModelOptions, context_for
 from .device import dtype_name, select
 from .sampling import SlotParams, SlotState, check_room, check_slot, prefill_slot, slot_tokens
 from .steps import Launched
