@@ -158,3 +158,55 @@ def test_no_import_circle_in_minercore():
         visit(name, [name])
     assert edges["minercore.runtime.hf"] >= {"minercore.runtime.sampling"} and "minercore.runtime.native" not in edges[
         "minercore.runtime.hf"]
+
+
+# The layers, lowest first: a module may import its own layer and those below it, never one above.
+LAYERS = ("contract", "text", "models", "runtime", "engine", "backends", "serve", "miner")
+
+
+def _imports_between_packages() -> list[tuple[str, str]]:
+    """(importing module, imported module) for every import inside minercore, lazy and type-only ones too."""
+    package = ROOT / "minercore"
+    found = []
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        parts = name.split(".")
+        base = parts if path.name == "__init__.py" else parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                source = ".".join(base[:len(base) - node.level + 1]) if node.level else ""
+                target = ".".join(filter(None, (source, node.module))) if node.level else node.module or ""
+                targets = [target, *(f"{target}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [(name, t) for t in targets if t.startswith("minercore.")]
+    return found
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_lives_in_a_layer():
+    package = ROOT / "minercore"
+    stray = [p.name for p in package.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert not stray, f"modules outside the layer packages: {stray}"
+    assert {p.name for p in package.iterdir() if p.is_dir() and not p.name.startswith("__")} == set(LAYERS)
+
+
+def test_imports_point_down_the_layers_only():
+    upward = [(a, b) for a, b in _imports_between_packages()
+              if _layer(a) is not None and _layer(b) is not None and _layer(b) > _layer(a)]
+    assert not upward, "imports from a lower layer into a higher one: " + ", ".join(f"{a} -> {b}" for a, b in upward)
+
+
+def test_the_layer_walk_sees_lazy_imports():
+    """The walk reads imports inside functions too (the engine loads the stream loop at module level, the
+    tokenizer lazily): an upward import hidden in a function would not escape the check above."""
+    assert _layer("minercore.contract.observe") < _layer("minercore.engine.loop")
+    found = _imports_between_packages()
+    assert ("minercore.engine.loop", "minercore.text.streamloop") in found
+    assert ("minercore.engine.loop", "minercore.text.tokenizer") in found

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from .generation import FINISH_DEADLINE, Piece
 
-if TYPE_CHECKING:
-    from ..serve.metrics import Metrics
+
+class RequestSink(Protocol):
+    """Where a finished request is recorded (``serve.metrics.Metrics``): declared here so the contract needs no
+    front end."""
+
+    def observe_request(self, outcome: str, caller_class: str, ttft_s: float | None = None,
+                        chunk_gaps: Iterable[float] = (), tokens: int = 0) -> None: ...
 
 
 class RequestTimer:
@@ -51,7 +56,7 @@ class RequestTimer:
     def ttft_s(self) -> float | None:
         return None if self.first_at is None else self.first_at - self.arrived
 
-    def report(self, metrics: Metrics | None) -> None:
+    def report(self, metrics: RequestSink | None) -> None:
         """Record the request (an outcome never decided reads "failed"); nothing without metrics."""
         if metrics is not None:
             metrics.observe_request(self.outcome or "failed", self.caller, ttft_s=self.ttft_s, chunk_gaps=self.gaps,
