@@ -137,7 +137,7 @@ def test_detok(benchmark: Any, workload: dict[str, Any], impl: str, streams: int
                                 correct=impl != "seed")
     if impl in ("cython", "python"):
         # An ImportError fails the cython case: CI always builds the extension.
-        module = importlib.import_module(f"minercore._streamloop_{'c' if impl == 'cython' else 'py'}")
+        module = importlib.import_module(f"minercore.text._streamloop_{'c' if impl == 'cython' else 'py'}")
         job = _table_job(rows)
 
         def fresh_table() -> tuple[tuple[Any], dict[str, Any]]:

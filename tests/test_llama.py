@@ -148,7 +148,7 @@ def test_unsupported_model_type_falls_back_to_hf_with_a_log_line(tmp_path, caplo
                                      intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path)
     options = ModelOptions(path=str(tmp_path), device="cpu", dtype="float32", max_context=32)
     assert options.backend == "native"
-    with caplog.at_level(logging.WARNING, logger="minercore.runtime.native"):
+    with caplog.at_level(logging.WARNING, logger="minercore.runtime.protocol"):
         runner = build_runner(options, max_batch=2, eos_id=VOCAB - 1)
     assert isinstance(runner, HFRunner) and runner.backend == "hf"
     assert "'gpt_neox' has no native implementation" in caplog.text and "hf backend" in caplog.text

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ..runtime.sampling import SlotParams
     from ..runtime.steps import Launched
 
-log = logging.getLogger("minercore.engine")
+log = logging.getLogger(__name__)
 
 _RATE_WINDOW_STEPS = 256
 _INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread, off the event loop

@@ -23,7 +23,7 @@ from .device import dtype_name, select
 from .sampling import SlotParams, SlotState, check_room, check_slot, prefill_slot, slot_tokens
 from .steps import Launched
 
-logger = logging.getLogger("minercore.runner")
+logger = logging.getLogger(__name__)
 
 
 def _positions_limit(config: Any) -> int | None:

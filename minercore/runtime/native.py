@@ -53,7 +53,7 @@ from .sampling import (
 )
 from .steps import Launched
 
-logger = logging.getLogger("minercore.runner")
+logger = logging.getLogger(__name__)
 
 MIN_CTX_BUCKET = 64  # smallest attended-context bucket; below it the saving is noise
 

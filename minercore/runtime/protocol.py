@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .sampling import SlotParams
     from .steps import Launched
 
-log = logging.getLogger("minercore.runner")
+log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
