@@ -29,7 +29,7 @@ import torch
 torch.set_num_threads(1)
 loader, directory, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 if loader == "native":
-    from minercore.models.llama import load_llama
+    from minercore.models.loading.safetensors import load_llama
 else:
     from transformers import AutoModelForCausalLM
 def rss_kib():

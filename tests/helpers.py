@@ -74,6 +74,7 @@ class FakeEngine:
 
     runner_description = "fake engine"
     backend_name = "native"
+    serving = {"backend": "native", "format": "fake", "architecture": None, "quantization": "none", "dtype": None}
     warmup_seconds = 0.0
     stream_loop = "python"
 

@@ -107,7 +107,7 @@ def test_hf_errors(gpt2_dir, tmp_path) -> None:
         runner.prefill(3, [1], SlotParams())
     with pytest.raises(ValueError, match="prefilled"):
         runner.decode(np.array([1]))
-    with pytest.raises(ValueError, match="local model directory"):
+    with pytest.raises(ValueError, match="missing: no such file or directory"):
         build_runner(ModelOptions(backend="hf", path=str(tmp_path / "missing")), max_batch=1, eos_id=EOS)
     with pytest.raises(ValueError, match="eager"):
         build_runner(ModelOptions(backend="hf", path=str(gpt2_dir), compile="on"), max_batch=1, eos_id=EOS)

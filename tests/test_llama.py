@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from minercore.contract.config import ModelOptions
-from minercore.models.llama import LlamaConfig, LlamaLM, load_llama
+from minercore.models.llama import LlamaConfig, LlamaLM
+from minercore.models.loading.safetensors import load_llama
 from minercore.runtime.hf import HFRunner
 from minercore.runtime.native import ModelRunner
 from minercore.runtime.protocol import build_runner
@@ -164,6 +165,7 @@ def test_unsupported_feature_is_a_clear_error(checkpoints, tmp_path, change, mes
     raw = json.loads(Path(path, "config.json").read_text())
     raw.update(change)
     (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "model.safetensors").symlink_to(Path(path, "model.safetensors"))
     with pytest.raises(ValueError, match=message) as failure:
         build_runner(ModelOptions(path=str(tmp_path), device="cpu", dtype="float32"), max_batch=1, eos_id=1)
     assert "backend hf serves it" in str(failure.value)

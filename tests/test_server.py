@@ -160,6 +160,9 @@ async def test_deadline_header_cuts_the_stream_short(api):
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "stop": 5}, "stop"),
     ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"prompt": "x", "ignore_eos": "yes"}, "ignore_eos"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({}, "prompt"),
 ])
@@ -190,6 +193,9 @@ async def test_models_and_health(base, api):
         health = (await http.get("/health")).json()
     assert health["status"] == "ok" and health["model"] == NAME and "tiny" in health["runner"]
     assert health["backend"] == "native"
+    assert health["serving"] == {"backend": "native", "format": "random (tiny preset)", "architecture": "gpt2",
+                                 "checkpoint_quantization": "none", "quantization": "none", "dtype": "float32",
+                                 "device": "cpu"}
     assert set(health["stats"]) >= {"active", "queued", "completed", "tokens", "tokens_per_s"}
     models = await api.models.list()
     assert [m.id for m in models.data] == [NAME]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..contract.config import EngineOptions, ModelOptions
 from ..contract.generation import EngineStats, GenerationRequest, Piece
@@ -26,6 +26,11 @@ class Backend(Protocol):
 
     @property
     def runner_description(self) -> str: ...
+
+    @property
+    def serving(self) -> dict[str, Any]:
+        """What is served, for /health and start-up lines: backend, format, architecture, quantization, dtype."""
+        ...
 
     async def start(self) -> None: ...
 

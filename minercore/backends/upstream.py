@@ -204,6 +204,12 @@ class UpstreamBackend:
     def runner_description(self) -> str:
         return f"upstream {self._safe_base} (model {self._model or 'not resolved yet'})"
 
+    @property
+    def serving(self) -> dict[str, Any]:
+        # The upstream's format, quantization and dtype are its own; the OpenAI API does not report them.
+        return {"backend": "upstream", "model": self._model, "format": None, "architecture": None,
+                "quantization": None, "dtype": None}
+
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop admitting; let running and queued requests finish within ``grace`` s, then cancel the rest."""
         self._closing = True
@@ -290,6 +296,10 @@ class UpstreamBackend:
             body["stop"] = list(sampling.stop)
         if sampling.include_stop:
             body["include_stop_str_in_output"] = True  # vLLM's name for it; minercore serve reads it too
+        if sampling.min_tokens:
+            body["min_tokens"] = sampling.min_tokens  # vLLM's and SGLang's extension, as minercore serve reads it
+        if sampling.ignore_eos:
+            body["ignore_eos"] = True
         if request.messages is not None:
             body["messages"] = check_messages(request.messages, self.options.max_prompt_chars)
             return "/chat/completions", body

@@ -17,7 +17,9 @@ COMPILE_CHOICES = ("auto", "on", "off")
 GRAPH_CHOICES = ("auto", "torch", "manual", "off")  # runner.py says what each means
 ATTENTION_CHOICES = ("auto", "bucketed", "masked", "flex")
 # model.py's presets, then llama.py's (random weights; llama3-8b is Llama-3-8B's shape, for GPU benchmarks).
-PRESET_NAMES = ("tiny", "gpt2", "gpt2-medium", "llama-tiny", "llama3-8b")
+GPT2_PRESET_NAMES = ("tiny", "gpt2", "gpt2-medium")
+LLAMA_PRESET_NAMES = ("llama-tiny", "llama3-8b")
+PRESET_NAMES = (*GPT2_PRESET_NAMES, *LLAMA_PRESET_NAMES)
 # config.json model_type values the native backend implements; a checkpoint of another type goes to hf.
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 NATIVE_MODEL_TYPES = ("gpt2", *LLAMA_MODEL_TYPES)

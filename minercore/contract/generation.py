@@ -73,6 +73,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     include_stop: bool = False
+    # vLLM's and llama.cpp's extensions, for answers of a fixed length: the stop ids (EOS, end of turn) cannot
+    # end the answer before min_tokens tokens, or at all with ignore_eos; stop strings still can. Echo answers
+    # are the prompt and ignore both.
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -141,6 +146,11 @@ def validated_sampling(sampling: SamplingParams, ceiling: int) -> SamplingParams
         raise InvalidRequest(f"top_p must be in (0, 1], got {p!r}")
     if sampling.seed is not None and (not isinstance(sampling.seed, int) or sampling.seed < 0):
         raise InvalidRequest(f"seed must be a non-negative integer, got {sampling.seed!r}")
+    m = sampling.min_tokens
+    if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= n:
+        raise InvalidRequest(f"min_tokens must be an integer in [0, max_new_tokens = {n}], got {m!r}")
+    if not isinstance(sampling.ignore_eos, bool):
+        raise InvalidRequest(f"ignore_eos must be a boolean, got {sampling.ignore_eos!r}")
     stop = tuple(sampling.stop)
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ..contract.config import EngineOptions, ModelOptions
+from ..contract.config import LLAMA_PRESET_NAMES, EngineOptions, ModelOptions
 from ..contract.generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
@@ -44,6 +44,7 @@ from ..contract.generation import (
 from ..text import streamloop
 
 if TYPE_CHECKING:
+    from ..models.loading import Checkpoint
     from ..runtime.protocol import Runner
     from ..runtime.sampling import SlotParams
     from ..runtime.steps import Launched
@@ -125,6 +126,7 @@ class Engine:
         self.options = options or EngineOptions()
         self._runner = runner
         self._tokenizer = tokenizer
+        self.checkpoint: Checkpoint | None = None  # what options.path holds, once built
         self._loop: asyncio.AbstractEventLoop | None = None
         self._posted: list[_Delivery] = []  # deliveries the event loop has been woken for and not yet made
         self._posted_lock = threading.Lock()
@@ -169,14 +171,22 @@ class Engine:
         from ..text.tokenizer import load_tokenizer, stop_token_ids, tokenizer_for
 
         options = self.model_options
+        checkpoint = None
+        if options.path and options.backend != "upstream":
+            from ..models.loading import inspect
+
+            checkpoint = inspect(options.path)  # an embedded model's name is fetched here, once
+            options = self.model_options = dataclasses.replace(options, path=checkpoint.path)
+        self.checkpoint = checkpoint
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(tokenizer_for(options.tokenizer, options.path))
+            self._tokenizer = load_tokenizer(tokenizer_for(options.tokenizer,
+                                                           checkpoint.tokenizer if checkpoint else None))
         # Generated text continues the prompt as the model was trained to see it: with the tokenizer's BOS where
         # it adds one (Llama, Mistral). An echo reproduces the text, so it gets the text's tokens only.
         self._prompt_encoder = _prompt_encoder(self._tokenizer, add_special_tokens=options.mode == "generate")
         # Read once: transformers rebuilds its added-token table on every access (~0.1 ms for Llama 3's 256).
         self._control_tokens = _special_token_texts(self._tokenizer)
-        stops = stop_token_ids(self._tokenizer, options.path)
+        stops = stop_token_ids(self._tokenizer, checkpoint.eos_ids if checkpoint else ())
         if not stops:
             raise ValueError("the tokenizer has no EOS token and the checkpoint's configs name none")
         eos_id = stops[0]
@@ -191,7 +201,8 @@ class Engine:
         if self._runner is None:
             from ..runtime.protocol import build_runner
 
-            self._runner = build_runner(self.model_options, max_batch=self.options.max_batch, eos_id=eos_id)
+            self._runner = build_runner(self.model_options, max_batch=self.options.max_batch, eos_id=eos_id,
+                                        stop_ids=stops if options.mode == "generate" else (eos_id,))
         if self._runner.max_batch < self.options.max_batch:
             raise ValueError(f"runner holds {self._runner.max_batch} slots, engine wants {self.options.max_batch}")
         self._free_slots = list(range(self.options.max_batch))
@@ -240,6 +251,24 @@ class Engine:
     @property
     def runner_description(self) -> str:
         return self._runner.description if self._runner is not None else "not started"
+
+    @property
+    def serving(self) -> dict[str, Any]:
+        """Backend, checkpoint format and architecture, the weights' quantization (as served, and as the file
+        stores them) and the dtype."""
+        options, checkpoint, runner = self.model_options, self.checkpoint, self._runner
+        if checkpoint is not None:
+            facts = {"format": checkpoint.format, "architecture": checkpoint.architecture,
+                     "checkpoint_quantization": checkpoint.quantization}
+        elif options.weights:
+            facts = {"format": "transformers", "architecture": "gpt2", "checkpoint_quantization": "none"}
+        else:
+            facts = {"format": f"random ({options.preset} preset)",
+                     "architecture": "llama" if options.preset in LLAMA_PRESET_NAMES else "gpt2",
+                     "checkpoint_quantization": "none"}
+        dtype = str(runner.dtype).removeprefix("torch.") if runner is not None else None
+        return {"backend": self.backend_name, **facts, "quantization": getattr(runner, "quantization", "none"),
+                "dtype": dtype, "device": str(runner.device) if runner is not None else None}
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop admitting; let running and queued requests finish within ``grace`` s, then cancel the rest."""
@@ -304,7 +333,10 @@ class Engine:
         slot_params = SlotParams(
             echo=self.model_options.mode == "echo", temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p,
-            seed=sampling.seed if sampling.seed is not None else random.getrandbits(32))
+            seed=sampling.seed if sampling.seed is not None else random.getrandbits(32),
+            # ignore_eos: no stop id for the whole answer, which then ends at max_new_tokens (or a stop string)
+            min_new=sampling.max_new_tokens if sampling.ignore_eos else min(sampling.min_tokens,
+                                                                            sampling.max_new_tokens))
         job = _Job(request.request_id, prompt_ids, slot_params, sampling, deadline, float(request.priority),
                    next(self._seq), _Mailbox())
         with self._cond:

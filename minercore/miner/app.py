@@ -265,7 +265,8 @@ class MinerServer:
     async def health(self) -> dict[str, Any]:
         backend = self.backend
         return {"status": "closing" if self.policy.closing else "ok", "hotkey": self.settings.hotkey,
-                "runner": backend.runner_description, "stream_loop": backend.stream_loop,
+                "model": self.settings.served_model_name, "runner": backend.runner_description,
+                "serving": backend.serving, "stream_loop": backend.stream_loop,
                 "stats": backend.stats().as_dict()}
 
     async def prometheus(self) -> Response:

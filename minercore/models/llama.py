@@ -9,16 +9,14 @@ per-head q/k RMSNorm (Qwen3), an explicit ``head_dim``, Llama 3.1's RoPE scaling
 The entry points are those of ``minercore.model.SimulatedLM`` (``runner.CachedLM``, what ``ModelRunner``
 drives): ``forward``, ``prefill``, ``decode`` and ``setup_caches``. Module and parameter names are Hugging Face's
 without the ``model.`` prefix, except that q/k/v and gate/up are fused into one matrix each; ``checkpoint_views``
-maps every checkpoint tensor name onto its parameter or row block, and ``load_llama`` reads each tensor once
-straight into it.
+maps every checkpoint tensor name onto its parameter or row block; ``minercore.models.loading`` reads each
+tensor of a safetensors or GGUF checkpoint once straight into it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +52,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: Llama3RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # GGUF's form of Llama 3.1 scaling: a divisor per frequency
     max_positions: int = 4096
     qkv_bias: bool = False  # Qwen2 (and Llama's attention_bias, with o_bias)
     o_bias: bool = False
@@ -128,6 +127,8 @@ def rope_frequencies(config: LlamaConfig) -> Tensor:
     """(head_dim / 2,) float32 inverse frequencies, Llama 3.1-scaled when the config says so."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if config.rope_freq_factors is not None:
+        return inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float32)
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -369,67 +370,3 @@ class LlamaLM(nn.Module):
         for layer in self.layers:
             x = layer.step(x, cos, sin, pos, mask, ctx)
         return self.lm_head(self.norm(x[:, 0]))
-
-
-# ---- Hugging Face checkpoints ----
-
-def read_config(directory: Path | str) -> dict[str, Any]:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _tensor_files(directory: Path) -> dict[str, Path]:
-    """Checkpoint tensor name -> the safetensors file holding it (single file, or sharded with an index)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
-    single = directory / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    raise FileNotFoundError(f"{directory} has neither model.safetensors nor model.safetensors.index.json "
-                            f"(only safetensors checkpoints load into the native backend)")
-
-
-@torch.no_grad()
-def load_llama(directory: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               config: LlamaConfig | None = None) -> LlamaLM:
-    """A LlamaLM holding a Hugging Face checkpoint's weights, each tensor read once from its safetensors file
-    straight onto ``device`` and converted to ``dtype`` in place (the model is allocated first, empty)."""
-    from safetensors import safe_open
-
-    directory = Path(directory)
-    config = config or LlamaConfig.from_hf(read_config(directory))
-    device = torch.device(device)
-    model = LlamaLM.empty(config, device, dtype)
-    params = model.checkpoint_views()
-    loaded = set()
-    for name, file in _tensor_files(directory).items():
-        ours = name.removeprefix("model.")
-        if ours == "lm_head.weight" and config.tie_embeddings:
-            continue  # some tied checkpoints store the head too; it equals the embedding
-        if ours not in params:
-            if ours.endswith("rotary_emb.inv_freq"):
-                continue  # old checkpoints saved the RoPE buffer; it is recomputed
-            raise ValueError(f"{directory}: unexpected tensor {name!r} for a {config.family} model")
-        # One mapping per tensor: the pages a read touches count as this process's memory until the file is
-        # unmapped, so a shard held open through all its tensors would look like a second copy of it.
-        # safetensors reads onto CUDA directly; the CPU read lands in the parameter's own memory via copy_.
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            tensor = f.get_tensor(name)
-            if tensor.shape != params[ours].shape:
-                raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                                 f"{tuple(params[ours].shape)}")
-            params[ours].copy_(tensor)
-            del tensor
-        loaded.add(ours)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise ValueError(f"{directory} lacks {missing}")
-    return model
-

@@ -54,7 +54,7 @@ class HFRunner:
     compiled = False
 
     def __init__(self, model: nn.Module, *, max_batch: int, max_context: int, eos_id: int,
-                 device: torch.device, dtype: torch.dtype, name: str = "model") -> None:
+                 device: torch.device, dtype: torch.dtype, name: str = "model", stop_ids: Sequence[int] = ()) -> None:
         limit = _positions_limit(model.config)
         if limit is not None and max_context > limit:
             raise ValueError(f"max_context {max_context} exceeds the model's {limit} positions; "
@@ -70,7 +70,7 @@ class HFRunner:
         self.device = device
         self.dtype = dtype
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.state = SlotState(max_batch, max_context, device)
+        self.state = SlotState(max_batch, max_context, device, stop_ids or (eos_id,))
         # Grown on demand by each slot's DynamicCache; this is its size at max_context.
         self.kv_cache_bytes_per_slot = _kv_bytes_per_slot(model.config, max_context, dtype)
         self._past: dict[int, Any] = {}  # slot -> its past_key_values
@@ -82,18 +82,26 @@ class HFRunner:
                             f"eager, one KV cache per slot")
 
     @classmethod
-    def from_options(cls, options: ModelOptions, *, max_batch: int, eos_id: int) -> HFRunner:
-        if not options.path or not Path(options.path).is_dir():
-            raise ValueError(f"backend hf needs path = a local model directory, got {options.path!r}")
+    def from_options(cls, options: ModelOptions, *, max_batch: int, eos_id: int,
+                     stop_ids: Sequence[int] = ()) -> HFRunner:
+        if not options.path:
+            raise ValueError("backend hf needs path = a local model directory or GGUF file")
         if options.compile == "on":
             raise ValueError("backend hf runs eager; use compile=auto or off")
         from transformers import AutoModelForCausalLM
 
+        from ..models.loading import inspect
+
+        checkpoint = inspect(options.path)
         device, dtype = select(options.device, options.dtype)
-        model = AutoModelForCausalLM.from_pretrained(options.path, dtype=dtype, local_files_only=True)
+        where = Path(checkpoint.path)
+        # transformers dequantizes a GGUF file's tensors itself (it needs the gguf package, as native does).
+        located = ({"pretrained_model_name_or_path": where.parent, "gguf_file": where.name}
+                   if checkpoint.format == "gguf" else {"pretrained_model_name_or_path": where})
+        model = AutoModelForCausalLM.from_pretrained(**located, dtype=dtype, local_files_only=True)
         max_context = context_for(options.max_context, _positions_limit(model.config))
         return cls(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id, device=device,
-                   dtype=dtype, name=options.path)
+                   dtype=dtype, name=options.path, stop_ids=stop_ids)
 
     @torch.inference_mode()
     def warmup(self) -> float:

@@ -36,7 +36,9 @@ from torch import Tensor
 from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES, ModelOptions, context_for
 from ..models.gpt2 import PRESETS, SimulatedLM, load_gpt2
 from ..models.llama import PRESETS as LLAMA_PRESETS
-from ..models.llama import LlamaConfig, LlamaLM, load_llama, read_config
+from ..models.llama import LlamaLM
+from ..models.loading import inspect as inspect_checkpoint
+from ..models.loading import load_native
 from .device import dtype_name, select
 from .sampling import (
     FILTER,
@@ -233,7 +235,7 @@ class ModelRunner:
     def __init__(self, model: CachedLM, *, max_batch: int, max_context: int, eos_id: int,
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
                  name: str = "custom", graphs: str = "off", attention: str = "bucketed",
-                 batch_buckets: Sequence[int] | None = None) -> None:
+                 batch_buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = ()) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_context < 2:
@@ -265,7 +267,7 @@ class ModelRunner:
             model.flex_attention = True
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.kv_cache_bytes_per_slot = self.model.setup_caches(max_batch, max_context)
-        self.state = SlotState(max_batch, max_context, device)
+        self.state = SlotState(max_batch, max_context, device, stop_ids or (eos_id,))
         self._kinds = tuple(kinds)  # the sampling kinds warmup prepares
         self._tree_graphs = compile and graphs == "torch" and device.type == "cuda"
         self._manual = graphs == "manual"
@@ -582,17 +584,11 @@ def _sampling_kinds(mode: str) -> tuple[int, ...]:
 
 
 def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtype) -> tuple[CachedLM, str]:
-    """The model ``options`` name: a checkpoint directory (``path``: GPT-2 or the Llama family; ``weights``:
-    GPT-2), else a random-weight preset."""
+    """The model ``options`` name: a checkpoint (``path``: a GPT-2 or Llama-family directory, a GGUF file or an
+    embedded model's name; ``weights``: GPT-2), else a random-weight preset."""
     if options.path:
-        raw = read_config(options.path)
-        if raw.get("model_type") == "gpt2":
-            return load_gpt2(options.path), options.path
-        try:
-            config = LlamaConfig.from_hf(raw)
-        except ValueError as exc:
-            raise ValueError(f"{options.path}: {exc}; backend hf serves it through transformers") from exc
-        return load_llama(options.path, device=device, dtype=dtype, config=config), options.path
+        checkpoint = inspect_checkpoint(options.path)
+        return load_native(checkpoint, device=device, dtype=dtype), f"{options.path} [{checkpoint.describe()}]"
     if options.weights:
         return load_gpt2(options.weights), options.weights
     name = f"{options.preset} (seed {options.seed})"
@@ -604,12 +600,13 @@ def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtyp
     raise ValueError(f"unknown preset {options.preset!r}; expected one of {', '.join([*PRESETS, *LLAMA_PRESETS])}")
 
 
-def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> ModelRunner:
+def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
+                       stop_ids: Sequence[int] = ()) -> ModelRunner:
     device, dtype = select(options.device, options.dtype)
     model, name = _native_model(options, device, dtype)
     max_context = context_for(options.max_context, model.max_positions)
     compile = _resolve_compile(options.compile, device)
     graphs = _resolve_graphs(options.graphs, device, compile)
-    return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id,
+    return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id, stop_ids=stop_ids,
                        device=device, dtype=dtype, compile=compile, kinds=_sampling_kinds(options.mode), name=name,
                        graphs=graphs, attention=_resolve_attention(options.attention, graphs))

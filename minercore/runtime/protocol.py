@@ -6,10 +6,8 @@ built, so importing this module costs nothing; neither runner imports the other.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..contract.config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES
@@ -75,32 +73,27 @@ class Runner(Protocol):
         ...
 
 
-def checkpoint_model_type(path: str) -> str | None:
-    """``model_type`` of a checkpoint directory's config.json (None without one)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-
-
-def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> Runner:
+def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids: Sequence[int] = ()) -> Runner:
     """The runner for ``options.backend``: ``native`` (alias ``simulated``: GPT-2 and the Llama family, compiled,
-    one batched decode loop) or ``hf`` (any causal LM directory, eager). A native ``path`` of an architecture
+    one batched decode loop) or ``hf`` (any causal LM directory, eager). ``stop_ids`` (default: ``eos_id``) are
+    the ids a row's ``SlotParams.min_new`` keeps from being sampled. A native ``path`` of an architecture
     without a native implementation goes to hf, with a log line."""
     backend = options.backend
     if backend in NATIVE_BACKENDS and options.path:
-        model_type = checkpoint_model_type(options.path)
-        if model_type not in NATIVE_MODEL_TYPES:
-            log.warning("%s: model_type %r has no native implementation (native serves %s); using the hf backend "
-                        "(eager, one forward per stream per step)", options.path, model_type,
-                        ", ".join(NATIVE_MODEL_TYPES))
+        from ..models.loading import inspect
+
+        checkpoint = inspect(options.path)
+        if not checkpoint.native:
+            log.warning("%s: %r has no native implementation (a %s checkpoint; native serves %s); using the hf "
+                        "backend (eager, one forward per stream per step)", options.path, checkpoint.architecture,
+                        checkpoint.format, ", ".join(NATIVE_MODEL_TYPES))
             backend = "hf"
     if backend in NATIVE_BACKENDS:
         from .native import build_model_runner
 
-        return build_model_runner(options, max_batch=max_batch, eos_id=eos_id)
+        return build_model_runner(options, max_batch=max_batch, eos_id=eos_id, stop_ids=stop_ids)
     if backend == "hf":
         from .hf import HFRunner
 
-        return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id)
+        return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id, stop_ids=stop_ids)
     raise ValueError(f"backend must be native (or simulated) or hf, got {options.backend!r}")

@@ -28,6 +28,7 @@ class SlotParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int = 0
+    min_new: int = 0  # the stop ids cannot be sampled for the first min_new outputs (min_tokens, ignore_eos)
 
     def kind(self) -> int:
         if self.echo or self.temperature == 0.0:
@@ -41,6 +42,8 @@ class SlotParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_new < 0:
+            raise ValueError(f"min_new must be >= 0, got {self.min_new}")
 
 
 class ContextOverflow(ValueError):
@@ -108,7 +111,8 @@ def _top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 class SlotState(nn.Module):
     """Per-slot decode state, on the device, indexed by slot."""
 
-    def __init__(self, max_batch: int, max_context: int, device: torch.device) -> None:
+    def __init__(self, max_batch: int, max_context: int, device: torch.device,
+                 stop_ids: Sequence[int] = ()) -> None:
         super().__init__()
 
         def buf(name: str, dtype: torch.dtype, *shape: int) -> None:
@@ -125,6 +129,10 @@ class SlotState(nn.Module):
         buf("seed", torch.int64)
         buf("active", torch.bool)  # rows the current step advances; other rows in the bucket are left as is
         buf("targets", torch.int64, max_batch, max_context)  # echo: prompt ids then EOS
+        buf("min_new", torch.int64)
+        # The ids that end a stream, masked for rows still short of min_new outputs.
+        self.register_buffer("stop_ids", torch.tensor(list(stop_ids), dtype=torch.int64, device=device),
+                             persistent=False)
 
     def start(self, slot: int, ids: Tensor, params: SlotParams, eos_id: int) -> None:
         """Reset row ``slot`` for a new (1-D, on-device) prompt; its first fed token is set after prefill."""
@@ -136,6 +144,7 @@ class SlotState(nn.Module):
         self.top_k[slot] = params.top_k
         self.top_p[slot] = params.top_p
         self.seed[slot] = _fold_seed(params.seed)
+        self.min_new[slot] = params.min_new
         self.targets[slot, :n] = ids
         self.targets[slot, n] = eos_id
 
@@ -178,8 +187,13 @@ def slot_tokens(logits: Tensor, state: SlotState, rows: slice | Tensor, pos: Ten
     prompt_len = state.prompt_len[rows]
     # The token fed at pos yields output j = pos - prompt_len + 1 (output 0 comes from the prompt's last
     # position). An echo row's output j is targets[j]: the prompt, then EOS for every j >= prompt_len.
-    index = torch.minimum((pos - prompt_len + 1).clamp(min=0), prompt_len)
+    output = pos - prompt_len + 1
+    index = torch.minimum(output.clamp(min=0), prompt_len)
     target = state.targets[rows].gather(1, index[:, None])[:, 0]
+    if state.stop_ids.numel():
+        # In place and over the stop ids' columns only: rows free to stop pay for a gather, not a vocabulary pass.
+        stops = logits[:, state.stop_ids]
+        logits[:, state.stop_ids] = torch.where((output < state.min_new[rows])[:, None], float("-inf"), stops)
     return choose_tokens(logits, pos, state.echo[rows], target, state.temperature[rows], state.top_k[rows],
                          state.top_p[rows], state.seed[rows], kind)
 

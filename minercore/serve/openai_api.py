@@ -149,8 +149,15 @@ def _sampling(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
     include_stop = body.get("include_stop_str_in_output", False)
     if not isinstance(include_stop, bool):
         raise _bad("include_stop_str_in_output must be a boolean", "include_stop_str_in_output")
+    min_tokens = _integer(body, "min_tokens", 0)
+    if not 0 <= min_tokens <= max_tokens:
+        raise _bad(f"min_tokens must be in [0, {max_name} = {max_tokens}]", "min_tokens")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos must be a boolean", "ignore_eos")
     return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=max(0, top_k), top_p=top_p,
-                          seed=seed, stop=tuple(stop), include_stop=include_stop)
+                          seed=seed, stop=tuple(stop), include_stop=include_stop, min_tokens=min_tokens,
+                          ignore_eos=ignore_eos)
 
 
 def _prompt(body: dict[str, Any]) -> dict[str, Any]:

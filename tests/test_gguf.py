@@ -1,0 +1,209 @@
+"""GGUF checkpoints in the native core: tiny files written by the tests (every architecture and tensor type,
+broken ones), against transformers reading the same file and against the model they were written from."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+import torch
+from gguf_files import permute, write_gguf
+from helpers import MIXED
+
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, SamplingParams
+from minercore.engine import Engine
+from minercore.models.loading import CheckpointError, inspect
+from minercore.models.loading.gguf import GGUFError, load_gguf
+from minercore.runtime.native import ModelRunner
+from minercore.runtime.protocol import build_runner
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
+ARCHITECTURES = {"llama": {}, "qwen2": {"tie_word_embeddings": True}, "qwen3": {"head_dim": 32}}
+
+
+def hf_model(arch: str, **extra):
+    import transformers as tf
+
+    config_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                             "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                             "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
+    torch.manual_seed(sum(map(ord, arch)))
+    return model_cls(config_cls(**{**COMMON, **extra})).eval()
+
+
+def transformers_reads(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+IDS = torch.tensor([np.random.default_rng(0).integers(0, 256, 24).tolist()])
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_each_architecture_gives_the_logits_of_the_model_it_was_written_from(tmp_path, arch) -> None:
+    source = hf_model(arch, **ARCHITECTURES[arch])
+    path = write_gguf(tmp_path / f"{arch}.gguf", source)
+    ours = load_gguf(path).eval()
+    assert ours.config.family == arch
+    assert ours.config.tie_embeddings == (arch == "qwen2") and ours.config.qkv_bias == (arch == "qwen2")
+    assert ours.config.qk_norm == (arch == "qwen3") and ours.config.head_dim == (32 if arch == "qwen3" else 16)
+    torch.testing.assert_close(logits(ours, IDS), logits(source, IDS), atol=1e-5, rtol=0)
+    if arch != "qwen3":  # transformers' GGUF config mapping takes qwen3's head_dim as hidden / heads
+        torch.testing.assert_close(logits(ours, IDS), logits(transformers_reads(path), IDS), atol=1e-5, rtol=0)
+
+
+TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_every_tensor_type_is_dequantized_as_gguf_does_it(tmp_path, type_name) -> None:
+    from gguf import GGUFReader, quants
+
+    # K-quants pack 256 weights a block: every matrix's rows are 256 long.
+    source = hf_model("llama", **{**COMMON, "vocab_size": 64, "hidden_size": 256, "intermediate_size": 256,
+                                  "num_hidden_layers": 1})
+    path = write_gguf(tmp_path / "m.gguf", source, types=type_name)
+    ours = load_gguf(path).eval()
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    q = tensors["blk.0.attn_q.weight"]
+    assert q.tensor_type.name == type_name
+    stored = torch.from_numpy(quants.dequantize(q.data, q.tensor_type).copy())
+    # The file's values exactly, back in Hugging Face's row order.
+    q_rows = ours.checkpoint_views()["layers.0.self_attn.q_proj.weight"].detach()
+    assert torch.equal(torch.from_numpy(permute(q_rows.numpy(), 4)), stored)
+    torch.testing.assert_close(logits(ours, IDS % 64), logits(transformers_reads(path), IDS % 64), atol=1e-4,
+                               rtol=1e-4)
+    assert inspect(str(path)).quantization == type_name
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """What llama.cpp's converter stores as rope_freqs for Llama 3.1 scaling: a divisor per frequency."""
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high, original = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            factors.append(1.0)
+        elif wavelen > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_llama31_rope_scaling_from_rope_freqs(tmp_path) -> None:
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    source = hf_model("llama", rope_parameters=rope)
+    path = write_gguf(tmp_path / "l31.gguf", source, rope_freqs=llama3_rope_factors(rope, 16))
+    ours = load_gguf(path).eval()
+    assert ours.config.rope_freq_factors is not None
+    long = torch.tensor([np.random.default_rng(1).integers(0, 256, 200).tolist()])  # past the original 64
+    torch.testing.assert_close(logits(ours, long), logits(source, long), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama_file(tmp_path_factory):
+    return write_gguf(tmp_path_factory.mktemp("llama") / "tiny.gguf", hf_model("llama"), types="Q8_0")
+
+
+def test_a_truncated_file_is_refused(tmp_path, llama_file) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(llama_file.read_bytes()[: llama_file.stat().st_size // 2])
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        load_gguf(cut)
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        build_runner(ModelOptions(path=str(cut), device="cpu", compile="off"), max_batch=1, eos_id=1)
+
+
+def test_an_unknown_architecture_is_refused_with_a_pointer_to_hf(tmp_path) -> None:
+    path = write_gguf(tmp_path / "x.gguf", hf_model("llama"), arch="grok")
+    with pytest.raises(GGUFError, match="architecture 'grok' is not served natively.*backend hf"):
+        load_gguf(path)
+    assert not inspect(str(path)).native
+
+
+def test_an_unsupported_tensor_type_is_refused_naming_the_tensor(tmp_path) -> None:
+    path = write_gguf(tmp_path / "iq.gguf", hf_model("llama", hidden_size=256, intermediate_size=256),
+                      types={"blk.1.ffn_up.weight": "IQ4_NL"})
+    with pytest.raises(GGUFError, match="'blk.1.ffn_up.weight' has type IQ4_NL"):
+        load_gguf(path)
+
+
+def test_a_missing_tensor_is_refused_naming_it(tmp_path) -> None:
+    path = write_gguf(tmp_path / "gap.gguf", hf_model("llama"), drop=("blk.1.ffn_down.weight",))
+    with pytest.raises(GGUFError, match=r"layers\.1\.mlp\.down_proj\.weight.*missing"):
+        load_gguf(path)
+
+
+def test_a_directory_with_one_gguf_is_that_file_and_with_two_is_ambiguous(tmp_path, llama_file) -> None:
+    (tmp_path / "a.gguf").write_bytes(llama_file.read_bytes())
+    found = inspect(str(tmp_path))
+    assert (found.format, found.architecture, found.quantization) == ("gguf", "llama", "Q8_0")
+    assert found.path == str(tmp_path / "a.gguf") and found.native
+    (tmp_path / "b.gguf").write_bytes(llama_file.read_bytes())
+    with pytest.raises(CheckpointError, match="several GGUF files"):
+        inspect(str(tmp_path))
+    with pytest.raises(CheckpointError, match="no such file"):
+        inspect(str(tmp_path / "absent.gguf"))
+
+
+def test_gguf_goes_to_the_native_runner_and_hf_reads_it_too(llama_file) -> None:
+    options = ModelOptions(path=str(llama_file), device="cpu", dtype="float32", compile="off", max_context=64,
+                           mode="generate")
+    native = build_runner(options, max_batch=1, eos_id=1)
+    assert isinstance(native, ModelRunner) and "gguf Q8_0" in native.description
+    hf = build_runner(ModelOptions(**{**options.__dict__, "backend": "hf"}), max_batch=1, eos_id=1)
+    assert hf.backend == "hf"
+    from minercore.runtime.sampling import SlotParams
+
+    ids = IDS[0, :12].tolist()
+    assert native.prefill(0, ids, SlotParams(echo=False)) == hf.prefill(0, ids, SlotParams(echo=False))
+
+
+# ---- a whole checkpoint: GPT-2's tokenizer and a chat template in the file ----
+
+@pytest.fixture(scope="module")
+def servable(tmp_path_factory):
+    return write_gguf(tmp_path_factory.mktemp("servable") / "chat.gguf",
+                      hf_model("llama", vocab_size=50257, hidden_size=64), types="Q4_0", tokenizer=True)
+
+
+async def run_engine(path, mode: str, request: GenerationRequest) -> tuple[Engine, str, str | None]:
+    engine = Engine(ModelOptions(path=str(path), mode=mode, device="cpu", dtype="float32", compile="off",
+                                 max_context=256), EngineOptions(max_batch=2))
+    await engine.start()
+    try:
+        pieces = [piece async for piece in engine.generate(request)]
+    finally:
+        await engine.shutdown()
+    return engine, "".join(p.text for p in pieces), pieces[-1].finish_reason
+
+
+def test_echo_through_the_files_own_tokenizer_is_byte_exact(servable) -> None:
+    engine, text, reason = asyncio.run(run_engine(servable, "echo", GenerationRequest(prompt=MIXED)))
+    assert text == MIXED and reason == "eos"
+    assert engine.serving == {"backend": "native", "format": "gguf", "architecture": "llama",
+                              "checkpoint_quantization": "Q4_0", "quantization": "none", "dtype": "float32",
+                              "device": "cpu"}
+
+
+def test_chat_uses_the_files_template_and_stop_id(servable) -> None:
+    request = GenerationRequest(messages=[{"role": "user", "content": "hello"}],
+                                sampling=SamplingParams(max_new_tokens=8))
+    engine, text, reason = asyncio.run(run_engine(servable, "generate", request))
+    assert "<|im_start|>" in engine.tokenizer.chat_template
+    assert engine.tokenizer.eos_token_id == 50256 and reason in ("eos", "length")

