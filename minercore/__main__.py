@@ -15,18 +15,25 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2") -> dict:
-    """Everything an operator's bug report needs, without importing bittensor (it is slow and noisy)."""
+def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", path: str | None = None) -> dict:
+    """Everything an operator's bug report needs, without importing bittensor (it is slow and noisy); with
+    ``path``, what that checkpoint is (an embedded model's name is fetched)."""
     import torch
 
     from . import __version__
     from .runtime.device import dtype_name, select
     from .text import streamloop
-    from .text.tokenizer import load_tokenizer, tokenizer_source
+    from .text.tokenizer import load_tokenizer, tokenizer_for, tokenizer_source
 
     chosen_device, chosen_dtype = select(device, dtype)
+    checkpoint = None
+    if path:
+        from .models.loading import inspect
+
+        checkpoint = inspect(path)
+        tokenizer = tokenizer_for(tokenizer, checkpoint.tokenizer)
     tok = load_tokenizer(tokenizer)
-    return {
+    report = {
         "version": __version__,
         "stream_loop": streamloop.IMPLEMENTATION,
         "python": sys.version.split()[0],
@@ -40,6 +47,9 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2") -> 
         "vocab_size": len(tok),
         "eos_token_id": tok.eos_token_id,
     }
+    if checkpoint is not None:
+        report["checkpoint"] = {**checkpoint.as_dict(), "native": checkpoint.native}
+    return report
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
@@ -81,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     info_cmd.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
     info_cmd.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
     info_cmd.add_argument("--tokenizer", default="gpt2", help="gpt2 (bundled) or a Hugging Face name/directory")
+    info_cmd.add_argument("--path", default=None,
+                          help="also report this checkpoint: a directory, a .gguf file or smollm2-135m-instruct")
     _add_serve(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.device import DeviceError
 
     try:
-        report = info(args.device, args.dtype, args.tokenizer)
+        report = info(args.device, args.dtype, args.tokenizer, args.path)
     except (DeviceError, ValueError) as exc:
         print(f"minercore: {exc}", file=sys.stderr)
         return 2

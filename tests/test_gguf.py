@@ -207,3 +207,17 @@ def test_chat_uses_the_files_template_and_stop_id(servable) -> None:
     engine, text, reason = asyncio.run(run_engine(servable, "generate", request))
     assert "<|im_start|>" in engine.tokenizer.chat_template
     assert engine.tokenizer.eos_token_id == 50256 and reason in ("eos", "length")
+
+
+def test_info_reports_the_checkpoint_and_its_tokenizer(servable, llama_file, capsys) -> None:
+    import json
+
+    from minercore.__main__ import main
+
+    assert main(["info", "--device", "cpu", "--path", str(servable)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checkpoint"] == {"path": str(servable), "format": "gguf", "architecture": "llama",
+                                    "quantization": "Q4_0", "native": True}
+    assert report["tokenizer"].startswith("gguf:") and report["vocab_size"] == 50257
+    assert main(["info", "--device", "cpu", "--path", str(llama_file)]) == 0  # no vocabulary in the file
+    assert json.loads(capsys.readouterr().out)["tokenizer"].startswith("gpt2")

@@ -286,6 +286,19 @@ async def test_the_client_streams_over_openai():
         assert result.text == "".join(pieces) == MIXED
 
 
+async def test_models_are_listed_to_signed_callers_only():
+    async with miner_server(served_model_name="smollm2-135m-instruct") as (url, miner_key, _):
+        port = int(url.rsplit(":", 1)[1])
+        target = client.Target("127.0.0.1", port, miner_key.ss58_address)
+        assert await client.list_models(target, wallet=sdk.new_keypair()) == ["smollm2-135m-instruct"]
+        async with httpx.AsyncClient(timeout=30) as http:
+            unsigned = await http.get(url + "/v1/models")
+        assert unsigned.status_code == 401 and unsigned.json()["error"]["code"] == "unauthorized"
+        stranger = client.Target("127.0.0.1", port, sdk.new_keypair().ss58_address)  # signed for another miner
+        with pytest.raises(ConnectionError, match="401"):
+            await client.list_models(stranger, wallet=sdk.new_keypair())
+
+
 @pytest.mark.parametrize("case", ["unsigned", "stale", "future", "wrong_receiver", "replayed", "tampered"])
 async def test_btauth_refusals_get_401_and_leave_the_miner_healthy(case):
     async with miner_server() as (url, miner_key, _):
@@ -355,6 +368,7 @@ async def test_health_and_metrics():
             health = (await http.get(url + "/health")).json()
             scraped = await http.get(url + "/metrics")
         assert health["status"] == "ok" and health["hotkey"] == miner_key.ss58_address
+        assert health["serving"]["format"] == "random (tiny preset)" and health["serving"]["dtype"] == "float32"
         assert scraped.status_code == 200 and "minercore_requests_total" in scraped.text
 
 

@@ -26,6 +26,15 @@ NATIVE_MODEL_TYPES = ("gpt2", *LLAMA_MODEL_TYPES)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
+def served_model_name(model: ModelOptions) -> str:
+    """The API's model id: the checkpoint's name (an embedded model's, a directory's, a GGUF file's without its
+    suffix), else ``minercore-<preset>``."""
+    if model.path:
+        name = model.path.rstrip("/").rsplit("/", 1)[-1]
+        return name.removesuffix(".gguf") or model.path
+    return f"minercore-{model.preset}"
+
+
 def context_for(options_max_context: int | None, model_positions: int | None) -> int:
     """The KV cache length: as asked, or the model's own positions capped at DEFAULT_MAX_CONTEXT."""
     if options_max_context is not None:

@@ -6,8 +6,9 @@ Routes:
   replay are checked as bt.Axon checks them (``auth.DendriteVerifier``), then the blacklist, the rate limit and
   the priority; the answer is the completion as raw UTF-8 in chunks of whole characters, with the
   ``bt_header_axon_*`` response headers the dendrite reads its status from.
-* ``POST /v1/chat/completions`` and ``POST /v1/completions``: the OpenAI shapes of ``minercore serve``
-  (``openai_api.OpenAIApi``), signed with btauth/1 by a hotkey the blacklist admits, for this miner's hotkey.
+* ``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models``: the OpenAI shapes of
+  ``minercore serve`` (``openai_api.OpenAIApi``), signed with btauth/1 by a hotkey the blacklist admits, for this
+  miner's hotkey.
   ``X-Client-Timeout`` (seconds, ``max_timeout`` when absent) is the caller's deadline.
 * ``GET /health``; ``GET /metrics`` (Prometheus) when the miner keeps metrics.
 
@@ -50,7 +51,7 @@ from ..contract.generation import (
 )
 from ..contract.observe import RequestTimer, disconnected, next_piece
 from ..serve.metrics import Metrics
-from ..serve.openai_api import OpenAIApi
+from ..serve.openai_api import OpenAIApi, model_list
 from .auth import AuthError, BtAuthVerifier, DendriteCaller, DendriteVerifier
 from .blacklist import BlacklistPolicy, is_hotkey
 from .config import DEFAULT_DEADLINE_MARGIN_S
@@ -126,6 +127,7 @@ class MinerServer:
         self.btauth = BtAuthVerifier(settings.hotkey)
         self.sampling = SamplingParams(max_new_tokens=settings.max_new_tokens)
         self.openai = OpenAIApi(backend, settings.served_model_name, metrics=metrics)
+        self._started = int(time.time())
 
     def build(self) -> FastAPI:
         app = FastAPI(title="minercore miner", docs_url=None, redoc_url=None, openapi_url=None)
@@ -133,6 +135,7 @@ class MinerServer:
         app.add_api_route(f"/{STREAMPROMPTING}", self.stream_prompting, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/health", self.health, methods=["GET"])
         if self.metrics is not None:
             app.add_api_route("/metrics", self.prometheus, methods=["GET"])
@@ -235,27 +238,38 @@ class MinerServer:
     async def completions(self, request: Request) -> Response:
         return await self._openai(request, chat=False)
 
+    async def models(self, request: Request) -> Response:
+        try:
+            await self._btauth_caller(request)
+        except Refusal as refusal:
+            self._refused(refusal, "unverified")
+            return _openai_refusal(refusal)
+        return JSONResponse(model_list(self.settings.served_model_name, self._started))
+
+    async def _btauth_caller(self, request: Request) -> tuple[str, bytes]:
+        """The verified, admitted and charged hotkey of a btauth/1 request, and its body; Refusal otherwise."""
+        self._admit_unverified(request.headers.get("x-bittensor-hotkey"))
+        body = await request.body()
+        target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        if request.scope.get("query_string"):
+            target += "?" + request.scope["query_string"].decode("latin-1")
+        try:
+            hotkey = self.btauth.verify(request.headers, body, method=request.method, target=target)
+        except AuthError as exc:
+            raise Refusal(401, str(exc), "unauthorized", blacklist_kind=exc.kind) from None
+        self._charge(hotkey)
+        return hotkey, body
+
     async def _openai(self, request: Request, chat: bool) -> Response:
         arrived = time.monotonic()
         caller_class = "unverified"
         try:
-            self._admit_unverified(request.headers.get("x-bittensor-hotkey"))
-            body = await request.body()
-            target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
-            if request.scope.get("query_string"):
-                target += "?" + request.scope["query_string"].decode("latin-1")
-            try:
-                hotkey = self.btauth.verify(request.headers, body, method=request.method, target=target)
-            except AuthError as exc:
-                raise Refusal(401, str(exc), "unauthorized", blacklist_kind=exc.kind) from None
+            hotkey, body = await self._btauth_caller(request)
             caller_class = self.policy.caller_class(hotkey)
-            self._charge(hotkey)
             timeout = _client_timeout(request.headers.get(CLIENT_TIMEOUT_HEADER), self.settings.max_timeout)
         except Refusal as refusal:
             self._refused(refusal, caller_class)
-            headers = {"retry-after": "1"} if refusal.status in (429, 503) else None
-            return JSONResponse({"error": {"message": refusal.message, "type": refusal.outcome, "param": None,
-                                           "code": refusal.outcome}}, status_code=refusal.status, headers=headers)
+            return _openai_refusal(refusal)
         budget = self._engine_timeout(arrived, timeout)
         return await self.openai.handle(request, chat, body=body, deadline=lambda _: budget,
                                         caller_class=caller_class, priority=self.policy.priority(hotkey),
@@ -271,6 +285,12 @@ class MinerServer:
 
     async def prometheus(self) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _openai_refusal(refusal: Refusal) -> Response:
+    headers = {"retry-after": "1"} if refusal.status in (429, 503) else None
+    return JSONResponse({"error": {"message": refusal.message, "type": refusal.outcome, "param": None,
+                                   "code": refusal.outcome}}, status_code=refusal.status, headers=headers)
 
 
 class _TextStream(Response):

@@ -29,6 +29,7 @@ if sdk.MAJOR == 10:
 
 PROTOCOLS = ("openai", "streamprompting")
 CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
 
 __all__ = ["StreamResult", "Target", "ephemeral_keypair", "main", "stream_many", "stream_openai"]
 
@@ -90,6 +91,19 @@ async def stream_openai(target: Any, messages: Sequence[str], roles: Sequence[st
                             error=f"{type(exc).__name__}: {exc}")
     return StreamResult("".join(seen.parts), status, message, seen.ttft_s, time.perf_counter() - start, seen.chunks,
                         error=seen.error)
+
+
+async def list_models(target: Any, *, wallet: Any, timeout: float = 10.0) -> list[str]:
+    """The ids the miner serves (its btauth/1-signed ``GET /v1/models``); ConnectionError naming the status if
+    the miner refuses."""
+    keypair = getattr(wallet, "hotkey", wallet)
+    headers = btauth_headers(keypair.sign, keypair.ss58_address, method="GET", target=MODELS_PATH, body=b"",
+                             receiver=target.hotkey)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as http:
+        response = await http.get(base_url(target) + MODELS_PATH, headers=headers)
+    if response.status_code != 200:
+        raise ConnectionError(f"GET {MODELS_PATH}: {response.status_code} {_error_text(response.content)}")
+    return [model["id"] for model in response.json()["data"]]
 
 
 class _Seen:

@@ -26,6 +26,7 @@ from typing import Any
 import uvicorn
 
 from ..backends import Backend, build_backend
+from ..contract.config import served_model_name
 from ..serve.metrics import Metrics
 from . import config as miner_config
 from . import sdk
@@ -128,8 +129,9 @@ class Miner:
         hotkey = sdk.hotkey_of(self.wallet)
         if not self.offline:
             await self._connect(hotkey)
-        log.info(f"loading the model (backend {config.model.backend}, preset {config.model.preset}, "
-                 f"device {config.device}, dtype {config.dtype})")
+        model = config.model.path or f"preset {config.model.preset}"
+        log.info(f"loading the model (backend {config.model.backend}, {model}, device {config.device}, "
+                 f"dtype {config.dtype})")
         try:
             await self.engine.start()
         except Exception as exc:
@@ -139,9 +141,10 @@ class Miner:
             log.info(f"backend upstream ready: {engine.runner_description}")
         else:
             loop_state = "active" if engine.stream_loop == "cython" else "inactive (pure-Python twin)"
-            log.info(f"backend {engine.backend_name} ready: {engine.runner_description}; model preset "
-                     f"{config.model.preset}, mode {config.model.mode}; compile warm-up "
-                     f"{engine.warmup_seconds:.2f}s; compiled stream loop {loop_state}")
+            serving = ", ".join(f"{k} {v}" for k, v in engine.serving.items() if k != "backend")
+            log.info(f"backend {engine.backend_name} ready: {engine.runner_description}; serving {serving}; "
+                     f"mode {config.model.mode}; compile warm-up {engine.warmup_seconds:.2f}s; compiled stream "
+                     f"loop {loop_state}")
         if self.metrics is not None:
             self.metrics.bind(self.engine)
             port = self.metrics.start_http(config.metrics.port, config.metrics.addr)
@@ -215,7 +218,7 @@ class Miner:
             max_prompt_chars=config.engine.max_prompt_chars, max_new_tokens=config.engine.max_new_tokens,
             deadline_margin=config.stream.deadline_margin,
             chunk_suffix="\n" if config.stream.framing == "newline" else "",  # the seed's framing
-            served_model_name=f"minercore-{config.model.preset}")
+            served_model_name=served_model_name(miner_config.model_options(config)))
         self.server = MinerServer(self.engine, self.policy, settings, metrics=self.metrics)
         self._http = _HttpServer(uvicorn.Config(self.server.build(), host=host or "0.0.0.0", port=config.axon.port,
                                                 log_level="warning", lifespan="off",

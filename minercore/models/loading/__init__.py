@@ -84,7 +84,8 @@ def _inspect(path: str, mtime_ns: int, size: int) -> Checkpoint:  # keyed by the
 
         found = facts(local)
         return Checkpoint(path=path, format="gguf", architecture=found.architecture,
-                          quantization=found.quantization, eos_ids=found.eos_ids, tokenizer=path,
+                          quantization=found.quantization, eos_ids=found.eos_ids,
+                          tokenizer=path if found.has_tokenizer else None,
                           max_positions=found.max_positions, config={})
     if not (local / "config.json").is_file():
         raise CheckpointError(f"{path} holds neither config.json nor a .gguf file")

@@ -51,6 +51,7 @@ class GGUFFacts:
     quantization: str  # the type most of its matrices are stored in, e.g. Q4_1
     eos_ids: tuple[int, ...]  # end of text, then end of turn / end of message where the file names them
     max_positions: int | None
+    has_tokenizer: bool
 
 
 def open_reader(path: str | Path) -> Any:
@@ -80,7 +81,8 @@ def facts(path: str | Path) -> GGUFFacts:
     eos = [_value(reader, f"tokenizer.ggml.{name}_token_id", None) for name in ("eos", "eot", "eom")]
     return GGUFFacts(architecture=architecture, quantization=matrices.most_common(1)[0][0] if matrices else "none",
                      eos_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
-                     max_positions=_value(reader, f"{architecture}.context_length", None))
+                     max_positions=_value(reader, f"{architecture}.context_length", None),
+                     has_tokenizer="tokenizer.ggml.tokens" in reader.fields)
 
 
 def llama_config(reader: Any) -> LlamaConfig:
