@@ -59,9 +59,9 @@ from minercore.models.gpt2 import PRESETS, SimulatedLM, describe
 from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
-PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama")
+PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf")
 PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
-                  "llama": 150}
+                  "llama": 150, "gguf": 120}
 # All phases together: under the 8 minutes asked for once the extension build and Python's start-up are added.
 # On a cold machine the later phases (variants, llama) may not fit; they are then skipped, and a rerun with
 # --phases picks them up with the caches the first run left warm.
@@ -521,16 +521,25 @@ def phase_variants(sizes: Sizes, out: Path, part: Part) -> None:
         _free(sizes.device)
 
 
-def phase_llama(sizes: Sizes, out: Path, part: Part) -> None:
-    path = Path(__file__).with_name("gpu_llama.py")
+def _phase_module(name: str, sizes: Sizes, out: Path, part: Part) -> None:
+    """A phase written as its own script, ``benchmarks/gpu_<name>.py`` with ``run(out, smoke)``."""
+    path = Path(__file__).with_name(f"gpu_{name}.py")
     if not path.exists():
-        part.add(llama={"status": "benchmarks/gpu_llama.py not present"})
+        part.add(**{name: {"status": f"benchmarks/gpu_{name}.py not present"}})
         return
-    spec = importlib.util.spec_from_file_location("gpu_llama", path)
+    spec = importlib.util.spec_from_file_location(f"gpu_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_llama"] = module  # dataclasses look their module up there
+    sys.modules[f"gpu_{name}"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    part.add(llama=module.run(out, sizes.smoke))
+    part.add(**{name: module.run(out, sizes.smoke)})
+
+
+def phase_llama(sizes: Sizes, out: Path, part: Part) -> None:
+    _phase_module("llama", sizes, out, part)
+
+
+def phase_gguf(sizes: Sizes, out: Path, part: Part) -> None:
+    _phase_module("gguf", sizes, out, part)
 
 
 def _free(device: torch.device) -> None:
@@ -539,7 +548,8 @@ def _free(device: torch.device) -> None:
 
 
 PHASE_FUNCTIONS = {"kv": phase_kv, "decode": phase_decode, "correctness": phase_correctness,
-                   "engine": phase_engine, "hf": phase_hf, "variants": phase_variants, "llama": phase_llama}
+                   "engine": phase_engine, "hf": phase_hf, "variants": phase_variants, "llama": phase_llama,
+                   "gguf": phase_gguf}
 
 
 # ---- orchestration ----

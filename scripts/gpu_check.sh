@@ -11,8 +11,8 @@
 # PYTHONPATH=. (no install: the package's dependencies include bittensor, which the GPU machine lacks). Needs
 # torch, transformers, tokenizers and numpy; Cython and setuptools for the compiled stream loop (without them
 # the pure-Python twin runs, and the log says so). Wheels of anything else, carried in .whl/, are installed
-# first, offline (see /work/.library/device/README.md on producing them; nothing is needed today). PYTHON
-# picks the interpreter (default python3).
+# first, offline (see /work/.library/device/README.md on producing them): the gguf phase needs gguf's,
+# `pip download --no-deps gguf -d .whl` (pure Python). PYTHON picks the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu-check-out}"

@@ -22,7 +22,7 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
 
     assert results["device"] == "CPU" and results["smoke"] is True
     assert results["torch"] and results["date"] and results["command"] == "bash scripts/gpu_check.sh --smoke"
-    assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama"}
+    assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf"}
     assert all(phase["status"] == "ok" for phase in results["phases"].values()), results["phases"]
     assert not results.get("errors"), results["errors"]
 

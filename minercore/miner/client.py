@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import sys
@@ -67,7 +68,7 @@ def base_url(target: Any) -> str:
 
 async def stream_openai(target: Any, messages: Sequence[str], roles: Sequence[str] | None = None, *,
                         wallet: Any, timeout: float = 60.0, max_tokens: int | None = None,
-                        on_text: Callable[[str], None] | None = None) -> StreamResult:
+                        temperature: float | None = None, on_text: Callable[[str], None] | None = None) -> StreamResult:
     """One btauth/1-signed streaming chat completion, read to its end; ``timeout`` is the whole request's
     deadline, sent as ``X-Client-Timeout``, so the miner ends the answer in time."""
     roles = list(roles) if roles is not None else ["user"] * len(messages)
@@ -76,6 +77,8 @@ async def stream_openai(target: Any, messages: Sequence[str], roles: Sequence[st
                                 "stream": True}
     if max_tokens is not None:
         document["max_tokens"] = max_tokens
+    if temperature is not None:
+        document["temperature"] = temperature  # else the OpenAI default, 1
     body = json.dumps(document, ensure_ascii=False).encode()
     keypair = getattr(wallet, "hotkey", wallet)
     headers = btauth_headers(keypair.sign, keypair.ss58_address, method="POST", target=CHAT_PATH, body=body,
@@ -165,19 +168,23 @@ def _error_text(raw: bytes) -> str:
 
 async def stream_many(target: Any, prompts: Sequence[str], *, wallet: Any, role: str = "user",
                       timeout: float = 60.0, protocol: str = "streamprompting" if sdk.MAJOR == 10 else "openai",
-                      on_text: Callable[[str], None] | None = None) -> list[StreamResult]:
+                      on_text: Callable[[str], None] | None = None,
+                      temperature: float | None = None) -> list[StreamResult]:
     """One concurrent stream per prompt, each a one-message conversation (``on_text`` suits a single one).
 
     ``target`` is a ``Target`` or (bittensor 10) an ``AxonInfo``; the default protocol is the SDK's own.
+    ``temperature`` is the OpenAI protocol's (StreamPrompting carries no sampling: the miner answers greedily).
     """
     if protocol == "streamprompting":
         if sdk.MAJOR != 10:
             raise ValueError("--protocol streamprompting needs bittensor 10.x (pip install 'minercore[bt10]')")
+        if temperature is not None:
+            raise ValueError("--temperature is the openai protocol's; StreamPrompting answers are greedy")
         if isinstance(target, Target):
             target = target.for_dendrite()
         send = stream_prompt
     elif protocol == "openai":
-        send = stream_openai
+        send = functools.partial(stream_openai, temperature=temperature)
     else:
         raise ValueError(f"unknown protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
     return list(await asyncio.gather(*(send(target, [prompt], [role], wallet=wallet, timeout=timeout,
@@ -229,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--concurrency", type=int, default=1, help="Identical streams sent at once.")
     run.add_argument("--timeout", type=float, default=60.0, help="Seconds each whole stream may take.")
+    run.add_argument("--temperature", type=float, default=None,
+                     help="Sampling temperature (openai protocol; default: the OpenAI default, 1; 0 is greedy).")
     run.add_argument("--json", action="store_true",
                      help="Print one JSON object (every stream's status, timings, tokens and text) instead.")
     wallet = parser.add_argument_group("caller identity (default: a throwaway hotkey)")
@@ -320,9 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     live = options["concurrency"] == 1 and not options["json"]
 
     start = time.perf_counter()
-    results = asyncio.run(stream_many(target, [prompt] * options["concurrency"], wallet=signer, role=options["role"],
-                                      timeout=options["timeout"], protocol=options["protocol"],
-                                      on_text=_write_live if live else None))
+    try:
+        results = asyncio.run(stream_many(target, [prompt] * options["concurrency"], wallet=signer,
+                                          role=options["role"], timeout=options["timeout"],
+                                          protocol=options["protocol"], on_text=_write_live if live else None,
+                                          temperature=options["temperature"]))
+    except ValueError as exc:  # options that do not fit the protocol
+        print(f"client: {exc}", file=sys.stderr)
+        return 2
     summary = summarize(results, time.perf_counter() - start)
     if options["json"]:
         print(json.dumps(summary, ensure_ascii=False))

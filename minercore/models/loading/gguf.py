@@ -184,13 +184,40 @@ def load_gguf(path: str | Path, *, device: torch.device | str = "cpu",
     model = LlamaLM.empty(config, torch.device(device), dtype)
     views = model.checkpoint_views()
     for tensor, ours in plan:
-        array = _dequantized(tensor)
+        heads = None
+        if config.family == "llama" and ours.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = config.n_head
+        elif config.family == "llama" and ours.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = config.n_kv_head
+        _copy_into(views[ours], tensor, heads)
+    return model
+
+
+_CHUNK_ELEMENTS = 1 << 22  # dequantized a block of rows at a time: gguf's routines make several temporaries
+
+
+def _copy_into(view: torch.Tensor, tensor: Any, heads: int | None) -> None:
+    """The GGUF tensor's values into ``view`` (un-permuted for ``heads`` when given), a block of rows at a time
+    so that a large tensor (the embedding) never exists in float32 whole, with gguf's temporaries beside it."""
+    data = tensor.data
+    rows = view.shape[0] if view.dim() == 2 else 1
+    step = rows if heads is not None else max(1, _CHUNK_ELEMENTS // max(1, view.numel() // rows))
+    for start in range(0, rows, step):
+        array = _dequantized_rows(tensor, data[start:start + step] if view.dim() == 2 else data)
         if not array.flags.writeable:  # an F32 tensor comes back as the read-only mapping itself
             array = array.copy()
-        values = torch.from_numpy(array).reshape(views[ours].shape)
-        if config.family == "llama" and ours.endswith(("q_proj.weight", "q_proj.bias")):
-            values = _unpermute(values, config.n_head)
-        elif config.family == "llama" and ours.endswith(("k_proj.weight", "k_proj.bias")):
-            values = _unpermute(values, config.n_kv_head)
-        views[ours].copy_(values)
-    return model
+        values = torch.from_numpy(array)
+        if view.dim() == 2:
+            values = values.reshape(-1, view.shape[1])
+            if heads is not None:
+                values = _unpermute(values, heads)
+            view[start:start + values.shape[0]].copy_(values)
+        else:
+            values = values.reshape(view.shape)
+            view.copy_(_unpermute(values, heads) if heads is not None else values)
+
+
+def _dequantized_rows(tensor: Any, rows: np.ndarray) -> np.ndarray:
+    from gguf import quants
+
+    return quants.dequantize(rows, tensor.tensor_type)
