@@ -80,3 +80,26 @@ def test_dtypes():
     assert select_dtype("FLOAT16", cpu) == torch.float16
     with pytest.raises(DeviceError, match="unknown dtype 'fp8'"):
         select_dtype("fp8", cpu)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(True, False, True), (False, True, True),
+                                                      (False, False, False)])
+def test_native_bf16_is_what_torchs_probes_say(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(dev, "_cpuinfo_flags", lambda: {"avx512_bf16", "amx_bf16"})  # not asked: torch answers
+    assert dev.cpu_has_native_bf16() is native
+
+
+@pytest.mark.parametrize("flags, native", [({"avx2", "avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True),
+                                           ({"avx2", "avx512f", "avx512_vnni"}, False), (set(), False)])
+def test_native_bf16_falls_back_to_the_cpu_flags(monkeypatch, flags, native):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(dev, "_cpuinfo_flags", lambda: flags)
+    assert dev.cpu_has_native_bf16() is native
+
+
+def test_cpuinfo_flags_are_read_from_the_flags_line():
+    flags = dev._cpuinfo_flags()
+    assert isinstance(flags, set)
+    assert all(flag and not any(c.isspace() for c in flag) for flag in flags)  # one word each (empty off Linux)

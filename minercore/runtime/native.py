@@ -37,6 +37,8 @@ from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES, ModelOptions, co
 from ..models.gpt2 import PRESETS, SimulatedLM, load_gpt2
 from ..models.llama import PRESETS as LLAMA_PRESETS
 from ..models.llama import LlamaConfig, LlamaLM, load_llama, read_config
+from ..models.quant import describe as describe_quant
+from ..models.quant import quantize
 from .device import dtype_name, select
 from .sampling import (
     FILTER,
@@ -297,6 +299,7 @@ class ModelRunner:
         self.prefill_batch_tokens = 2048 if device.type == "cuda" else 256
         self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
+                            f"weights {describe_quant(self.model)}, "
                             f"{'compiled' if compile else 'eager'}, graphs {graphs}, attention {attention}")
 
     @property
@@ -607,6 +610,7 @@ def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtyp
 def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int) -> ModelRunner:
     device, dtype = select(options.device, options.dtype)
     model, name = _native_model(options, device, dtype)
+    model = quantize(model, options.quant, options.quant_group, device=device, dtype=dtype)
     max_context = context_for(options.max_context, model.max_positions)
     compile = _resolve_compile(options.compile, device)
     graphs = _resolve_graphs(options.graphs, device, compile)
