@@ -26,10 +26,13 @@ def fake_cuda(monkeypatch):
     return free
 
 
-def test_auto_on_cpu_machine():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the CPU branch is covered where CI runs")
-    assert select("auto", "auto") == (torch.device("cpu"), torch.float32)
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_on_a_cpu_is_bfloat16_where_the_cpu_computes_it(monkeypatch, native, dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    assert select("auto", "auto") == (torch.device("cpu"), dtype)
+    assert select("cpu", "float32") == (torch.device("cpu"), torch.float32)  # asked for: never overridden
 
 
 def test_auto_picks_gpu_with_most_free_memory(fake_cuda):
@@ -42,7 +45,6 @@ def test_auto_picks_gpu_with_most_free_memory(fake_cuda):
 def test_auto_dtype_follows_capability(fake_cuda):
     assert select_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
     assert select_dtype("auto", torch.device("cuda", 0)) == torch.float16
-    assert select_dtype("auto", torch.device("cpu")) == torch.float32
     assert select("cuda:0", "auto") == (torch.device("cuda", 0), torch.float16)
 
 

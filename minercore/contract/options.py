@@ -139,7 +139,8 @@ OPTIONS: tuple[Option, ...] = (
            help="int4: inputs per (scale, zero) group: 32, 64, 128 or 256."),
     Option("device", ModelOptions, "", help="auto | cpu | cuda | cuda:N | mps."),
     Option("dtype", ModelOptions, "", choices=("auto", *DTYPE_NAMES),
-           help="auto: bfloat16 on recent CUDA GPUs, float16 on older ones, float32 elsewhere."),
+           help="auto: bfloat16 on recent CUDA GPUs, float16 on older ones, bfloat16 on a CPU that computes it "
+                "natively (AVX-512 BF16 or AMX), float32 elsewhere."),
     Option("max_batch", EngineOptions, "engine", type=positive_int, help="Streams decoded together in one batch."),
     Option("max_queue", EngineOptions, "engine", type=non_negative_int,
            help="Requests that may wait for a free slot; past it requests are refused at once as overloaded."),

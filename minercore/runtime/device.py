@@ -89,12 +89,15 @@ def cpu_has_native_bf16() -> bool:
 
 
 def select_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA capability >= 8.0, float16 on older CUDA, float32 elsewhere."""
+    """``auto`` is bfloat16 on CUDA capability >= 8.0, float16 on older CUDA, bfloat16 on a CPU that computes it
+    natively (``cpu_has_native_bf16``), float32 elsewhere."""
     spec = spec.strip().lower()
     if spec == "auto":
         if device.type == "cuda":
             major, _ = torch.cuda.get_device_capability(device)
             return torch.bfloat16 if major >= 8 else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
         return torch.float32
     if spec not in DTYPES:
         raise DeviceError(f"unknown dtype {spec!r}; expected auto, {', '.join(DTYPES)}")
