@@ -29,6 +29,12 @@ is needed. Phases, in the order they run:
   length, manual graphs over the eager step, no graphs at all, manual graphs with context buckets) for the
   evidence that picks the defaults.
 - ``llama``: ``benchmarks/gpu_llama.py``'s ``run(out, smoke)`` when that module exists (Llama-family models).
+- ``quant``: weight-only quantization (``minercore.models.quant``) on the device's own kernels: each layer shape
+  of Llama-3-8B quantized int8 and int4 (g32) on the device against the same weights quantized on the CPU in
+  float32 (the reference the CPU tests prove exact; a wrong int4 packing order is off by whole steps), then
+  the ``llama3-8b`` shape decoding in bf16, int8 and int4 at batch 1 and 64 (compiled, the default graphs),
+  tok/s against the weight-read limit (copy bandwidth measured in the same run / the model's weight bytes). Last
+  and the longest phase (three 8B compiles): on a cold machine it may need its own rerun (``--phases quant``).
 
 Decode tok/s counts the tokens after the first (which comes from the prefill): batch x (new - 1) / decode
 seconds; for Hugging Face, decode seconds = generate(new) - generate(1).
@@ -54,21 +60,22 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from minercore.models.gpt2 import PRESETS, SimulatedLM, describe
 from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
-PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf")
+PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf", "quant")
 PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
-                  "llama": 150, "gguf": 120}
+                  "llama": 150, "gguf": 120, "quant": 300}
 # All phases together: under the 8 minutes asked for once the extension build and Python's start-up are added.
 # On a cold machine the later phases (variants, llama) may not fit; they are then skipped, and a rerun with
 # --phases picks them up with the caches the first run left warm.
 TOTAL_BUDGET_S = 420
 MIN_PHASE_S = 20  # a phase is not started with less than this left
 TARGETS = {"decode_tokens_per_s": {1: 3_000, 64: 60_000, 256: 120_000}, "engine_over_raw": 0.9,
-           "kv_over_formula": 1.02}
+           "kv_over_formula": 1.02, "quant_batch1_over_bf16": {"int8": 1.4, "int4": 1.7}}
 RESULTS = "gpu-results.json"
 LOG = "gpu-check.log"
 PROFILE = "profile.txt"
@@ -542,6 +549,110 @@ def phase_gguf(sizes: Sizes, out: Path, part: Part) -> None:
     _phase_module("gguf", sizes, out, part)
 
 
+QUANT_MODES = ("none", "int8", "int4")
+
+
+def _quant_layer_checks(device: torch.device, shapes: dict[str, tuple[int, int]], part: Part) -> None:
+    """Each (N, K) through the device's kernels against a float32 product of the same weights: int8 and int4
+    quantized on the device against the same quantization on the CPU (whose kernels the tests prove), and int4
+    built from GGUF-style Q4_1 blocks (``Int4Linear.from_blocks``) against d * q + m. Within a few bfloat16
+    roundings of the reference (the CPU's own measure: 1.5% of the output RMS, bound 5%); a wrong int4 packing
+    order is off by whole quantization steps."""
+    from minercore.models.quant import Int4Linear, Int8Linear
+
+    generator = torch.Generator().manual_seed(0)
+    for label, (n, k) in shapes.items():
+        w = torch.randn(n, k, generator=generator) * 0.02
+        x = torch.randn(8, k, generator=generator).bfloat16()
+        d = (torch.rand(n, k // 32, generator=generator) * 0.004 + 1e-4).half()
+        m = (-torch.rand(n, k // 32, generator=generator) * 0.03).half()
+        q = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+        blocks = d.float().repeat_interleave(32, 1) * q.float() + m.float().repeat_interleave(32, 1)
+        cpu = torch.device("cpu")
+
+        def build(mode: str, on: torch.device, w=w, d=d, m=m, q=q) -> torch.nn.Module:
+            if mode == "int8":
+                return Int8Linear.quantize(w.to(on), dtype=torch.bfloat16)
+            if mode == "int4":
+                return Int4Linear.quantize(w.to(on), group_size=32, dtype=torch.bfloat16)
+            return Int4Linear.from_blocks(d, m, q, device=on)
+
+        for mode in ("int8", "int4", "int4 Q4_1 blocks"):
+            name = f"quant {mode} {label} ({n}x{k}) on {device.type} == float32 reference"
+            with part.attempt(name):
+                weights = blocks if mode.endswith("blocks") else build(mode, cpu).dequantize().float()
+                expected = F.linear(x.float(), weights)
+                got = build(mode, device)(x.to(device)).float().cpu()
+                error = float((got - expected).abs().max() / expected.pow(2).mean().sqrt())
+                part.add(quant_layers=[{"mode": mode, "shape": label, "n": n, "k": k, "device": device.type,
+                                        "max_error_over_rms": error}],
+                         correctness={name: error <= 0.05})
+                print(f"  {'ok' if error <= 0.05 else 'FAILED'}: {name} (max error {error:.4f} x RMS)", flush=True)
+
+
+def phase_quant(sizes: Sizes, out: Path, part: Part) -> None:
+    from dataclasses import replace
+
+    from gpu_llama import copy_bandwidth, native_generate
+
+    from minercore.models.llama import PRESETS as LLAMA_PRESETS
+    from minercore.models.llama import LlamaLM
+    from minercore.models.quant import describe as describe_quant
+    from minercore.models.quant import quantize
+    from minercore.runtime.native import CUDA_AUTO_GRAPHS
+
+    cuda = sizes.device.type == "cuda"
+    if cuda:
+        config, prompt, new, batches = LLAMA_PRESETS["llama3-8b"], 32, 128, (1, 64)
+    else:  # smoke: a tiny shape, eager, a few steps
+        config = replace(LLAMA_PRESETS["llama-tiny"], vocab_size=512, max_positions=256)
+        prompt, new, batches = 8, 8, (1, 2)
+    c = config
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    shapes = {"qkv_proj": (q + 2 * kv, c.hidden_size), "o_proj": (c.hidden_size, q),
+              "gate_up_proj": (2 * c.intermediate_size, c.hidden_size),
+              "down_proj": (c.hidden_size, c.intermediate_size), "lm_head": (c.vocab_size, c.hidden_size)}
+    _quant_layer_checks(sizes.device, shapes, part)
+
+    copy_gbps = copy_bandwidth(sizes.device, (1 << 30) if cuda else (64 << 20), 20 if cuda else 3) / 1e9
+    part.add(quant={"shape": "llama3-8b" if cuda else "llama-tiny (smoke)", "copy_gbps": round(copy_gbps, 1),
+                    "prompt": prompt, "new_tokens": new})
+    rng = np.random.default_rng(0)
+    prompts_ = rng.integers(0, c.vocab_size, (max(batches), prompt))
+    graphs = CUDA_AUTO_GRAPHS if cuda else "off"
+    for mode in QUANT_MODES:
+        with part.attempt(f"quant decode {mode}"):
+            model = LlamaLM.random(config, seed=0, device=sizes.device, dtype=torch.bfloat16)
+            model = quantize(model, mode, 32, device=sizes.device, dtype=torch.bfloat16)
+            # What a step reads: every weight once (the embedding table is looked up, not read whole).
+            weight_bytes = sum(t.nbytes for name, t in [*model.named_parameters(), *model.named_buffers()]
+                               if not name.startswith("embed_tokens") and name not in ("cos", "sin"))
+            limit = copy_gbps * 1e9 / weight_bytes
+            runner = ModelRunner(model, max_batch=max(batches), max_context=prompt + new + 1, eos_id=0,
+                                 device=sizes.device, dtype=torch.bfloat16, compile=cuda, kinds=(GREEDY,),
+                                 name=f"{c.family} {mode}", graphs=graphs, attention="bucketed",
+                                 batch_buckets=batches)
+            warmup_s = runner.warmup()
+            for batch in batches:
+                native_generate(runner, prompts_[:batch], new)
+                _, seconds = native_generate(runner, prompts_[:batch], new)
+                rate = batch * (new - 1) / seconds
+                part.add(quant_decode=[{"mode": mode, "weights": describe_quant(model), "batch": batch,
+                                        "tokens_per_s": round(rate, 1), "ms_per_step": seconds / (new - 1) * 1e3,
+                                        "weight_bytes": weight_bytes, "read_limit_tok_s": round(limit, 1),
+                                        "batch1_over_limit": round(rate / limit, 3) if batch == 1 else None,
+                                        "warmup_s": round(warmup_s, 1)}])
+                print(f"  quant {mode} batch {batch}: {rate:,.1f} tok/s (weight-read limit at batch 1 "
+                      f"{limit:,.1f})", flush=True)
+        runner = model = None
+        _free(sizes.device)
+    rows = part.data.get("quant_decode", [])
+    bf16 = {row["batch"]: row["tokens_per_s"] for row in rows if row["mode"] == "none"}
+    ratios = {f"{row['mode']} batch {row['batch']}": round(row["tokens_per_s"] / bf16[row["batch"]], 2)
+              for row in rows if row["batch"] in bf16}
+    part.add(quant={"over_bf16": ratios})
+
+
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -549,7 +660,7 @@ def _free(device: torch.device) -> None:
 
 PHASE_FUNCTIONS = {"kv": phase_kv, "decode": phase_decode, "correctness": phase_correctness,
                    "engine": phase_engine, "hf": phase_hf, "variants": phase_variants, "llama": phase_llama,
-                   "gguf": phase_gguf}
+                   "gguf": phase_gguf, "quant": phase_quant}
 
 
 # ---- orchestration ----
@@ -584,7 +695,8 @@ def run_phases(phases: list[str], smoke: bool, out: Path, budget_s: float, comma
         kept = {key: value for key, value in resume.items() if key in ("phases", "errors", "correctness",
                                                                         "correctness_details", "graph_health",
                                                                         "decode", "engine", "kv_bytes_per_slot",
-                                                                        "llama")}
+                                                                        "llama", "quant", "quant_layers",
+                                                                        "quant_decode")}
         merge(results, kept)
         results["command"] = f"{resume.get('command', '?')}; then {command}"
     deadline = time.monotonic() + budget_s
@@ -669,6 +781,18 @@ def summary(results: dict) -> tuple[str, bool]:
         lines += ["", "| streams | engine tok/s | raw tok/s | engine / raw |", "|---:|---:|---:|---:|"]
         lines += [f"| {r['streams']} | {r['engine_tokens_per_s']:,.0f} | {r['raw_tokens_per_s']:,.0f} | "
                   f"{r['ratio']:.2f} |" for r in results["engine"]]
+    quant_rows = results.get("quant_decode", [])
+    if quant_rows:
+        ratios = results.get("quant", {}).get("over_bf16", {})
+        lines += ["", "| weights | batch | tok/s | x bf16 | weight-read limit (batch 1) | target |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for row in quant_rows:
+            ratio = ratios.get(f"{row['mode']} batch {row['batch']}")
+            target = TARGETS["quant_batch1_over_bf16"].get(row["mode"]) if row["batch"] == 1 else None
+            mark = "" if target is None or ratio is None or results["smoke"] else (
+                f"{target}x {'ok' if ratio >= target else 'MISSED'}")
+            lines.append(f"| {row['weights']} | {row['batch']} | {row['tokens_per_s']:,.1f} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}'} | {row['read_limit_tok_s']:,.1f} | {mark} |")
     kv = results["kv_bytes_per_slot"]
     if kv:
         lines += ["", f"- KV bytes per slot: {kv['measured']:,} measured, {kv['formula']:,} formula "

@@ -15,16 +15,21 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", path: str | None = None) -> dict:
+def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", quant: str = "none",
+         path: str | None = None) -> dict:
     """Everything an operator's bug report needs, without importing bittensor (it is slow and noisy); with
     ``path``, what that checkpoint is (an embedded model's name is fetched)."""
     import torch
 
     from . import __version__
-    from .runtime.device import dtype_name, select
+    from .contract.config import QUANT_CHOICES
+    from .models.quant import kernel_dtype
+    from .runtime.device import cpu_has_native_bf16, dtype_name, select
     from .text import streamloop
     from .text.tokenizer import load_tokenizer, tokenizer_for, tokenizer_source
 
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
     chosen_device, chosen_dtype = select(device, dtype)
     checkpoint = None
     if path:
@@ -42,6 +47,11 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", pat
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "device": str(chosen_device),
         "dtype": dtype_name(chosen_dtype),
+        "cpu_native_bf16": cpu_has_native_bf16(),  # what dtype auto goes by on a CPU
+        "quant": quant,
+        # The dtype the quantized layers' kernels compute in (the CPU kernels want bfloat16 activations).
+        "quant_kernel_dtype": None if quant == "none" else dtype_name(kernel_dtype(quant, chosen_device,
+                                                                                   chosen_dtype)),
         "bittensor": _package_version("bittensor"),
         "tokenizer": tokenizer_source(tokenizer),
         "vocab_size": len(tok),
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     info_cmd.add_argument("--tokenizer", default="gpt2", help="gpt2 (bundled) or a Hugging Face name/directory")
     info_cmd.add_argument("--path", default=None,
                           help="also report this checkpoint: a directory, a .gguf file or smollm2-135m-instruct")
+    info_cmd.add_argument("--quant", default="none", help="none|int8|int4: also report its kernels' dtype")
     _add_serve(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.device import DeviceError
 
     try:
-        report = info(args.device, args.dtype, args.tokenizer, args.path)
+        report = info(args.device, args.dtype, args.tokenizer, args.quant, args.path)
     except (DeviceError, ValueError) as exc:
         print(f"minercore: {exc}", file=sys.stderr)
         return 2

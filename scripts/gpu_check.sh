@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh                        # everything; results in $OUT (default ./gpu-check-out)
 #   bash scripts/gpu_check.sh --phases decode,hf     # a subset
 #   bash scripts/gpu_check.sh --phases variants,llama --resume FIRST/gpu-results.json   # add to an earlier run
+#   bash scripts/gpu_check.sh --phases quant         # weight-only int8/int4 alone (three 8B compiles: its own run)
 #   bash scripts/gpu_check.sh --smoke                # CPU, tiny sizes: what tests/test_gpu_check.py runs
 #
 # Writes $OUT/gpu-results.json, $OUT/gpu-check.log and $OUT/profile.txt. Runs from the checkout with

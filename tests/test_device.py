@@ -26,10 +26,13 @@ def fake_cuda(monkeypatch):
     return free
 
 
-def test_auto_on_cpu_machine():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the CPU branch is covered where CI runs")
-    assert select("auto", "auto") == (torch.device("cpu"), torch.float32)
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_on_a_cpu_is_bfloat16_where_the_cpu_computes_it(monkeypatch, native, dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    assert select("auto", "auto") == (torch.device("cpu"), dtype)
+    assert select("cpu", "float32") == (torch.device("cpu"), torch.float32)  # asked for: never overridden
 
 
 def test_auto_picks_gpu_with_most_free_memory(fake_cuda):
@@ -42,7 +45,6 @@ def test_auto_picks_gpu_with_most_free_memory(fake_cuda):
 def test_auto_dtype_follows_capability(fake_cuda):
     assert select_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
     assert select_dtype("auto", torch.device("cuda", 0)) == torch.float16
-    assert select_dtype("auto", torch.device("cpu")) == torch.float32
     assert select("cuda:0", "auto") == (torch.device("cuda", 0), torch.float16)
 
 
@@ -80,3 +82,26 @@ def test_dtypes():
     assert select_dtype("FLOAT16", cpu) == torch.float16
     with pytest.raises(DeviceError, match="unknown dtype 'fp8'"):
         select_dtype("fp8", cpu)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(True, False, True), (False, True, True),
+                                                      (False, False, False)])
+def test_native_bf16_is_what_torchs_probes_say(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(dev, "_cpuinfo_flags", lambda: {"avx512_bf16", "amx_bf16"})  # not asked: torch answers
+    assert dev.cpu_has_native_bf16() is native
+
+
+@pytest.mark.parametrize("flags, native", [({"avx2", "avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True),
+                                           ({"avx2", "avx512f", "avx512_vnni"}, False), (set(), False)])
+def test_native_bf16_falls_back_to_the_cpu_flags(monkeypatch, flags, native):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(dev, "_cpuinfo_flags", lambda: flags)
+    assert dev.cpu_has_native_bf16() is native
+
+
+def test_cpuinfo_flags_are_read_from_the_flags_line():
+    flags = dev._cpuinfo_flags()
+    assert isinstance(flags, set)
+    assert all(flag and not any(c.isspace() for c in flag) for flag in flags)  # one word each (empty off Linux)

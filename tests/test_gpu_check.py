@@ -22,7 +22,8 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
 
     assert results["device"] == "CPU" and results["smoke"] is True
     assert results["torch"] and results["date"] and results["command"] == "bash scripts/gpu_check.sh --smoke"
-    assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf"}
+    assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf",
+                                      "quant"}
     assert all(phase["status"] == "ok" for phase in results["phases"].values()), results["phases"]
     assert not results.get("errors"), results["errors"]
 
@@ -48,6 +49,16 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     kv = results["kv_bytes_per_slot"]
     assert isinstance(kv["measured"], int) and isinstance(kv["formula"], int)
     assert kv["formula"] <= kv["measured"] <= 1.02 * kv["formula"]
+
+    quant = results["quant_decode"]
+    assert {(row["mode"], row["batch"]) for row in quant} == {(m, b) for m in ("none", "int8", "int4") for b in (1, 2)}
+    assert all(row["tokens_per_s"] > 0 and row["read_limit_tok_s"] > 0 for row in quant)
+    bytes_of = {row["mode"]: row["weight_bytes"] for row in quant}
+    assert bytes_of["int4"] < bytes_of["int8"] < bytes_of["none"]
+    assert set(results["quant"]["over_bf16"]) == {f"{m} batch {b}" for m in ("none", "int8", "int4") for b in (1, 2)}
+    layers = results["quant_layers"]
+    assert {row["mode"] for row in layers} == {"int8", "int4", "int4 Q4_1 blocks"} and len(layers) == 15
+    assert any(name.startswith("quant int4 Q4_1 blocks lm_head") for name in checks)
 
     assert "one decode step" in (tmp_path / "profile.txt").read_text(encoding="utf-8")
     log = (tmp_path / "gpu-check.log").read_text(encoding="utf-8")

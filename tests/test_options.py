@@ -55,7 +55,7 @@ def test_both_command_lines_offer_every_option_with_the_core_defaults():
 def test_the_same_values_reach_the_same_dataclasses():
     values = {"backend": "hf", "preset": "gpt2", "mode": "generate", "weights": "/w", "path": "/p",
               "tokenizer": "tok", "compile": "off", "graphs": "manual", "attention": "flex", "max_context": "512",
-              "seed": "7", "upstream_url": "http://u/v1",
+              "seed": "7", "upstream_url": "http://u/v1", "quant": "none", "quant_group": "64",
               "upstream_model": "m", "upstream_api_key_env": "KEY", "device": "cpu", "dtype": "bfloat16",
               "max_batch": "8", "max_queue": "0", "max_new_tokens": "99", "max_prompt_chars": "1000",
               "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256"}
@@ -70,6 +70,7 @@ def test_the_same_values_reach_the_same_dataclasses():
     assert (model.graphs, model.attention, engine.overlap) == ("manual", "flex", False)
     assert engine.max_prompt_chars == 1000  # serve has it now too
     assert engine.prefill_tokens == 256
+    assert (model.quant, model.quant_group) == ("none", 64)
 
 
 @pytest.mark.parametrize("name, value", [

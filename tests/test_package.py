@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO_KEYS = {"version", "stream_loop", "torch", "cuda_available", "device", "dtype", "bittensor", "tokenizer",
-             "vocab_size"}
+             "vocab_size", "cpu_native_bf16", "quant", "quant_kernel_dtype"}
 
 
 def run_info(**env):
@@ -97,3 +97,16 @@ def test_pure_python_install(tmp_path, how):
     installed = tmp_path / "site" / "minercore" / "text"
     assert (installed / "_streamloop_py.py").exists()
     assert not list(installed.glob("_streamloop_c*.so"))
+
+
+def test_info_reports_the_quantized_kernels_dtype():
+    from minercore.__main__ import info
+    from minercore.runtime.device import cpu_has_native_bf16
+
+    report = info(device="cpu", dtype="float32", quant="int4")
+    assert (report["quant"], report["quant_kernel_dtype"]) == ("int4", "bfloat16")  # the CPU kernels' fast path
+    assert report["cpu_native_bf16"] is cpu_has_native_bf16()
+    assert info(device="cpu")["quant_kernel_dtype"] is None
+    out = subprocess.run([sys.executable, "-m", "minercore", "info", "--quant", "int3"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 2 and "quant must be one of none, int8, int4" in out.stderr

@@ -11,7 +11,7 @@ import torch
 
 from minercore.contract.config import ModelOptions
 from minercore.models.gpt2 import GPTConfig, SimulatedLM
-from minercore.runtime.device import DeviceError
+from minercore.runtime.device import DeviceError, cpu_has_native_bf16, dtype_name
 from minercore.runtime.native import CPU_AUTO_COMPILE, ModelRunner
 from minercore.runtime.protocol import build_runner
 from minercore.runtime.sampling import FILTER, GREEDY, KINDS, SAMPLE, ContextOverflow, SlotParams, choose_tokens
@@ -226,7 +226,7 @@ def test_compiled_matches_eager_without_recompiles_after_warmup() -> None:
 
 
 def test_build_runner_device_dtype_and_kv_bytes(caplog) -> None:
-    runner = tiny_runner(max_batch=2, max_context=128)
+    runner = tiny_runner(max_batch=2, max_context=128, dtype="float32")
     assert isinstance(runner, ModelRunner)
     assert runner.device == CPU and runner.dtype == torch.float32 and not runner.compiled
     assert all(p.device == CPU for p in runner.model.parameters())
@@ -243,6 +243,8 @@ def test_build_runner_device_dtype_and_kv_bytes(caplog) -> None:
     assert bf16.prefill(0, [15496, 11], SlotParams()) == 15496
     auto = build_runner(ModelOptions(device="cpu", max_context=64), max_batch=1, eos_id=50256)
     assert auto.compiled is CPU_AUTO_COMPILE
+    assert auto.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert dtype_name(auto.dtype) in auto.description
 
 
 @pytest.mark.parametrize("options, match", [

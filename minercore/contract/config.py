@@ -24,6 +24,10 @@ PRESET_NAMES = (*GPT2_PRESET_NAMES, *LLAMA_PRESET_NAMES)
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 NATIVE_MODEL_TYPES = ("gpt2", *LLAMA_MODEL_TYPES)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Weight-only quantization (models/quant.py): none | int8 (per output channel) | int4 (in groups of one of
+# QUANT_GROUPS inputs: the sizes both int4 kernels take).
+QUANT_CHOICES = ("none", "int8", "int4")
+QUANT_GROUPS = (32, 64, 128, 256)
 
 
 def served_model_name(model: ModelOptions) -> str:
@@ -54,6 +58,8 @@ class ModelOptions:
     tokenizer: str = "gpt2"  # gpt2 (bundled) or a Hugging Face tokenizer name/directory
     device: str = "auto"
     dtype: str = "auto"
+    quant: str = "none"  # native: weight-only quantization of the linear layers, none | int8 | int4
+    quant_group: int = 32  # int4: inputs per (scale, zero) group, one of QUANT_GROUPS
     compile: str = "auto"  # auto | on | off
     graphs: str = "auto"  # native, CUDA: torch (torch.compile's CUDA graphs) | manual (captured by hand) | off
     attention: str = "auto"  # native: bucketed (power-of-two context buckets) | masked | flex (row lengths)
@@ -71,6 +77,15 @@ class ModelOptions:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.preset not in PRESET_NAMES:
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join(PRESET_NAMES)}")
+        if self.quant not in QUANT_CHOICES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
+        if self.quant_group not in QUANT_GROUPS:
+            raise ValueError(f"quant_group must be one of {', '.join(map(str, QUANT_GROUPS))} (the sizes the int4 "
+                             f"kernels take), got {self.quant_group!r}")
+        if self.quant != "none" and self.backend not in NATIVE_BACKENDS:
+            raise ValueError(f"quant {self.quant} needs the native backend: backend {self.backend} runs "
+                             f"{'transformers' if self.backend == 'hf' else 'another server'}'s own weights "
+                             f"(use quant none)")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .config import (
     GRAPH_CHOICES,
     MODES,
     PRESET_NAMES,
+    QUANT_CHOICES,
     EngineOptions,
     ModelOptions,
 )
@@ -130,9 +131,16 @@ OPTIONS: tuple[Option, ...] = (
            help="upstream backend: the model name to request (default: the upstream's first model)."),
     Option("upstream_api_key_env", ModelOptions, "model",
            help="upstream backend: name of the environment variable holding the API key."),
+    Option("quant", ModelOptions, "model", choices=QUANT_CHOICES,
+           help="Native backend: weight-only quantization of the linear layers (the head's own copy when tied; "
+                "the embedding, the KV cache and biases stay in {dtype}). int8: per output channel; int4: in "
+                "groups of {quant_group} inputs. Layers a kernel cannot take stay unquantized (logged)."),
+    Option("quant_group", ModelOptions, "model", type=positive_int,
+           help="int4: inputs per (scale, zero) group: 32, 64, 128 or 256."),
     Option("device", ModelOptions, "", help="auto | cpu | cuda | cuda:N | mps."),
     Option("dtype", ModelOptions, "", choices=("auto", *DTYPE_NAMES),
-           help="auto: bfloat16 on recent CUDA GPUs, float16 on older ones, float32 elsewhere."),
+           help="auto: bfloat16 on recent CUDA GPUs, float16 on older ones, bfloat16 on a CPU that computes it "
+                "natively (AVX-512 BF16 or AMX), float32 elsewhere."),
     Option("max_batch", EngineOptions, "engine", type=positive_int, help="Streams decoded together in one batch."),
     Option("max_queue", EngineOptions, "engine", type=non_negative_int,
            help="Requests that may wait for a free slot; past it requests are refused at once as overloaded."),

@@ -65,13 +65,39 @@ def select_device(spec: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+def _cpuinfo_flags() -> set[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (Linux); empty where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX tiles), where torch's bfloat16
+    matmuls run at about twice the float32 rate (notes/real-model.md); elsewhere bfloat16 is converted in software,
+    for little or no gain. Asked of torch (the probes its kernels dispatch on), else of /proc/cpuinfo."""
+    cpu = torch.cpu
+    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        return any(probe() for probe in probes)
+    return bool(_cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def select_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA capability >= 8.0, float16 on older CUDA, float32 elsewhere."""
+    """``auto`` is bfloat16 on CUDA capability >= 8.0, float16 on older CUDA, bfloat16 on a CPU that computes it
+    natively (``cpu_has_native_bf16``), float32 elsewhere."""
     spec = spec.strip().lower()
     if spec == "auto":
         if device.type == "cuda":
             major, _ = torch.cuda.get_device_capability(device)
             return torch.bfloat16 if major >= 8 else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
         return torch.float32
     if spec not in DTYPES:
         raise DeviceError(f"unknown dtype {spec!r}; expected auto, {', '.join(DTYPES)}")

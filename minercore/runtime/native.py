@@ -39,6 +39,8 @@ from ..models.llama import PRESETS as LLAMA_PRESETS
 from ..models.llama import LlamaLM
 from ..models.loading import inspect as inspect_checkpoint
 from ..models.loading import load_native
+from ..models.quant import describe as describe_quant
+from ..models.quant import quantize
 from .device import dtype_name, select
 from .sampling import (
     FILTER,
@@ -297,8 +299,10 @@ class ModelRunner:
         # one 256-token prompt already is (benchmarks/bench_prefill.py: batched median TTFT 640 ms against 436
         # ms one prompt at a time); a GPU has room for thousands.
         self.prefill_batch_tokens = 2048 if device.type == "cuda" else 256
+        self.quantization = describe_quant(self.model)  # "none", or e.g. "int4 g32"
         self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
+                            f"weights {self.quantization}, "
                             f"{'compiled' if compile else 'eager'}, graphs {graphs}, attention {attention}")
 
     @property
@@ -604,6 +608,7 @@ def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
                        stop_ids: Sequence[int] = ()) -> ModelRunner:
     device, dtype = select(options.device, options.dtype)
     model, name = _native_model(options, device, dtype)
+    model = quantize(model, options.quant, options.quant_group, device=device, dtype=dtype)
     max_context = context_for(options.max_context, model.max_positions)
     compile = _resolve_compile(options.compile, device)
     graphs = _resolve_graphs(options.graphs, device, compile)

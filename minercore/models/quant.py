@@ -1,0 +1,300 @@
+"""Weight-only quantization of a model's plain linear layers: int8 per output channel, int4 in groups.
+
+``quantize(model, mode, group_size)`` replaces every ``nn.Linear`` of a model (GPT-2's ``c_attn``, ``c_proj``,
+``c_fc``; the Llama family's fused ``qkv_proj`` and ``gate_up_proj``, ``o_proj``, ``down_proj``; the head) by an
+``Int8Linear`` or ``Int4Linear``. The families do not change: the replacement takes the same (..., K) input and
+returns (..., N) in the input's dtype. What stays in the activation dtype:
+
+- the embedding lookup: a head tied to the embedding gets its own quantized copy, the embedding keeps its table;
+- the KV cache (the models size it from the embedding's dtype, not the weights');
+- a bias, added after the product;
+- a layer whose shape the kernel cannot take (``refusal``), left an ``nn.Linear`` and logged once per call.
+
+Kernels. CPU: ``torch._weight_int8pack_mm(x, w_int8 [N, K], scales [N])`` and
+``torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/group, N, 2])``, where the int4 value
+q in 0..15 stands for ``(q - 8) * scale + zero``. CUDA (gpt-fast's recipe): int8 is
+``F.linear(x, w.to(x.dtype)) * scales``, which inductor fuses into one dequantizing matmul under
+``torch.compile``; int4 is tinygemm's ``torch._weight_int4pack_mm`` over ``torch._convert_weight_to_int4pack``.
+
+The kernel dtype (``kernel_dtype``): both CPU kernels want their activations and scales in bfloat16 or float16
+and are 5-60x slower with float32 ones (notes/real-model.md), so a float32 model's quantized layers cast their
+input to bfloat16 and the product back (about 4 us a layer at batch 1, measured on this CPU); tinygemm takes
+bfloat16 only. Scales stay in the kernel dtype whatever dtype the model is later cast to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..contract.config import QUANT_CHOICES, QUANT_GROUPS
+
+logger = logging.getLogger(__name__)
+
+INT4_MID = 8  # the int4 value that stands for ``zero``: w = (q - INT4_MID) * scale + zero
+# Output rows the int4 packers take in a whole number of (CPU: "expect N to be dividable by 16"; CUDA: 8-row
+# tiles): other row counts (GPT-2's 50257-row head) are padded with zero rows, and the product sliced.
+INT4_ROWS = {"cpu": 16, "cuda": 8}
+# _weight_int8pack_mm on CPU reads K in 16-wide blocks and crashes the process (no error) on any other K (torch
+# 2.13, measured: K = 24, 40, 100, 104 all die); such a layer must never reach it.
+CPU_INT8_K_MULTIPLE = 16
+
+
+def kernel_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a ``mode`` layer's kernel computes in for a model running in ``dtype`` on ``device``."""
+    if device.type == "cuda":
+        return torch.bfloat16 if mode == "int4" else dtype  # tinygemm is bfloat16 only; the int8 matmul any
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def refusal(mode: str, out_features: int, in_features: int, group_size: int, device: torch.device) -> str | None:
+    """Why a (N = ``out_features``, K = ``in_features``) linear cannot take ``mode``'s kernel, or None."""
+    k = in_features
+    if mode == "int8":
+        if device.type == "cpu" and k % CPU_INT8_K_MULTIPLE:
+            return f"K {k} is not a multiple of {CPU_INT8_K_MULTIPLE}"
+        return None
+    if k % group_size:
+        return f"K {k} is not a multiple of the group size {group_size}"
+    if device.type == "cuda" and k % 32:
+        return f"K {k} is not a multiple of 32 (two 16-wide k-tiles)"
+    return None
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type not in INT4_ROWS:
+        raise ValueError(f"weight-only quantization runs on cpu or cuda, not {device.type}")
+
+
+def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(..., K) -> a contiguous (M, K) in ``dtype``: the kernels take 2-D row-major activations."""
+    return x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+
+
+def _keep_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> None:
+    tensor = getattr(module, name)
+    if tensor.dtype != dtype:
+        setattr(module, name, tensor.to(dtype))
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (w_int8 * scales[:, None]).T + bias: symmetric int8 per output channel (w_int8 in -127..127)."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or scales.shape != qweight.shape[:1]:
+            raise ValueError(f"Int8Linear needs int8 [N, K] weights and [N] scales, got {qweight.dtype} "
+                             f"{tuple(qweight.shape)} and {tuple(scales.shape)}")
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("bias", bias)
+        self.kernel_dtype = scales.dtype
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: Tensor | None = None, *, dtype: torch.dtype) -> Int8Linear:
+        """From float [N, K] weights (rounded against the scales as stored in ``dtype``, the kernel dtype)."""
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype)
+        q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return cls(q, scales, None if bias is None else bias.detach().clone())
+
+    def dequantize(self) -> Tensor:
+        """The float32 [N, K] weights the layer computes with."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = _flat(x, self.kernel_dtype)
+        if self.qweight.is_cuda:
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales
+        else:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8Linear:
+        # The runner casts the whole model to the activation dtype; the kernel wants its scales in its own.
+        super()._apply(fn, recurse)
+        _keep_dtype(self, "scales", self.kernel_dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel {self.kernel_dtype}"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w.T + bias with w = (q - 8) * scale + zero, q in 0..15, one (scale, zero) per ``group_size``
+    consecutive inputs of an output row; q packed in the device's kernel layout (opaque: ``dequantize`` reads
+    it back through the kernel)."""
+
+    def __init__(self, packed: Tensor, scales_and_zeros: Tensor, *, in_features: int, out_features: int,
+                 group_size: int, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K / group, N padded, 2]
+        self.register_buffer("bias", bias)
+        self.kernel_dtype = scales_and_zeros.dtype
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: Tensor | None = None, *, group_size: int = 32,
+                 dtype: torch.dtype) -> Int4Linear:
+        """From float [N, K] weights, asymmetric per group: the group's min and max span 0..15 (rounded against
+        the scale and zero as stored in ``dtype``, the kernel dtype). Packed on the weights' device."""
+        w = weight.detach().float()
+        n, k = w.shape
+        groups = w.view(n, k // group_size, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((high - low) / 15).clamp(min=1e-12).to(dtype).float()
+        zero = (low + INT4_MID * scale).to(dtype).float()
+        q = ((groups - zero[..., None]) / scale[..., None]).round() + INT4_MID
+        return cls._pack(q.clamp(0, 15).view(n, k), scale, zero, group_size, bias, dtype)
+
+    @classmethod
+    def from_blocks(cls, scale: Tensor, minimum: Tensor | None, q: Tensor, *, bias: Tensor | None = None,
+                    dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> Int4Linear:
+        """A layer holding a GGUF Q4_0 or Q4_1 tensor's values as they are (no re-quantization).
+
+        ``scale``: [N, K / 32] (float16 in the file), each block's ``d``. ``minimum``: [N, K / 32], each block's
+        ``m`` (Q4_1, w = d * q + m), or None (Q4_0, w = d * (q - 8)). ``q``: [N, K], any integer dtype, values
+        0..15, already unpacked from the blocks' nibbles into their positions along K (in a GGUF block the low
+        nibbles hold the first 16 values, the high ones the last 16: the loader's business). The group size is
+        K / scale.shape[1] (32 for GGUF). ``dtype`` is the kernel dtype (``kernel_dtype``), ``device`` where it
+        runs (default: ``q``'s). In this layout Q4_1 is scale = d, zero = m + 8 d, and Q4_0 zero = 0: the
+        dequantized weights are exactly d * q + m (resp. d * (q - 8)) when the scales' dtype holds d and
+        m + 8 d exactly (float32 does, for float16 d and m); bfloat16 scales round d to 8 significant bits.
+        """
+        n, k = q.shape
+        if scale.dim() != 2 or scale.shape[0] != n or k % scale.shape[1] or (minimum is not None
+                                                                             and minimum.shape != scale.shape):
+            raise ValueError(f"from_blocks: q {tuple(q.shape)} needs scale (and minimum) [N, K / group], got "
+                             f"{tuple(scale.shape)}" + ("" if minimum is None else f" and {tuple(minimum.shape)}"))
+        group_size = k // scale.shape[1]
+        if group_size not in QUANT_GROUPS:
+            raise ValueError(f"from_blocks: group size {group_size} is not one the kernels take "
+                             f"({', '.join(map(str, QUANT_GROUPS))})")
+        if int(q.min()) < 0 or int(q.max()) > 15:
+            raise ValueError("from_blocks: q must hold values in 0..15")
+        device = torch.device(device) if device is not None else q.device
+        d = scale.to(device=device, dtype=torch.float32)
+        # Summed in float32, where it is exact for float16 inputs; then stored in the kernel dtype.
+        zero = (torch.zeros_like(d) if minimum is None
+                else minimum.to(device=device, dtype=torch.float32) + INT4_MID * d)
+        return cls._pack(q.to(device), d, zero, group_size, bias, dtype)
+
+    @classmethod
+    def _pack(cls, q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None,
+              dtype: torch.dtype) -> Int4Linear:
+        """q [N, K] 0..15, scale and zero [N, K / group]: into the kernel's layout on q's device."""
+        n, k = q.shape
+        device = q.device
+        _check_device(device)
+        rows = -(-n // INT4_ROWS[device.type]) * INT4_ROWS[device.type]
+        if rows != n:  # zero rows: scale and zero 0, so every padded weight is 0
+            q = F.pad(q, (0, 0, 0, rows - n), value=INT4_MID)
+            scale, zero = F.pad(scale, (0, 0, 0, rows - n)), F.pad(zero, (0, 0, 0, rows - n))
+        scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype)
+        if device.type == "cuda":
+            q8 = q.to(torch.uint8)
+            packed = torch._convert_weight_to_int4pack((q8[:, ::2] << 4 | q8[:, 1::2]).contiguous(),
+                                                       _inner_k_tiles(k))
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        return cls(packed, scales_and_zeros, in_features=k, out_features=n, group_size=group_size,
+                   bias=None if bias is None else bias.detach().to(device).clone())
+
+    def _product(self, x2: Tensor) -> Tensor:
+        """(M, K) in the kernel dtype -> (M, N padded)."""
+        if self.packed.is_cuda:
+            return torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+
+    def dequantize(self) -> Tensor:
+        """The [N, K] weights the layer computes with, in the kernel dtype: the kernel's product with the
+        identity, so the packed layout is read back by the kernel itself."""
+        eye = torch.eye(self.in_features, dtype=self.kernel_dtype, device=self.packed.device)
+        return self._product(eye)[:, :self.out_features].t().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._product(_flat(x, self.kernel_dtype))
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features]
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int4Linear:
+        super()._apply(fn, recurse)  # see Int8Linear._apply
+        _keep_dtype(self, "scales_and_zeros", self.kernel_dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"kernel {self.kernel_dtype}")
+
+
+def _inner_k_tiles(k: int) -> int:
+    """tinygemm's k-tiles per packed word group: the widest of 8, 4, 2 that divides K into 16-wide tiles."""
+    return next(tiles for tiles in (8, 4, 2) if k % (tiles * 16) == 0)
+
+
+def _linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Linear]]:
+    """(parent, attribute, dotted path, linear) for every plain nn.Linear."""
+    for path, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                yield parent, name, f"{path}.{name}" if path else name, child
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, mode: str, group_size: int = 32, *, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace ``model``'s linears in place by ``mode``'s (``none``: unchanged); returns the model.
+
+    ``device``: where the model will run (default: each weight's own); layers are quantized and packed there,
+    since the int4 layouts differ by device. ``dtype``: the activation dtype it will run in (default: each
+    weight's own), which picks the kernel dtype. Layers the kernel cannot take stay ``nn.Linear``, logged in
+    one line."""
+    if mode not in QUANT_CHOICES:
+        raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {mode!r}")
+    if mode == "none":
+        return model
+    if mode == "int4" and group_size not in QUANT_GROUPS:
+        raise ValueError(f"quant_group must be one of {', '.join(map(str, QUANT_GROUPS))}, got {group_size}")
+    kept: list[str] = []
+    for parent, name, path, linear in list(_linears(model)):
+        weight = linear.weight.detach()
+        target = torch.device(device) if device is not None else weight.device
+        _check_device(target)
+        activations = dtype or weight.dtype
+        reason = refusal(mode, linear.out_features, linear.in_features, group_size, target)
+        if reason is not None:
+            kept.append(f"{path} ({reason})")
+            continue
+        kernel = kernel_dtype(mode, target, activations)
+        bias = None if linear.bias is None else linear.bias.detach().to(device=target, dtype=activations)
+        if mode == "int8":
+            layer = Int8Linear.quantize(weight.to(target), bias, dtype=kernel)
+        else:
+            layer = Int4Linear.quantize(weight.to(target), bias, group_size=group_size, dtype=kernel)
+        setattr(parent, name, layer)  # a tied head's new layer owns its copy; the embedding keeps the table
+    if kept:
+        logger.warning("quant %s: %d linear layer(s) stay unquantized, the kernel cannot take their shape: %s",
+                       mode, len(kept), "; ".join(kept))
+    return model
+
+
+def describe(model: nn.Module) -> str:
+    """``int4 g32``, ``int8``, with ``(2 of 15 linears unquantized)`` when some fell back; ``none``."""
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not int8 and not int4:
+        return "none"
+    text = "int8" if int8 else f"int4 g{int4[0].group_size}"
+    plain = sum(1 for m in model.modules() if type(m) is nn.Linear)
+    if plain:
+        text += f" ({plain} of {plain + len(int8) + len(int4)} linears unquantized)"
+    return text
