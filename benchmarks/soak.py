@@ -149,7 +149,13 @@ async def _drive(target: Any, streams: int, duration: float, miner: Any, stats_f
                 if result.ttft_s is not None:
                     ttfts.append(result.ttft_s)
 
-        await asyncio.gather(*(check(caller, longest) for caller in callers))  # warm-up, not counted
+        # Warm-up, not counted: the longest prompt on every caller at once, then each prompt of the rotation
+        # once, so that every prefill shape the load will send has run (a bfloat16 CPU model's kernels cache
+        # per-shape state on first use: growth that stops, not a leak).
+        await asyncio.gather(*(check(caller, longest) for caller in callers))
+        for group in range(0, len(rotation), streams):
+            await asyncio.gather(*(check(callers[i % streams], prompt)
+                                   for i, prompt in enumerate(rotation[group:group + streams])))
         if failures:
             raise RuntimeError(f"the warm-up failed: {failures[:3]}")
         results.update(requests=0, exact=0, tokens=0)

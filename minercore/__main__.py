@@ -15,7 +15,7 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", quant: str = "none",
+def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", quant: str = "auto",
          path: str | None = None) -> dict:
     """Everything an operator's bug report needs, without importing bittensor (it is slow and noisy); with
     ``path``, what that checkpoint is (an embedded model's name is fetched)."""
@@ -38,6 +38,9 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", qua
         checkpoint = inspect(path)
         tokenizer = tokenizer_for(tokenizer, checkpoint.tokenizer)
     tok = load_tokenizer(tokenizer)
+    # auto keeps a GGUF file's int4 blocks (models.loading.gguf), and quantizes nothing else.
+    kernel_mode = {"none": None, "auto": "int4" if checkpoint is not None and checkpoint.format == "gguf"
+                   else None}.get(quant, quant)
     report = {
         "version": __version__,
         "stream_loop": streamloop.IMPLEMENTATION,
@@ -50,8 +53,8 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", qua
         "cpu_native_bf16": cpu_has_native_bf16(),  # what dtype auto goes by on a CPU
         "quant": quant,
         # The dtype the quantized layers' kernels compute in (the CPU kernels want bfloat16 activations).
-        "quant_kernel_dtype": None if quant == "none" else dtype_name(kernel_dtype(quant, chosen_device,
-                                                                                   chosen_dtype)),
+        "quant_kernel_dtype": None if kernel_mode is None else dtype_name(kernel_dtype(kernel_mode, chosen_device,
+                                                                                       chosen_dtype)),
         "bittensor": _package_version("bittensor"),
         "tokenizer": tokenizer_source(tokenizer),
         "vocab_size": len(tok),
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     info_cmd.add_argument("--tokenizer", default="gpt2", help="gpt2 (bundled) or a Hugging Face name/directory")
     info_cmd.add_argument("--path", default=None,
                           help="also report this checkpoint: a directory, a .gguf file or smollm2-135m-instruct")
-    info_cmd.add_argument("--quant", default="none", help="none|int8|int4: also report its kernels' dtype")
+    info_cmd.add_argument("--quant", default="auto", help="auto|none|int8|int4: also report its kernels' dtype")
     _add_serve(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":

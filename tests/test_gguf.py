@@ -174,6 +174,40 @@ def test_gguf_goes_to_the_native_runner_and_hf_reads_it_too(llama_file) -> None:
     assert native.prefill(0, ids, SlotParams(echo=False)) == hf.prefill(0, ids, SlotParams(echo=False))
 
 
+# ---- Q4_0 and Q4_1 kept 4-bit: the file's values in the int4 kernel, not re-quantized ----
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_q4_blocks_are_exactly_what_gguf_dequantizes(tmp_path, type_name) -> None:
+    from gguf import GGUFReader, quants
+
+    from minercore.models.loading.gguf import q4_blocks
+
+    path = write_gguf(tmp_path / "q.gguf", hf_model("qwen2"), types=type_name)
+    for tensor in GGUFReader(path).tensors:
+        if tensor.tensor_type.name == type_name:
+            d, m, q = q4_blocks(tensor)
+            assert q.min() >= 0 and q.max() <= 15
+            values = np.repeat(d, 32, axis=1) * q + np.repeat(m, 32, axis=1)
+            assert np.array_equal(values, quants.dequantize(tensor.data, tensor.tensor_type))
+
+
+@pytest.mark.parametrize(("arch", "type_name"), [("llama", "Q4_1"), ("qwen2", "Q4_0"), ("qwen3", "Q4_1")])
+def test_q4_layers_run_the_files_values_in_the_int4_kernel(tmp_path, arch, type_name) -> None:
+    from minercore.models.quant import Int4Linear
+
+    path = write_gguf(tmp_path / "q.gguf", hf_model(arch, **ARCHITECTURES[arch]), types=type_name)
+    dense = load_gguf(path).eval()
+    int4 = load_gguf(path, keep_int4=True).eval()
+    layers = [m for m in int4.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 4 * 2 + (arch != "qwen2")  # qkv, o, gate_up, down per block; an untied head
+    reference = dense.checkpoint_views()
+    fused = torch.cat([reference[f"layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    got = int4.layers[1].self_attn.qkv_proj.dequantize().float()
+    # The same weights, un-permuted the same way; the kernel computes in bfloat16 (its scales rounded to it).
+    torch.testing.assert_close(got, fused, atol=2e-2 * float(fused.abs().max()), rtol=2e-2)
+    torch.testing.assert_close(logits(int4, IDS), logits(dense, IDS), atol=0.05, rtol=0.05)
+
+
 # ---- a whole checkpoint: GPT-2's tokenizer and a chat template in the file ----
 
 @pytest.fixture(scope="module")
@@ -197,7 +231,7 @@ def test_echo_through_the_files_own_tokenizer_is_byte_exact(servable) -> None:
     engine, text, reason = asyncio.run(run_engine(servable, "echo", GenerationRequest(prompt=MIXED)))
     assert text == MIXED and reason == "eos"
     assert engine.serving == {"backend": "native", "format": "gguf", "architecture": "llama",
-                              "checkpoint_quantization": "Q4_0", "quantization": "none", "dtype": "float32",
+                              "checkpoint_quantization": "Q4_0", "quantization": "int4 g32", "dtype": "float32",
                               "device": "cpu"}
 
 

@@ -109,4 +109,4 @@ def test_info_reports_the_quantized_kernels_dtype():
     assert info(device="cpu")["quant_kernel_dtype"] is None
     out = subprocess.run([sys.executable, "-m", "minercore", "info", "--quant", "int3"], capture_output=True,
                          text=True, cwd=ROOT)
-    assert out.returncode == 2 and "quant must be one of none, int8, int4" in out.stderr
+    assert out.returncode == 2 and "quant must be one of auto, none, int8, int4" in out.stderr

@@ -270,7 +270,7 @@ def test_a_shape_the_kernel_cannot_take_stays_in_the_activation_dtype_logged_onc
 
 
 def test_quantize_refuses_unknown_modes_and_groups() -> None:
-    with pytest.raises(ValueError, match="quant must be one of none, int8, int4"):
+    with pytest.raises(ValueError, match="quant must be one of auto, none, int8, int4"):
         quantize(Odd(), "int3")
     with pytest.raises(ValueError, match="quant_group must be one of 32, 64, 128, 256"):
         quantize(Odd(), "int4", 48)
@@ -284,7 +284,7 @@ def test_quant_options_on_both_command_lines() -> None:
     assert (model.quant, model.quant_group) == ("int4", 64)
     model, _ = miner_options("--model.quant", "int8")
     assert (model.quant, model.quant_group) == ("int8", 32)
-    assert (ModelOptions().quant, ModelOptions().quant_group) == ("none", 32)
+    assert (ModelOptions().quant, ModelOptions().quant_group) == ("auto", 32)
 
 
 def test_bad_quant_values_are_clear_errors(capsys) -> None:

@@ -56,7 +56,7 @@ def test_logits_and_greedy_tokens_equal_transformers(smollm2, reference) -> None
     torch.testing.assert_close(ours(ids), model(ids).logits, atol=1e-4, rtol=1e-4)
     expected = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
     runner = build_runner(ModelOptions(path=NAME, device="cpu", dtype="float32", compile="off", max_context=256,
-                                       mode="generate"), max_batch=1, eos_id=2)
+                                       mode="generate", quant="none"), max_batch=1, eos_id=2)
     got = [runner.prefill(0, ids[0].tolist(), SlotParams(echo=False))]
     while len(got) < len(expected):
         got.append(int(runner.decode(np.array([0]))[0]))
@@ -76,10 +76,12 @@ async def answer(mode: str, request: GenerationRequest) -> tuple[Engine, str, st
 
 
 def test_the_engine_answers_a_real_question(smollm2) -> None:
+    """By default (quant auto) the file's Q4_1 blocks run in the int4 kernel as they are."""
     request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_new_tokens=48))
     engine, text, reason = asyncio.run(answer("generate", request))
     assert text == "The capital of France is Paris." and reason == "eos"
     assert engine.serving["format"] == "gguf" and engine.serving["checkpoint_quantization"] == "Q4_1"
+    assert engine.serving["quantization"].startswith("int4 g32")  # the tied Q8_0 head stays dense
 
 
 def test_min_tokens_and_ignore_eos_hold_the_stop_ids_back(smollm2) -> None:

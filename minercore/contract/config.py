@@ -24,9 +24,10 @@ PRESET_NAMES = (*GPT2_PRESET_NAMES, *LLAMA_PRESET_NAMES)
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 NATIVE_MODEL_TYPES = ("gpt2", *LLAMA_MODEL_TYPES)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-# Weight-only quantization (models/quant.py): none | int8 (per output channel) | int4 (in groups of one of
+# Weight-only quantization (models/quant.py): auto (a GGUF file's own: its Q4_0/Q4_1 blocks kept as int4, the
+# rest dequantized; none for anything else) | none | int8 (per output channel) | int4 (in groups of one of
 # QUANT_GROUPS inputs: the sizes both int4 kernels take).
-QUANT_CHOICES = ("none", "int8", "int4")
+QUANT_CHOICES = ("auto", "none", "int8", "int4")
 QUANT_GROUPS = (32, 64, 128, 256)
 
 
@@ -58,7 +59,7 @@ class ModelOptions:
     tokenizer: str = "gpt2"  # gpt2 (bundled) or a Hugging Face tokenizer name/directory
     device: str = "auto"
     dtype: str = "auto"
-    quant: str = "none"  # native: weight-only quantization of the linear layers, none | int8 | int4
+    quant: str = "auto"  # native: weight-only quantization of the linear layers, auto | none | int8 | int4
     quant_group: int = 32  # int4: inputs per (scale, zero) group, one of QUANT_GROUPS
     compile: str = "auto"  # auto | on | off
     graphs: str = "auto"  # native, CUDA: torch (torch.compile's CUDA graphs) | manual (captured by hand) | off
@@ -82,7 +83,7 @@ class ModelOptions:
         if self.quant_group not in QUANT_GROUPS:
             raise ValueError(f"quant_group must be one of {', '.join(map(str, QUANT_GROUPS))} (the sizes the int4 "
                              f"kernels take), got {self.quant_group!r}")
-        if self.quant != "none" and self.backend not in NATIVE_BACKENDS:
+        if self.quant not in ("auto", "none") and self.backend not in NATIVE_BACKENDS:
             raise ValueError(f"quant {self.quant} needs the native backend: backend {self.backend} runs "
                              f"{'transformers' if self.backend == 'hf' else 'another server'}'s own weights "
                              f"(use quant none)")

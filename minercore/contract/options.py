@@ -133,8 +133,10 @@ OPTIONS: tuple[Option, ...] = (
            help="upstream backend: name of the environment variable holding the API key."),
     Option("quant", ModelOptions, "model", choices=QUANT_CHOICES,
            help="Native backend: weight-only quantization of the linear layers (the head's own copy when tied; "
-                "the embedding, the KV cache and biases stay in {dtype}). int8: per output channel; int4: in "
-                "groups of {quant_group} inputs. Layers a kernel cannot take stay unquantized (logged)."),
+                "the embedding, the KV cache and biases stay in {dtype}). auto: a GGUF file's own (its Q4_0 and "
+                "Q4_1 matrices kept as int4 blocks, not re-quantized; the rest dequantized), none otherwise. "
+                "int8: per output channel; int4: in groups of {quant_group} inputs (a GGUF's Q4_0/Q4_1 blocks "
+                "kept as they are at group 32). Layers a kernel cannot take stay unquantized (logged)."),
     Option("quant_group", ModelOptions, "model", type=positive_int,
            help="int4: inputs per (scale, zero) group: 32, 64, 128 or 256."),
     Option("device", ModelOptions, "", help="auto | cpu | cuda | cuda:N | mps."),

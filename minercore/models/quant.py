@@ -252,7 +252,7 @@ def _linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Linear]
 @torch.no_grad()
 def quantize(model: nn.Module, mode: str, group_size: int = 32, *, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace ``model``'s linears in place by ``mode``'s (``none``: unchanged); returns the model.
+    """Replace ``model``'s linears in place by ``mode``'s (``none`` and ``auto``: unchanged); returns the model.
 
     ``device``: where the model will run (default: each weight's own); layers are quantized and packed there,
     since the int4 layouts differ by device. ``dtype``: the activation dtype it will run in (default: each
@@ -260,7 +260,7 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32, *, device: torch
     one line."""
     if mode not in QUANT_CHOICES:
         raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {mode!r}")
-    if mode == "none":
+    if mode in ("auto", "none"):  # auto: what the checkpoint's loader kept quantized, nothing more
         return model
     if mode == "int4" and group_size not in QUANT_GROUPS:
         raise ValueError(f"quant_group must be one of {', '.join(map(str, QUANT_GROUPS))}, got {group_size}")

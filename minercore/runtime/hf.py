@@ -88,7 +88,7 @@ class HFRunner:
             raise ValueError("backend hf needs path = a local model directory or GGUF file")
         if options.compile == "on":
             raise ValueError("backend hf runs eager; use compile=auto or off")
-        if options.quant != "none":  # also a native path that fell back here (build_runner)
+        if options.quant not in ("auto", "none"):  # also a native path that fell back here (build_runner)
             raise ValueError(f"{options.path}: quant {options.quant} needs the native backend, and this model is "
                              f"served by transformers (backend hf); use quant none")
         from transformers import AutoModelForCausalLM

@@ -13,6 +13,7 @@ are stored unpermuted.
 from __future__ import annotations
 
 import collections
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 from ..llama import LlamaConfig, LlamaLM
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -174,23 +177,103 @@ def _plan(reader: Any, model: LlamaLM) -> list[tuple[Any, str]]:
 
 
 @torch.no_grad()
-def load_gguf(path: str | Path, *, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> LlamaLM:
-    """A LlamaLM holding the GGUF file's weights, dequantized into ``dtype`` on ``device``."""
+def load_gguf(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              keep_int4: bool = False) -> LlamaLM:
+    """A LlamaLM holding the GGUF file's weights, dequantized into ``dtype`` on ``device``; with ``keep_int4``,
+    every linear layer whose matrices are all Q4_0/Q4_1 becomes a ``quant.Int4Linear`` holding the file's 4-bit
+    values and block scales as they are (no re-quantization), where the int4 kernel takes its shape."""
     reader = open_reader(path)
     config = llama_config(reader)
     with torch.device("meta"):
         plan = _plan(reader, LlamaLM(config))
-    model = LlamaLM.empty(config, torch.device(device), dtype)
+    device = torch.device(device)
+    model = LlamaLM.empty(config, device, dtype)
     views = model.checkpoint_views()
+    blocks = _int4_layers(model, plan, device) if keep_int4 else {}
+    held = {name for parts in blocks.values() for name, _ in parts}
     for tensor, ours in plan:
-        heads = None
-        if config.family == "llama" and ours.endswith(("q_proj.weight", "q_proj.bias")):
-            heads = config.n_head
-        elif config.family == "llama" and ours.endswith(("k_proj.weight", "k_proj.bias")):
-            heads = config.n_kv_head
-        _copy_into(views[ours], tensor, heads)
+        if ours not in held:  # an int4 layer's matrices: never dequantized (their dense pages stay untouched)
+            _copy_into(views[ours], tensor, _heads(config, ours))
+    for module_path, parts in blocks.items():
+        _replace_with_int4(model, module_path, parts, dtype, device)
     return model
+
+
+def _heads(config: LlamaConfig, ours: str) -> int | None:
+    """The head count to un-permute a ``llama`` q or k tensor by (None: not permuted)."""
+    if config.family != "llama":
+        return None
+    if ours.endswith(("q_proj.weight", "q_proj.bias")):
+        return config.n_head
+    if ours.endswith(("k_proj.weight", "k_proj.bias")):
+        return config.n_kv_head
+    return None
+
+
+_INT4_TYPES = ("Q4_0", "Q4_1")
+# The model's linears and the checkpoint matrices stacked in their rows (fused projections take several).
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _int4_layers(model: LlamaLM, plan: list[tuple[Any, str]], device: torch.device) -> dict[str, list]:
+    """Module path -> [(view name, GGUF tensor)] for every linear whose matrices are all Q4_0/Q4_1 and whose
+    shape the int4 kernel takes; logged once for those it cannot."""
+    from ..quant import refusal
+
+    tensors = {ours: tensor for tensor, ours in plan}
+    layers, kept = {}, []
+    for path, module in model.named_modules():
+        if type(module) is not torch.nn.Linear:
+            continue
+        parent, _, name = path.rpartition(".")
+        parts = [f"{parent}.{part}.weight" if parent else f"{part}.weight" for part in _FUSED.get(name, (name,))]
+        if not all(p in tensors and tensors[p].tensor_type.name in _INT4_TYPES for p in parts):
+            continue
+        reason = refusal("int4", module.out_features, module.in_features, 32, device)
+        if reason is not None:
+            kept.append(f"{path} ({reason})")
+            continue
+        layers[path] = [(p, tensors[p]) for p in parts]
+    if kept:
+        logger.warning("GGUF int4: %d layer(s) dequantized instead, the kernel cannot take their shape: %s",
+                       len(kept), "; ".join(kept))
+    return layers
+
+
+def q4_blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0 or Q4_1 tensor's blocks as (d [N, K/32], m [N, K/32], q [N, K] in 0..15) with w = d * q + m
+    (Q4_0's w = d * (q - 8) is m = -8 d). In a block the low nibbles hold its first 16 values."""
+    data = np.asarray(tensor.data)
+    q4_1 = tensor.tensor_type.name == "Q4_1"
+    blocks = data.reshape(data.shape[0], -1, 20 if q4_1 else 18)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    m = (np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32) if q4_1
+         else -8.0 * d)
+    nibbles = blocks[..., 4:] if q4_1 else blocks[..., 2:]
+    q = np.concatenate((nibbles & 0x0F, nibbles >> 4), axis=-1).reshape(data.shape[0], -1)
+    return d, m, q
+
+
+def _replace_with_int4(model: LlamaLM, path: str, parts: list[tuple[str, Any]], dtype: torch.dtype,
+                       device: torch.device) -> None:
+    from ..quant import Int4Linear, kernel_dtype
+
+    config = model.config
+    scales, minimums, values = [], [], []
+    for ours, tensor in parts:
+        d, m, q = (torch.from_numpy(a) for a in q4_blocks(tensor))
+        heads = _heads(config, ours)
+        if heads is not None:  # un-permuting rows: the same for a row's values and its blocks' scales
+            d, m, q = (_unpermute(a, heads) for a in (d, m, q))
+        scales.append(d)
+        minimums.append(m)
+        values.append(q)
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    bias = getattr(parent, name).bias
+    layer = Int4Linear.from_blocks(torch.cat(scales), torch.cat(minimums), torch.cat(values), bias=bias,
+                                   dtype=kernel_dtype("int4", device, dtype), device=device)
+    setattr(parent, name, layer)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # dequantized a block of rows at a time: gguf's routines make several temporaries
