@@ -31,7 +31,7 @@ import torch
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.models.llama import PRESETS
+from minercore.models.presets import LLAMA_PRESETS as PRESETS
 from minercore.text.tokenizer import load_tokenizer
 
 PROMPT_TOKENS = 256

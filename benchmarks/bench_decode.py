@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from minercore.contract.config import ModelOptions
-from minercore.models.gpt2 import PRESETS, SimulatedLM
+from minercore.models.gpt2 import GPT2LM
+from minercore.models.presets import GPT2_PRESETS as PRESETS
+from minercore.runtime.build import build_runner
 from minercore.runtime.native import ModelRunner
-from minercore.runtime.protocol import Runner, build_runner
+from minercore.runtime.protocol import Runner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
 PROMPT = 128
@@ -94,7 +96,7 @@ def step_runners():
 
     def get(graphs: str) -> Runner:
         if graphs not in cache:
-            runner = ModelRunner(SimulatedLM.random(PRESETS["tiny"]), max_batch=8, max_context=256, eos_id=50256,
+            runner = ModelRunner(GPT2LM.random(PRESETS["tiny"]), max_batch=8, max_context=256, eos_id=50256,
                                  device=torch.device("cpu"), dtype=torch.float32, compile=True, kinds=(GREEDY,),
                                  graphs=graphs, attention="masked" if graphs == "manual" else "bucketed",
                                  batch_buckets=(1, 8))

@@ -34,7 +34,7 @@ import torch
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.runtime.steps import Launched
+from minercore.runtime.protocol import Launched
 from minercore.text.tokenizer import load_tokenizer
 
 DEVICE_STEP_US = 250

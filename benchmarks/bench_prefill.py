@@ -28,7 +28,7 @@ import pytest
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.runtime.protocol import build_runner
+from minercore.runtime.build import build_runner
 
 PROMPTS, PROMPT_TOKENS, RUNNING_TOKENS = 8, 2000, 1000
 NEW_TOKENS = 16  # per burst prompt after its first: the gaps while the other prompts are still prefilling

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from minercore.contract.config import ModelOptions
-from minercore.runtime.protocol import Runner, build_runner
+from minercore.runtime.build import build_runner
+from minercore.runtime.protocol import Runner
 from minercore.runtime.sampling import SlotParams
 
 PROMPT = 128

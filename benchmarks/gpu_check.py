@@ -62,7 +62,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minercore.models.gpt2 import PRESETS, SimulatedLM, describe
+from minercore.models.gpt2 import GPT2LM, describe
+from minercore.models.presets import GPT2_PRESETS as PRESETS
 from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
@@ -121,13 +122,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_model(sizes: Sizes) -> SimulatedLM:
-    return SimulatedLM.random(sizes.config, seed=sizes.seed)
+def random_model(sizes: Sizes) -> GPT2LM:
+    return GPT2LM.random(sizes.config, seed=sizes.seed)
 
 
 def build_runner(sizes: Sizes, dtype: torch.dtype, *, graphs: str, attention: str, compile: bool,
                  max_batch: int, max_context: int, batch_buckets: tuple[int, ...] | None = None,
-                 model: SimulatedLM | None = None) -> ModelRunner:
+                 model: GPT2LM | None = None) -> ModelRunner:
     buckets = tuple(sorted({b for b in (batch_buckets or ()) if b <= max_batch} | {max_batch}))
     return ModelRunner(model or random_model(sizes), max_batch=max_batch, max_context=max_context,
                        eos_id=sizes.config.vocab_size - 1, device=sizes.device, dtype=dtype, compile=compile,
@@ -179,7 +180,7 @@ def variant_name(runner: ModelRunner) -> str:
     return f"{runner.graphs}/{runner.attention}/{'compiled' if runner.compiled else 'eager'}"
 
 
-def to_hf(model: SimulatedLM, dtype: torch.dtype, device: torch.device):
+def to_hf(model: GPT2LM, dtype: torch.dtype, device: torch.device):
     """The same weights as a Hugging Face GPT2LMHeadModel (load_gpt2's mapping, inverted)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -355,7 +356,7 @@ def phase_decode(sizes: Sizes, out: Path, part: Part) -> None:
         _free(sizes.device)
 
 
-def _first_divergence(reference_model: SimulatedLM, prompt: np.ndarray, ours: np.ndarray, theirs: np.ndarray,
+def _first_divergence(reference_model: GPT2LM, prompt: np.ndarray, ours: np.ndarray, theirs: np.ndarray,
                       tolerance: float) -> dict:
     """Where two greedy continuations of one prompt part, is it a tie? The float32 logits of the shared prefix
     decide: a gap between the two chosen ids within ``tolerance`` (relative to the largest logit, at least 1) is
@@ -370,7 +371,7 @@ def _first_divergence(reference_model: SimulatedLM, prompt: np.ndarray, ours: np
             "explained": gap <= tolerance * max(1.0, scale)}
 
 
-def _compare(name: str, reference: np.ndarray, got: np.ndarray, ids: np.ndarray, fp32_model: SimulatedLM,
+def _compare(name: str, reference: np.ndarray, got: np.ndarray, ids: np.ndarray, fp32_model: GPT2LM,
              tolerance: float, part: Part) -> None:
     rows = []
     for r in range(reference.shape[0]):
@@ -595,11 +596,11 @@ def phase_quant(sizes: Sizes, out: Path, part: Part) -> None:
 
     from gpu_llama import copy_bandwidth, native_generate
 
-    from minercore.models.llama import PRESETS as LLAMA_PRESETS
     from minercore.models.llama import LlamaLM
+    from minercore.models.presets import LLAMA_PRESETS
     from minercore.models.quant import describe as describe_quant
     from minercore.models.quant import quantize
-    from minercore.runtime.native import CUDA_AUTO_GRAPHS
+    from minercore.runtime.build import CUDA_AUTO_GRAPHS
 
     cuda = sizes.device.type == "cuda"
     if cuda:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from minercore.runtime.native import CUDA_AUTO_GRAPHS, ModelRunner
+from minercore.runtime.build import CUDA_AUTO_GRAPHS
+from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import SlotParams
 
 PROMPT, NEW = 32, 128

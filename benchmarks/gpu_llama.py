@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from minercore.models.llama import PRESETS, LlamaConfig, LlamaLM, rope_frequencies
-from minercore.runtime.native import CUDA_AUTO_GRAPHS, ModelRunner
+from minercore.models.llama import LlamaConfig, LlamaLM, rope_frequencies
+from minercore.models.presets import LLAMA_PRESETS as PRESETS
+from minercore.runtime.build import CUDA_AUTO_GRAPHS
+from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import SlotParams
 
 PROMPT, NEW, MAX_BATCH = 32, 128, 64

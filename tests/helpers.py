@@ -30,7 +30,7 @@ from minercore.engine import Engine
 from minercore.miner import client, sdk
 from minercore.miner.config import build_config
 from minercore.miner.neuron import Miner
-from minercore.runtime.protocol import build_runner
+from minercore.runtime.build import build_runner
 from minercore.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

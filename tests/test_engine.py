@@ -41,7 +41,7 @@ async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, str 
 async def running(runner_wrapper=None, **engine_options):
     engine = Engine(ModelOptions(preset="tiny", compile="off", max_context=2048), EngineOptions(**engine_options))
     if runner_wrapper is not None:
-        from minercore.runtime.protocol import build_runner
+        from minercore.runtime.build import build_runner
 
         engine._runner = runner_wrapper(build_runner(engine.model_options, max_batch=engine.options.max_batch,
                                                      eos_id=50256))

@@ -17,8 +17,8 @@ from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
 from minercore.models.loading import CheckpointError, inspect
 from minercore.models.loading.gguf import GGUFError, load_gguf
+from minercore.runtime.build import build_runner
 from minercore.runtime.native import ModelRunner
-from minercore.runtime.protocol import build_runner
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)

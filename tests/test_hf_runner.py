@@ -8,9 +8,9 @@ import torch
 
 from minercore.contract.config import ModelOptions
 from minercore.models.gpt2 import load_gpt2
+from minercore.runtime.build import build_runner
 from minercore.runtime.hf import HFRunner
 from minercore.runtime.native import ModelRunner
-from minercore.runtime.protocol import build_runner
 from minercore.runtime.sampling import ContextOverflow, SlotParams
 
 VOCAB, EOS = 128, 127

@@ -17,9 +17,9 @@ import torch
 from minercore.contract.config import ModelOptions
 from minercore.models.llama import LlamaConfig, LlamaLM
 from minercore.models.loading.safetensors import load_llama
+from minercore.runtime.build import build_runner
 from minercore.runtime.hf import HFRunner
 from minercore.runtime.native import ModelRunner
-from minercore.runtime.protocol import build_runner
 from minercore.runtime.sampling import SlotParams
 
 VOCAB = 256
@@ -149,7 +149,7 @@ def test_unsupported_model_type_falls_back_to_hf_with_a_log_line(tmp_path, caplo
                                      intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path)
     options = ModelOptions(path=str(tmp_path), device="cpu", dtype="float32", max_context=32)
     assert options.backend == "native"
-    with caplog.at_level(logging.WARNING, logger="minercore.runtime.protocol"):
+    with caplog.at_level(logging.WARNING, logger="minercore.runtime.build"):
         runner = build_runner(options, max_batch=2, eos_id=VOCAB - 1)
     assert isinstance(runner, HFRunner) and runner.backend == "hf"
     assert "'gpt_neox' has no native implementation" in caplog.text and "hf backend" in caplog.text

@@ -27,7 +27,7 @@ from runner_wrappers import SlowRunner
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, InvalidRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.runtime.protocol import build_runner
+from minercore.runtime.build import build_runner
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

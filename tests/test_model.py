@@ -1,11 +1,12 @@
-"""SimulatedLM: presets, the static KV cache against full recompute, and real GPT-2 weight loading."""
+"""GPT2LM: presets, the static KV cache against full recompute, and real GPT-2 weight loading."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minercore.models.gpt2 import PRESETS, GPTConfig, SimulatedLM, load_gpt2
+from minercore.models.gpt2 import GPT2LM, GPTConfig, load_gpt2
+from minercore.models.presets import GPT2_PRESETS as PRESETS
 
 SMALL = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=4, n_embd=32)
 
@@ -16,12 +17,12 @@ def test_presets_shapes() -> None:
     gpt2, medium = PRESETS["gpt2"], PRESETS["gpt2-medium"]
     assert (gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.n_positions) == (12, 768, 12, 1024)
     assert (medium.n_layer, medium.n_embd, medium.n_head) == (24, 1024, 16)
-    params = sum(p.numel() for p in SimulatedLM(gpt2).parameters())
+    params = sum(p.numel() for p in GPT2LM(gpt2).parameters())
     assert 124e6 < params < 125e6  # the tied head is counted once, as in GPT-2 124M
 
 
 def test_random_weights_follow_the_seed() -> None:
-    a, b, c = SimulatedLM.random(SMALL, 1), SimulatedLM.random(SMALL, 1), SimulatedLM.random(SMALL, 2)
+    a, b, c = GPT2LM.random(SMALL, 1), GPT2LM.random(SMALL, 1), GPT2LM.random(SMALL, 2)
     assert torch.equal(a.wte.weight, b.wte.weight) and torch.equal(a.blocks[1].mlp.c_fc.weight,
                                                                    b.blocks[1].mlp.c_fc.weight)
     assert not torch.equal(a.wte.weight, c.wte.weight)
@@ -30,7 +31,7 @@ def test_random_weights_follow_the_seed() -> None:
 
 
 def test_cache_bytes_and_context_limit() -> None:
-    model = SimulatedLM.random(SMALL)
+    model = GPT2LM.random(SMALL)
     per_slot = model.setup_caches(max_batch=3, max_context=40)
     formula = 2 * SMALL.n_layer * 40 * SMALL.n_embd * 4  # K and V x layers x context x width x bytes
     assert per_slot == formula * 41 // 40  # one spare position (see setup_caches)
@@ -45,7 +46,7 @@ def test_cached_decode_matches_full_recompute() -> None:
     """Rows of different lengths decode together (rows outside the step compute harmlessly), with the
     attended context bucketed below the cache size, and match a no-cache forward over the whole sequence."""
     torch.manual_seed(0)
-    model = SimulatedLM.random(SMALL, seed=3).eval()
+    model = GPT2LM.random(SMALL, seed=3).eval()
     model.setup_caches(max_batch=4, max_context=48)
     seqs = {0: torch.randint(0, 97, (5,)).tolist(), 2: torch.randint(0, 97, (11,)).tolist()}
     for slot, ids in seqs.items():
@@ -73,7 +74,7 @@ def test_flex_decode_reads_only_each_rows_own_blocks(compiled) -> None:
     in different 128-key blocks of a 300-key context, eager and compiled."""
     from dataclasses import replace
 
-    model = SimulatedLM.random(replace(SMALL, n_positions=512), seed=4).eval()
+    model = GPT2LM.random(replace(SMALL, n_positions=512), seed=4).eval()
     model.setup_caches(max_batch=3, max_context=300)
     for slot, length in enumerate((3, 130, 290)):
         model.prefill(torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(slot)), slot)

@@ -17,11 +17,12 @@ from torch import nn
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest
 from minercore.engine import Engine
-from minercore.models.gpt2 import PRESETS, SimulatedLM
-from minercore.models.llama import PRESETS as LLAMA_PRESETS
+from minercore.models.gpt2 import GPT2LM
 from minercore.models.llama import LlamaLM
+from minercore.models.presets import GPT2_PRESETS as PRESETS
+from minercore.models.presets import LLAMA_PRESETS
 from minercore.models.quant import Int4Linear, Int8Linear, describe, quantize
-from minercore.runtime.protocol import build_runner
+from minercore.runtime.build import build_runner
 from minercore.runtime.sampling import SlotParams
 from minercore.text.tokenizer import load_tokenizer
 
@@ -133,7 +134,7 @@ def test_scales_keep_the_kernel_dtype_when_the_model_is_cast() -> None:
 # ---- whole models ----
 
 def tiny_models() -> list[tuple[str, nn.Module]]:
-    return [("tiny", SimulatedLM.random(PRESETS["tiny"], seed=0)),
+    return [("tiny", GPT2LM.random(PRESETS["tiny"], seed=0)),
             ("llama-tiny", LlamaLM.random(LLAMA_PRESETS["llama-tiny"], seed=0))]
 
 

@@ -15,7 +15,7 @@ from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
 from minercore.models.loading import embedded, inspect, load_native
-from minercore.runtime.protocol import build_runner
+from minercore.runtime.build import build_runner
 from minercore.runtime.sampling import SlotParams
 
 NAME = "smollm2-135m-instruct"

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from minercore.contract.config import ModelOptions
-from minercore.models.gpt2 import GPTConfig, SimulatedLM
+from minercore.models.gpt2 import GPT2LM, GPTConfig
+from minercore.runtime.build import CPU_AUTO_COMPILE, build_runner
 from minercore.runtime.device import DeviceError, cpu_has_native_bf16, dtype_name
-from minercore.runtime.native import CPU_AUTO_COMPILE, ModelRunner
-from minercore.runtime.protocol import build_runner
+from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import FILTER, GREEDY, KINDS, SAMPLE, ContextOverflow, SlotParams, choose_tokens
 from minercore.text.tokenizer import load_tokenizer
 
@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 
 def small_runner(*, max_batch: int = 4, max_context: int = 64, compile: bool = False, kinds=KINDS,
                  seed: int = 0) -> ModelRunner:
-    return ModelRunner(SimulatedLM.random(SMALL, seed), max_batch=max_batch, max_context=max_context, eos_id=0,
+    return ModelRunner(GPT2LM.random(SMALL, seed), max_batch=max_batch, max_context=max_context, eos_id=0,
                        device=CPU, dtype=torch.float32, compile=compile, kinds=kinds)
 
 
@@ -302,7 +302,7 @@ def test_static_buffer_step_matches_the_default_step(attention) -> None:
     """graphs=manual runs the static-buffer step (the one CUDA graphs capture): same ids as the default step,
     with any attention, since masked keys (and key blocks flex skips) add exactly nothing."""
     reference = _mixed_run(small_runner(max_context=128))
-    manual = ModelRunner(SimulatedLM.random(SMALL, 0), max_batch=4, max_context=128, eos_id=0, device=CPU,
+    manual = ModelRunner(GPT2LM.random(SMALL, 0), max_batch=4, max_context=128, eos_id=0, device=CPU,
                          dtype=torch.float32, compile=False, graphs="manual", attention=attention)
     assert manual.context_buckets == ([64, 128] if attention == "bucketed" else [128])
     assert _mixed_run(manual) == reference
@@ -313,7 +313,7 @@ def test_compiled_static_step_compiles_each_shape_once_in_warmup() -> None:
     from torch._dynamo.utils import counters
 
     reference = _mixed_run(small_runner(max_context=96))
-    manual = ModelRunner(SimulatedLM.random(SMALL, 0), max_batch=4, max_context=96, eos_id=0, device=CPU,
+    manual = ModelRunner(GPT2LM.random(SMALL, 0), max_batch=4, max_context=96, eos_id=0, device=CPU,
                          dtype=torch.float32, compile=True, kinds=(FILTER,), graphs="manual", attention="masked",
                          batch_buckets=(2, 4))
     before = counters["stats"]["unique_graphs"]
@@ -352,7 +352,7 @@ def test_launched_steps_collect_in_order_with_one_step_of_lookahead() -> None:
 ])
 def test_model_runner_rejects_bad_graph_options(options, match) -> None:
     with pytest.raises(ValueError, match=match):
-        ModelRunner(SimulatedLM.random(SMALL, 0), **{"max_batch": 4, "max_context": 64, "eos_id": 0, "device": CPU,
+        ModelRunner(GPT2LM.random(SMALL, 0), **{"max_batch": 4, "max_context": 64, "eos_id": 0, "device": CPU,
                                                      "dtype": torch.float32, "compile": False, **options})
 
 

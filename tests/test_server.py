@@ -229,7 +229,7 @@ async def test_openai_client_abandoning_a_stream_frees_the_slot(api, engine):
 @contextlib.asynccontextmanager
 async def small_server():
     """One slot and one queue place, slowed down: room for exactly two requests."""
-    from minercore.runtime.protocol import build_runner
+    from minercore.runtime.build import build_runner
 
     model = ModelOptions(preset="tiny", compile="off")
     engine = Engine(model, EngineOptions(max_batch=1, max_queue=1),

@@ -7,16 +7,17 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_CONTEXT = 4096
 
-# The choices, written once: checked here, offered by both command lines (minercore.options). PRESETS in
-# model.py and DTYPES in device.py hold what these names stand for (tests check that they agree).
+# The choices, written once: checked here, offered by both command lines (minercore.options). presets.py and
+# runtime/device.py's DTYPES hold what these names stand for (tests check that they agree).
 # native: the compiled core (GPT-2 and the Llama family); simulated: its name before the Llama family joined.
 BACKENDS = ("native", "simulated", "hf", "upstream")
 NATIVE_BACKENDS = ("native", "simulated")
 MODES = ("echo", "generate")
 COMPILE_CHOICES = ("auto", "on", "off")
-GRAPH_CHOICES = ("auto", "torch", "manual", "off")  # runner.py says what each means
+GRAPH_CHOICES = ("auto", "torch", "manual", "off")  # runtime/native.py says what each means
 ATTENTION_CHOICES = ("auto", "bucketed", "masked", "flex")
-# model.py's presets, then llama.py's (random weights; llama3-8b is Llama-3-8B's shape, for GPU benchmarks).
+# models/presets.py's: GPT-2's, then the Llama family's (random weights; llama3-8b is Llama-3-8B's shape,
+# for GPU benchmarks).
 GPT2_PRESET_NAMES = ("tiny", "gpt2", "gpt2-medium")
 LLAMA_PRESET_NAMES = ("llama-tiny", "llama3-8b")
 PRESET_NAMES = (*GPT2_PRESET_NAMES, *LLAMA_PRESET_NAMES)

@@ -45,9 +45,8 @@ from ..text import streamloop
 
 if TYPE_CHECKING:
     from ..models.loading import Checkpoint
-    from ..runtime.protocol import Runner
+    from ..runtime.protocol import Launched, Runner
     from ..runtime.sampling import SlotParams
-    from ..runtime.steps import Launched
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,7 @@ class Engine:
         self._other_stops = (np.array(stops[1:], dtype=np.int64)
                              if options.mode == "generate" and len(stops) > 1 else None)
         if self._runner is None:
-            from ..runtime.protocol import build_runner
+            from ..runtime.build import build_runner
 
             self._runner = build_runner(self.model_options, max_batch=self.options.max_batch, eos_id=eos_id,
                                         stop_ids=stops if options.mode == "generate" else (eos_id,))

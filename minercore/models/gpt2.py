@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from ..kv.static import KVCache
+from .base import prompt_attention, prompt_rows
+
 FLEX_BLOCK = 128  # keys per FlexAttention block: a row reads whole blocks up to the one holding its position
 
 
@@ -42,60 +45,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-# tiny: GPT-2's vocabulary (echo must reproduce any GPT-2 token) with a model small enough for 2 CPU cores;
-# its cost per step is mostly the 128 x 50257 LM head.
-# Named in config.PRESET_NAMES too, so that command lines offer them without importing torch.
-PRESETS: dict[str, GPTConfig] = {
-    "tiny": GPTConfig(n_positions=4096, n_layer=2, n_head=4, n_embd=128),
-    "gpt2": GPTConfig(),
-    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
-}
-
-
-class KVCache(nn.Module):
-    """Keys and values of every slot for one layer, allocated once: (max_batch, n_head, positions, head_dim)."""
-
-    def __init__(self, max_batch: int, n_head: int, positions: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        shape = (max_batch, n_head, positions, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def fill(self, slots: Tensor, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write prompt chunks, (B, H, T, D), at positions [start, start + T) of rows ``slots``; return what
-        their queries attend: the chunk itself from position 0, else the rows' positions [0, start + T)."""
-        end = start + k.shape[2]
-        self.k[slots, :, start:end] = k
-        self.v[slots, :, start:end] = v
-        if start == 0:
-            return k, v
-        return self.k[slots, :, :end], self.v[slots, :, :end]
-
-    def append(self, pos: Tensor, k: Tensor, v: Tensor, ctx: int) -> tuple[Tensor, Tensor]:
-        """Write row i's (H, 1, D) step at ``pos[i]`` for rows [0, b); return views of their first ``ctx``
-        positions (views, not gathers: the batch bucket is a prefix of the cache rows)."""
-        b = pos.shape[0]
-        rows = torch.arange(b, device=pos.device)
-        self.k[rows, :, pos] = k[:, :, 0]
-        self.v[rows, :, pos] = v[:, :, 0]
-        return self.k[:b, :, :ctx], self.v[:b, :, :ctx]
-
-
-def prompt_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
-    """Causal attention of a prompt chunk's queries (positions [start, start + T)) over keys [0, start + T)."""
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    t = q.shape[2]
-    mask = torch.arange(start + t, device=q.device) <= torch.arange(start, start + t, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def prompt_rows(slots: int | Tensor, device: torch.device) -> Tensor:
-    """Cache rows as a (B,) index tensor (one int slot is a batch of one)."""
-    return torch.tensor([slots], device=device) if isinstance(slots, int) else slots
 
 
 class Attention(nn.Module):
@@ -160,7 +109,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class SimulatedLM(nn.Module):
+class GPT2LM(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -173,7 +122,7 @@ class SimulatedLM(nn.Module):
         self.flex_attention = False  # decode with FlexAttention over each row's own length (see the module doc)
 
     @classmethod
-    def random(cls, config: GPTConfig, seed: int = 0) -> SimulatedLM:
+    def random(cls, config: GPTConfig, seed: int = 0) -> GPT2LM:
         """GPT-2's initialisation (normal, std 0.02) from ``seed``, on the CPU so every device gets the same
         weights."""
         model = cls(config)
@@ -300,12 +249,12 @@ def _resolve_checkpoint(name_or_dir: str) -> Path:
     return Path(snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors", "*.bin"]))
 
 
-def load_gpt2(name_or_dir: str) -> SimulatedLM:
-    """A SimulatedLM holding a GPT-2-family checkpoint's weights (float32, CPU)."""
+def load_gpt2(name_or_dir: str) -> GPT2LM:
+    """A GPT2LM holding a GPT-2-family checkpoint's weights (float32, CPU)."""
     directory = _resolve_checkpoint(name_or_dir)
     config = _hf_config(directory)
     source = {k.removeprefix("transformer."): v for k, v in _hf_state_dict(directory).items()}
-    model = SimulatedLM(config)
+    model = GPT2LM(config)
     target = model.state_dict()
     loaded = {}
     for key, tensor in source.items():

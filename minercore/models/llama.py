@@ -6,7 +6,7 @@ Architecture: token embedding, pre-RMSNorm blocks of grouped-query attention wit
 per-head q/k RMSNorm (Qwen3), an explicit ``head_dim``, Llama 3.1's RoPE scaling, Mistral's sliding window
 (refused beyond the window: within it, sliding attention is full attention).
 
-The entry points are those of ``minercore.model.SimulatedLM`` (``runner.CachedLM``, what ``ModelRunner``
+The entry points are those of ``gpt2.GPT2LM`` (``base.CachedLM``, what ``ModelRunner``
 drives): ``forward``, ``prefill``, ``decode`` and ``setup_caches``. Module and parameter names are Hugging Face's
 without the ``model.`` prefix, except that q/k/v and gate/up are fused into one matrix each; ``checkpoint_views``
 maps every checkpoint tensor name onto its parameter or row block; ``minercore.models.loading`` reads each
@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract.config import LLAMA_MODEL_TYPES
-from .gpt2 import KVCache, prompt_attention, prompt_rows
+from ..kv.static import KVCache
+from .base import prompt_attention, prompt_rows
 
-FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is minercore.model's)
+FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is gpt2.py's)
 
 
 @dataclass(frozen=True)
@@ -111,16 +112,6 @@ class LlamaConfig:
         layer = attention + 3 * d * self.intermediate_size + 2 * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.n_layer * layer + self.vocab_size * d + head + d
-
-
-# llama-tiny: GPT-2's vocabulary, so the bundled tokenizer echoes any text, at a size two CPU cores serve;
-# llama3-8b: Llama-3-8B's shape (random weights: a GPU benchmark, not a model).
-PRESETS: dict[str, LlamaConfig] = {
-    "llama-tiny": LlamaConfig(vocab_size=50257, hidden_size=128, n_layer=2, n_head=4, n_kv_head=2, head_dim=32,
-                              intermediate_size=384, rms_norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True),
-    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, n_layer=32, n_head=32, n_kv_head=8, head_dim=128,
-                             intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0, max_positions=8192),
-}
 
 
 def rope_frequencies(config: LlamaConfig) -> Tensor:
@@ -331,7 +322,7 @@ class LlamaLM(nn.Module):
             raise ValueError(f"{c.family}: sliding-window attention ({c.sliding_window} positions) is not "
                              f"implemented; use max_context <= {c.sliding_window}, where it equals full attention")
         weight = self.embed_tokens.weight
-        positions = max_context + 1  # one spare position: see SimulatedLM.setup_caches
+        positions = max_context + 1  # one spare position: see GPT2LM.setup_caches
         for layer in self.layers:
             layer.self_attn.cache = KVCache(max_batch, c.n_kv_head, positions, c.head_dim, weight.dtype,
                                             weight.device)
@@ -357,7 +348,7 @@ class LlamaLM(nn.Module):
     def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
         """(B, T) prompt chunks at positions [start, start + T) -> (B, V) logits at index ``last`` of each row
         (default: the chunk's end); keys/values stored in cache rows ``slots`` (right padding: see
-        SimulatedLM.prefill)."""
+        GPT2LM.prefill)."""
         x = self._run(idx, prompt_rows(slots, idx.device), start)
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return self.lm_head(x)

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..contract.config import ModelOptions, context_for
 from .device import dtype_name, select
+from .protocol import Launched
 from .sampling import SlotParams, SlotState, check_room, check_slot, prefill_slot, slot_tokens
-from .steps import Launched
 
 logger = logging.getLogger(__name__)
 

@@ -27,21 +27,17 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES, ModelOptions, context_for
-from ..models.gpt2 import PRESETS, SimulatedLM, load_gpt2
-from ..models.llama import PRESETS as LLAMA_PRESETS
-from ..models.llama import LlamaLM
-from ..models.loading import inspect as inspect_checkpoint
-from ..models.loading import load_native
+from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES
+from ..models.base import CachedLM
 from ..models.quant import describe as describe_quant
-from ..models.quant import quantize
-from .device import dtype_name, select
+from .device import dtype_name
+from .protocol import Launched
 from .sampling import (
     FILTER,
     GREEDY,
@@ -55,7 +51,6 @@ from .sampling import (
     prefill_slot,
     slot_tokens,
 )
-from .steps import Launched
 
 logger = logging.getLogger(__name__)
 
@@ -67,33 +62,6 @@ GRAPH_MODES = tuple(c for c in GRAPH_CHOICES if c != "auto")  # torch | manual |
 # FlexAttention over the whole max_context, each row reading only the key blocks up to its own position (one
 # shape per batch bucket, the cost of each row's own length).
 ATTENTION_MODES = tuple(c for c in ATTENTION_CHOICES if c != "auto")
-
-
-class CachedLM(Protocol):
-    """A model with a static KV cache, as ``ModelRunner`` drives it: ``minercore.model.SimulatedLM`` (GPT-2) and
-    ``minercore.llama.LlamaLM`` (the Llama family). An ``nn.Module`` (the runner moves and casts it)."""
-
-    config: Any  # has vocab_size
-    max_positions: int
-
-    def describe(self) -> str: ...
-
-    def setup_caches(self, max_batch: int, max_context: int) -> int:
-        """Allocate caches for ``max_batch`` rows of ``max_context`` positions; returns KV bytes per slot."""
-        ...
-
-    def forward(self, idx: Tensor) -> Tensor:
-        """(B, T) ids -> (B, T, V) logits, no cache (the reference)."""
-        ...
-
-    def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
-        """(B, T) right-padded prompt chunks at positions [start, start + T) -> (B, V) logits at each row's
-        ``last`` index (default T - 1); their keys/values land in cache rows ``slots``."""
-        ...
-
-    def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
-        """(b,) tokens at (b,) positions -> (b, V) logits over cache rows [0, b), positions [0, ctx)."""
-        ...
 
 
 def pow2_bucket(n: int, floor: int, cap: int) -> int:
@@ -542,79 +510,3 @@ def _raise_recompile_limit(needed: int) -> None:
             break
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)
-
-
-# ---- construction ----
-
-# compile=auto on CPU: compiled. benchmarks/bench_decode.py (tiny preset, 2 cores, 128-token echo prompts,
-# median): 880 -> 1,020 tok/s with 1 stream and 3,430 -> 3,830 tok/s with 8, eager -> compiled. Sampling
-# gains more (8 streams at temperature 0.8: 1,500 -> 2,800 tok/s, the noise hash fuses into one loop). The
-# price is warmup: two graphs per sampling kind; echo ~8 s with a warm inductor cache, ~20 s cold; generate
-# (three kinds) ~30 s more.
-CPU_AUTO_COMPILE = True
-
-
-def _resolve_compile(option: str, device: torch.device) -> bool:
-    """``option`` is one of config.COMPILE_CHOICES (ModelOptions checks it)."""
-    if option != "auto":
-        return option == "on"
-    return device.type == "cuda" or (device.type == "cpu" and CPU_AUTO_COMPILE)
-
-
-# graphs=auto: torch.compile's own CUDA graphs on CUDA until a device run shows the hand-captured ones faster
-# (benchmarks/gpu_check.py measures both side by side); on CPU no graphs exist, and the dynamic compile
-# (two graphs per kind) beats the static one's per-shape compiles at warmup for the same steady speed.
-CUDA_AUTO_GRAPHS = "torch"
-
-
-def _resolve_graphs(option: str, device: torch.device, compile: bool) -> str:
-    """``option`` is one of config.GRAPH_CHOICES (ModelOptions checks it)."""
-    if option == "auto":
-        return CUDA_AUTO_GRAPHS if device.type == "cuda" and compile else "off"
-    return option
-
-
-def _resolve_attention(option: str, graphs: str) -> str:
-    """``option`` is one of config.ATTENTION_CHOICES (ModelOptions checks it)."""
-    if option == "auto":
-        # Hand-captured steps compile once per shape: one context shape keeps that to one per batch bucket.
-        return "masked" if graphs == "manual" else "bucketed"
-    return option
-
-
-def _sampling_kinds(mode: str) -> tuple[int, ...]:
-    """The sampling kinds warmup prepares: echo rows are always greedy."""
-    return (GREEDY,) if mode == "echo" else KINDS
-
-
-def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtype) -> tuple[CachedLM, str]:
-    """The model ``options`` name: a checkpoint (``path``: a GPT-2 or Llama-family directory, a GGUF file or an
-    embedded model's name; ``weights``: GPT-2), else a random-weight preset."""
-    if options.path:
-        checkpoint = inspect_checkpoint(options.path)
-        # A GGUF file's 4-bit blocks go into the int4 kernel as they are (auto, or int4 at the files' group 32).
-        keep_int4 = options.quant == "auto" or (options.quant == "int4" and options.quant_group == 32)
-        model = load_native(checkpoint, device=device, dtype=dtype, keep_int4=keep_int4)
-        return model, f"{options.path} [{checkpoint.describe()}]"
-    if options.weights:
-        return load_gpt2(options.weights), options.weights
-    name = f"{options.preset} (seed {options.seed})"
-    if options.preset in LLAMA_PRESETS:
-        # Drawn on the device in the serving dtype: an 8B shape never exists in float32 on the host.
-        return LlamaLM.random(LLAMA_PRESETS[options.preset], options.seed, device, dtype), name
-    if options.preset in PRESETS:
-        return SimulatedLM.random(PRESETS[options.preset], seed=options.seed), name
-    raise ValueError(f"unknown preset {options.preset!r}; expected one of {', '.join([*PRESETS, *LLAMA_PRESETS])}")
-
-
-def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
-                       stop_ids: Sequence[int] = ()) -> ModelRunner:
-    device, dtype = select(options.device, options.dtype)
-    model, name = _native_model(options, device, dtype)
-    model = quantize(model, options.quant, options.quant_group, device=device, dtype=dtype)
-    max_context = context_for(options.max_context, model.max_positions)
-    compile = _resolve_compile(options.compile, device)
-    graphs = _resolve_graphs(options.graphs, device, compile)
-    return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id, stop_ids=stop_ids,
-                       device=device, dtype=dtype, compile=compile, kinds=_sampling_kinds(options.mode), name=name,
-                       graphs=graphs, attention=_resolve_attention(options.attention, graphs))

@@ -1,26 +1,29 @@
-"""What the engine drives (the ``Runner`` interface) and the factory that picks one for ``ModelOptions.backend``.
-
-The concrete runners (``runner.ModelRunner``, ``hf_runner.HFRunner``) import torch and are loaded only when
-built, so importing this module costs nothing; neither runner imports the other.
+"""What the engine drives: the ``Runner`` interface and ``Launched``, a decode step in flight. The concrete
+runners (``native.ModelRunner``, ``hf.HFRunner``) fit it and never import each other; ``build`` constructs them.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..contract.config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES
+import numpy as np
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
-    from ..contract.config import ModelOptions
     from .sampling import SlotParams
-    from .steps import Launched
 
-log = logging.getLogger(__name__)
+@dataclass(frozen=True)
+class Launched:
+    """A decode step queued on the device: what ``Runner.launch`` returns and ``Runner.collect`` reads (the CUDA
+    event and tensors it holds are opaque here)."""
+
+    slots: np.ndarray
+    host_ids: Any  # the runner's host-side result (filled once ``ready`` is set)
+    ready: Any = None  # a torch.cuda.Event recorded after the device-to-host copy; None: already filled
+    device_ids: Any = None  # the device tensor the copy reads, kept alive until the copy is done
 
 
 class Runner(Protocol):
@@ -71,29 +74,3 @@ class Runner(Protocol):
     def release(self, slot: int) -> None:
         """The slot is free; the next prefill overwrites its cache."""
         ...
-
-
-def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids: Sequence[int] = ()) -> Runner:
-    """The runner for ``options.backend``: ``native`` (alias ``simulated``: GPT-2 and the Llama family, compiled,
-    one batched decode loop) or ``hf`` (any causal LM directory, eager). ``stop_ids`` (default: ``eos_id``) are
-    the ids a row's ``SlotParams.min_new`` keeps from being sampled. A native ``path`` of an architecture
-    without a native implementation goes to hf, with a log line."""
-    backend = options.backend
-    if backend in NATIVE_BACKENDS and options.path:
-        from ..models.loading import inspect
-
-        checkpoint = inspect(options.path)
-        if not checkpoint.native:
-            log.warning("%s: %r has no native implementation (a %s checkpoint; native serves %s); using the hf "
-                        "backend (eager, one forward per stream per step)", options.path, checkpoint.architecture,
-                        checkpoint.format, ", ".join(NATIVE_MODEL_TYPES))
-            backend = "hf"
-    if backend in NATIVE_BACKENDS:
-        from .native import build_model_runner
-
-        return build_model_runner(options, max_batch=max_batch, eos_id=eos_id, stop_ids=stop_ids)
-    if backend == "hf":
-        from .hf import HFRunner
-
-        return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id, stop_ids=stop_ids)
-    raise ValueError(f"backend must be native (or simulated) or hf, got {options.backend!r}")

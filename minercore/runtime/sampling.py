@@ -1,4 +1,4 @@
-"""Per-slot decode state and sampling, shared by every runner (``runner.ModelRunner``, ``hf_runner.HFRunner``):
+"""Per-slot decode state and sampling, shared by every runner (``native.ModelRunner``, ``hf.HFRunner``):
 the same logits give the same ids whichever runner computed them.
 
 Sampling is stateless per step: Gumbel noise hashed from (seed, position, vocabulary index), so a request's

@@ -1,0 +1,115 @@
+"""Building a runner from ``ModelOptions``: which runner a backend and a checkpoint get (``build_runner``), and
+the native runner's construction (the model, its quantization, and the compile, graph and attention choices
+``auto`` resolves to on this device)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from ..contract.config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES, ModelOptions, context_for
+from ..models.base import CachedLM
+from ..models.gpt2 import load_gpt2
+from ..models.loading import inspect as inspect_checkpoint
+from ..models.loading import load_native
+from ..models.presets import build_preset
+from ..models.quant import quantize
+from .device import select
+from .native import ModelRunner
+from .protocol import Runner
+from .sampling import GREEDY, KINDS
+
+log = logging.getLogger(__name__)
+
+
+def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids: Sequence[int] = ()) -> Runner:
+    """The runner for ``options.backend``: ``native`` (alias ``simulated``: GPT-2 and the Llama family, compiled,
+    one batched decode loop) or ``hf`` (any causal LM directory, eager). ``stop_ids`` (default: ``eos_id``) are
+    the ids a row's ``SlotParams.min_new`` keeps from being sampled. A native ``path`` of an architecture
+    without a native implementation goes to hf, with a log line."""
+    backend = options.backend
+    if backend in NATIVE_BACKENDS and options.path:
+        checkpoint = inspect_checkpoint(options.path)
+        if not checkpoint.native:
+            log.warning("%s: %r has no native implementation (a %s checkpoint; native serves %s); using the hf "
+                        "backend (eager, one forward per stream per step)", options.path, checkpoint.architecture,
+                        checkpoint.format, ", ".join(NATIVE_MODEL_TYPES))
+            backend = "hf"
+    if backend in NATIVE_BACKENDS:
+        return build_model_runner(options, max_batch=max_batch, eos_id=eos_id, stop_ids=stop_ids)
+    if backend == "hf":
+        from .hf import HFRunner
+
+        return HFRunner.from_options(options, max_batch=max_batch, eos_id=eos_id, stop_ids=stop_ids)
+    raise ValueError(f"backend must be native (or simulated) or hf, got {options.backend!r}")
+
+
+# compile=auto on CPU: compiled. benchmarks/bench_decode.py (tiny preset, 2 cores, 128-token echo prompts,
+# median): 880 -> 1,020 tok/s with 1 stream and 3,430 -> 3,830 tok/s with 8, eager -> compiled. Sampling
+# gains more (8 streams at temperature 0.8: 1,500 -> 2,800 tok/s, the noise hash fuses into one loop). The
+# price is warmup: two graphs per sampling kind; echo ~8 s with a warm inductor cache, ~20 s cold; generate
+# (three kinds) ~30 s more.
+CPU_AUTO_COMPILE = True
+
+
+def _resolve_compile(option: str, device: torch.device) -> bool:
+    """``option`` is one of config.COMPILE_CHOICES (ModelOptions checks it)."""
+    if option != "auto":
+        return option == "on"
+    return device.type == "cuda" or (device.type == "cpu" and CPU_AUTO_COMPILE)
+
+
+# graphs=auto: torch.compile's own CUDA graphs on CUDA until a device run shows the hand-captured ones faster
+# (benchmarks/gpu_check.py measures both side by side); on CPU no graphs exist, and the dynamic compile
+# (two graphs per kind) beats the static one's per-shape compiles at warmup for the same steady speed.
+CUDA_AUTO_GRAPHS = "torch"
+
+
+def _resolve_graphs(option: str, device: torch.device, compile: bool) -> str:
+    """``option`` is one of config.GRAPH_CHOICES (ModelOptions checks it)."""
+    if option == "auto":
+        return CUDA_AUTO_GRAPHS if device.type == "cuda" and compile else "off"
+    return option
+
+
+def _resolve_attention(option: str, graphs: str) -> str:
+    """``option`` is one of config.ATTENTION_CHOICES (ModelOptions checks it)."""
+    if option == "auto":
+        # Hand-captured steps compile once per shape: one context shape keeps that to one per batch bucket.
+        return "masked" if graphs == "manual" else "bucketed"
+    return option
+
+
+def _sampling_kinds(mode: str) -> tuple[int, ...]:
+    """The sampling kinds warmup prepares: echo rows are always greedy."""
+    return (GREEDY,) if mode == "echo" else KINDS
+
+
+def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtype) -> tuple[CachedLM, str]:
+    """The model ``options`` name: a checkpoint (``path``: a GPT-2 or Llama-family directory, a GGUF file or an
+    embedded model's name; ``weights``: GPT-2), else a random-weight preset."""
+    if options.path:
+        checkpoint = inspect_checkpoint(options.path)
+        # A GGUF file's 4-bit blocks go into the int4 kernel as they are (auto, or int4 at the files' group 32).
+        keep_int4 = options.quant == "auto" or (options.quant == "int4" and options.quant_group == 32)
+        model = load_native(checkpoint, device=device, dtype=dtype, keep_int4=keep_int4)
+        return model, f"{options.path} [{checkpoint.describe()}]"
+    if options.weights:
+        return load_gpt2(options.weights), options.weights
+    name = f"{options.preset} (seed {options.seed})"
+    return build_preset(options.preset, options.seed, device, dtype), name
+
+
+def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
+                       stop_ids: Sequence[int] = ()) -> ModelRunner:
+    device, dtype = select(options.device, options.dtype)
+    model, name = _native_model(options, device, dtype)
+    model = quantize(model, options.quant, options.quant_group, device=device, dtype=dtype)
+    max_context = context_for(options.max_context, model.max_positions)
+    compile = _resolve_compile(options.compile, device)
+    graphs = _resolve_graphs(options.graphs, device, compile)
+    return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id, stop_ids=stop_ids,
+                       device=device, dtype=dtype, compile=compile, kinds=_sampling_kinds(options.mode), name=name,
+                       graphs=graphs, attention=_resolve_attention(options.attention, graphs))
