@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from checkpoints import tiny_llama_family
 from gguf_files import permute, write_gguf
 from helpers import MIXED
 
@@ -26,13 +27,7 @@ ARCHITECTURES = {"llama": {}, "qwen2": {"tie_word_embeddings": True}, "qwen3": {
 
 
 def hf_model(arch: str, **extra):
-    import transformers as tf
-
-    config_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                             "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-                             "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
-    torch.manual_seed(sum(map(ord, arch)))
-    return model_cls(config_cls(**{**COMMON, **extra})).eval()
+    return tiny_llama_family(arch, **{**COMMON, **extra})
 
 
 def transformers_reads(path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from checkpoints import tiny_gpt2, tiny_llama_family
 
 from minercore.contract.config import ModelOptions
 from minercore.models.gpt2 import load_gpt2
@@ -18,24 +19,16 @@ VOCAB, EOS = 128, 127
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64)).save_pretrained(
-        path)
+    tiny_gpt2(path, n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64)
     return path
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("llama")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama_family("llama", seed=0, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128).save_pretrained(path)
     return path
 
 

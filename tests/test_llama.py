@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import tiny_llama_family
 
 from minercore.contract.config import ModelOptions
 from minercore.models.llama import LlamaConfig, LlamaLM
@@ -32,16 +33,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 
 
 def _hf_model(family: str, **extra):
-    import transformers as tf
-
-    config_cls, model_cls = {
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-    }[family]
-    torch.manual_seed(sum(map(ord, family)))
-    return model_cls(config_cls(**{**COMMON, **extra})).eval()
+    return tiny_llama_family(family, **{**COMMON, **extra})
 
 
 MEMBERS = {

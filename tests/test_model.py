@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoints import tiny_gpt2
 
 from minercore.models.gpt2 import GPT2LM, GPTConfig, load_gpt2
 from minercore.models.presets import GPT2_PRESETS as PRESETS
@@ -86,13 +87,7 @@ def test_flex_decode_reads_only_each_rows_own_blocks(compiled) -> None:
 
 
 def _tiny_gpt2_dir(tmp_path, vocab_size: int = 101, n_positions: int = 64):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=n_positions)
-    hf = GPT2LMHeadModel(config).eval()
-    hf.save_pretrained(tmp_path)
-    return hf
+    return tiny_gpt2(tmp_path, n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=n_positions)
 
 
 @torch.inference_mode()

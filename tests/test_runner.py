@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from checkpoints import tiny_gpt2
 
 from minercore.contract.config import ModelOptions
 from minercore.models.gpt2 import GPT2LM, GPTConfig
@@ -269,10 +270,7 @@ def test_build_runner_unavailable_device() -> None:
 
 
 def test_build_runner_with_gpt2_weights(tmp_path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=120, n_positions=40)).save_pretrained(
-        tmp_path)
+    tiny_gpt2(tmp_path, n_layer=1, n_embd=32, n_head=2, vocab_size=120, n_positions=40)
     runner = build_runner(ModelOptions(device="cpu", compile="off", weights=str(tmp_path), max_context=40),
                           max_batch=2, eos_id=119)
     assert runner.vocab_size == 120 and str(tmp_path) in runner.description
