@@ -102,7 +102,7 @@ async def test_serve_path_generate_matches_transformers(checkpoint) -> None:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "minercore", "serve", "--path", str(path), "--mode", "generate", "--port", str(port),
-         "--compile", "off", "--device", "cpu", "--max-batch", "4", "--log-level", "warning"],
+         "--compile", "off", "--device", "cpu", "--dtype", "float32", "--max-batch", "4", "--log-level", "warning"],
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -17,6 +17,7 @@ from v10_signing import v10_request
 from minercore.miner import auth, client, sdk
 from minercore.miner.app import MinerServer, ServerSettings
 from minercore.miner.blacklist import BlacklistOptions, BlacklistPolicy
+from minercore.runtime.device import dtype_name, select
 from minercore.serve.metrics import Metrics
 from minercore.serve.server import serving
 
@@ -368,7 +369,8 @@ async def test_health_and_metrics():
             health = (await http.get(url + "/health")).json()
             scraped = await http.get(url + "/metrics")
         assert health["status"] == "ok" and health["hotkey"] == miner_key.ss58_address
-        assert health["serving"]["format"] == "random (tiny preset)" and health["serving"]["dtype"] == "float32"
+        assert health["serving"]["format"] == "random (tiny preset)"
+        assert health["serving"]["dtype"] == dtype_name(select("cpu", "auto")[1])  # what dtype auto picks here
         assert scraped.status_code == 200 and "minercore_requests_total" in scraped.text
 
 

@@ -26,6 +26,7 @@ from minercore.contract.generation import (
     RequestStats,
 )
 from minercore.engine import Engine
+from minercore.runtime.device import dtype_name, select
 from minercore.serve.server import create_app, serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -194,8 +195,8 @@ async def test_models_and_health(base, api):
     assert health["status"] == "ok" and health["model"] == NAME and "tiny" in health["runner"]
     assert health["backend"] == "native"
     assert health["serving"] == {"backend": "native", "format": "random (tiny preset)", "architecture": "gpt2",
-                                 "checkpoint_quantization": "none", "quantization": "none", "dtype": "float32",
-                                 "device": "cpu"}
+                                 "checkpoint_quantization": "none", "quantization": "none",
+                                 "dtype": dtype_name(select("cpu", "auto")[1]), "device": "cpu"}
     assert set(health["stats"]) >= {"active", "queued", "completed", "tokens", "tokens_per_s"}
     models = await api.models.list()
     assert [m.id for m in models.data] == [NAME]
