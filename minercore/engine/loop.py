@@ -231,9 +231,13 @@ class Engine:
             self._stopped = True
             self._loop.call_soon_threadsafe(_settle, ready, exc)
             return False
-        log.info("engine ready: %s; warm-up %.2fs; stream loop %s; max_batch %d, max_queue %d",
-                 self._runner.description, self.warmup_seconds, self.stream_loop,
-                 self.options.max_batch, self.options.max_queue)
+        import torch
+
+        from ..runtime.device import usable_cores
+
+        log.info("engine ready: %s; warm-up %.2fs; stream loop %s; max_batch %d, max_queue %d; torch threads %d "
+                 "of %d usable cores", self._runner.description, self.warmup_seconds, self.stream_loop,
+                 self.options.max_batch, self.options.max_queue, torch.get_num_threads(), usable_cores())
         self._loop.call_soon_threadsafe(_settle, ready, None)
         return True
 

@@ -78,6 +78,10 @@ def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids
     one batched decode loop) or ``hf`` (any causal LM directory, eager). ``stop_ids`` (default: ``eos_id``) are
     the ids a row's ``SlotParams.min_new`` keeps from being sampled. A native ``path`` of an architecture
     without a native implementation goes to hf, with a log line."""
+    from .device import configure_threads, select_device
+
+    # Before any model work: torch's thread pool takes its size when a thread first runs a parallel op.
+    configure_threads(select_device(options.device), options.threads)
     backend = options.backend
     if backend in NATIVE_BACKENDS and options.path:
         from ..models.loading import inspect
