@@ -339,8 +339,13 @@ class Engine:
                 expiry.cancel()
             if mailbox.finish_reason is None and mailbox.error is None:
                 with self._cond:
-                    self._cancelled.append(job)
-                    self._cond.notify()
+                    if job in self._waiting:  # never admitted: its queue place is free for new arrivals at once
+                        self._waiting.remove(job)
+                        heapq.heapify(self._waiting)
+                        self._counts["completed" if mailbox.expired else "cancelled"] += 1
+                    else:  # in a slot: the model thread frees it at its next iteration
+                        self._cancelled.append(job)
+                        self._cond.notify()
 
     async def _submit(self, request: GenerationRequest) -> _Job:
         sampling = validated_sampling(request.sampling, self.options.max_new_tokens)
@@ -665,12 +670,7 @@ class Engine:
             outbox.append(self._unserved(job, FINISH_DEADLINE))
 
     def _cancel(self, job: _Job) -> None:
-        with self._cond:
-            if job in self._waiting:
-                self._waiting.remove(job)
-                heapq.heapify(self._waiting)
-                self._counts["completed" if job.mailbox.expired else "cancelled"] += 1
-                return
+        """A job its consumer left after it was admitted (``generate`` frees a waiting one's place itself)."""
         if self._active.get(job.slot) is job or self._prefilling.get(job.slot) is job:
             self._table.release(job.slot)
             self._release_slot(job)
