@@ -16,7 +16,7 @@ def _package_version(name: str) -> str | None:
 
 
 def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", quant: str = "auto",
-         path: str | None = None) -> dict:
+         path: str | None = None, threads: int = 0) -> dict:
     """Everything an operator's bug report needs, without importing bittensor (it is slow and noisy); with
     ``path``, what that checkpoint is (an embedded model's name is fetched)."""
     import torch
@@ -24,7 +24,7 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", qua
     from . import __version__
     from .contract.config import QUANT_CHOICES
     from .models.quant import kernel_dtype
-    from .runtime.device import cpu_has_native_bf16, dtype_name, select
+    from .runtime.device import cpu_has_native_bf16, dtype_name, select, serving_threads, usable_cores
     from .text import streamloop
     from .text.tokenizer import load_tokenizer, tokenizer_for, tokenizer_source
 
@@ -51,6 +51,8 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", qua
         "device": str(chosen_device),
         "dtype": dtype_name(chosen_dtype),
         "cpu_native_bf16": cpu_has_native_bf16(),  # what dtype auto goes by on a CPU
+        "usable_cores": usable_cores(),
+        "torch_threads": serving_threads(chosen_device, threads),  # what serving on this device sets (--threads)
         "quant": quant,
         # The dtype the quantized layers' kernels compute in (the CPU kernels want bfloat16 activations).
         "quant_kernel_dtype": None if kernel_mode is None else dtype_name(kernel_dtype(kernel_mode, chosen_device,
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     info_cmd.add_argument("--path", default=None,
                           help="also report this checkpoint: a directory, a .gguf file or smollm2-135m-instruct")
     info_cmd.add_argument("--quant", default="auto", help="auto|none|int8|int4: also report its kernels' dtype")
+    info_cmd.add_argument("--threads", type=int, default=0,
+                          help="report the torch threads serving would use with this --threads (0: the default)")
     _add_serve(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.device import DeviceError
 
     try:
-        report = info(args.device, args.dtype, args.tokenizer, args.quant, args.path)
+        report = info(args.device, args.dtype, args.tokenizer, args.quant, args.path, args.threads)
     except (DeviceError, ValueError) as exc:
         print(f"minercore: {exc}", file=sys.stderr)
         return 2

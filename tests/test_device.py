@@ -105,3 +105,24 @@ def test_cpuinfo_flags_are_read_from_the_flags_line():
     flags = dev._cpuinfo_flags()
     assert isinstance(flags, set)
     assert all(flag and not any(c.isspace() for c in flag) for flag in flags)  # one word each (empty off Linux)
+
+
+@pytest.mark.parametrize("cores, requested, threads", [(4, 0, 3), (2, 0, 1), (1, 0, 1), (4, 6, 6), (2, 2, 2)])
+def test_cpu_serving_leaves_the_event_loop_a_core_unless_told(monkeypatch, cores, requested, threads):
+    monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert dev.cpu_threads(requested) == threads
+    assert dev.serving_threads(torch.device("cpu"), requested) == threads
+
+
+def test_other_devices_keep_torchs_threads_unless_told(monkeypatch):
+    monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert dev.serving_threads(torch.device("cuda", 0)) == torch.get_num_threads()
+    assert dev.serving_threads(torch.device("cuda", 0), 2) == 2
+
+
+def test_configure_threads_sets_torchs_pool():
+    before = torch.get_num_threads()
+    try:
+        assert dev.configure_threads(torch.device("cpu"), 1) == torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

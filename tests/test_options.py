@@ -57,7 +57,7 @@ def test_the_same_values_reach_the_same_dataclasses():
               "tokenizer": "tok", "compile": "off", "graphs": "manual", "attention": "flex", "max_context": "512",
               "seed": "7", "upstream_url": "http://u/v1", "quant": "none", "quant_group": "64",
               "upstream_model": "m", "upstream_api_key_env": "KEY", "device": "cpu", "dtype": "bfloat16",
-              "max_batch": "8", "max_queue": "0", "max_new_tokens": "99", "max_prompt_chars": "1000",
+              "threads": "3", "max_batch": "8", "max_queue": "0", "max_new_tokens": "99", "max_prompt_chars": "1000",
               "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256"}
     assert set(values) == {option.name for option in OPTIONS}
     by_name = {option.name: option for option in OPTIONS}
@@ -71,12 +71,13 @@ def test_the_same_values_reach_the_same_dataclasses():
     assert engine.max_prompt_chars == 1000  # serve has it now too
     assert engine.prefill_tokens == 256
     assert (model.quant, model.quant_group) == ("none", 64)
+    assert model.threads == 3
 
 
 @pytest.mark.parametrize("name, value", [
     ("max_batch", "0"), ("max_queue", "-1"), ("max_new_tokens", "0"), ("max_prompt_chars", "0"),
     ("max_context", "0"), ("flush_tokens", "0"), ("prefill_tokens", "0"), ("flush_ms", "-1"), ("flush_ms", "nan"),
-    ("seed", "x"),
+    ("seed", "x"), ("threads", "-1"),
     ("backend", "vllm"), ("mode", "chat"), ("compile", "maybe"), ("preset", "huge"), ("dtype", "int8"),
     ("graphs", "cuda"), ("attention", "paged"), ("overlap", "yes"),
 ])

@@ -143,6 +143,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", ModelOptions, "", choices=("auto", *DTYPE_NAMES),
            help="auto: bfloat16 on recent CUDA GPUs, float16 on older ones, bfloat16 on a CPU that computes it "
                 "natively (AVX-512 BF16 or AMX), float32 elsewhere."),
+    Option("threads", ModelOptions, "model", type=non_negative_int,
+           help="On a CPU: torch's intra-op threads. 0: the usable cores minus one (at least 1), leaving a core to "
+                "the event loop that streams every answer and holds every deadline; the startup log and "
+                "'minercore info' say how many. Other devices keep torch's own default unless this is given."),
     Option("max_batch", EngineOptions, "engine", type=positive_int, help="Streams decoded together in one batch."),
     Option("max_queue", EngineOptions, "engine", type=non_negative_int,
            help="Requests that may wait for a free slot; past it requests are refused at once as overloaded."),

@@ -61,6 +61,7 @@ log = logging.getLogger("minercore.miner")
 STREAMPROMPTING = "StreamPrompting"
 CLIENT_TIMEOUT_HEADER = "x-client-timeout"
 _MAX_MESSAGE_CHARS = 300  # of a refusal's message in a response header
+ARRIVED = "minercore.arrived"  # the scope key BodyLimit, the app's outermost middleware, stamps arrival under
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class BodyLimit:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            # The caller's clock started earlier still; from here on every wait the loop makes counts.
+            scope[ARRIVED] = time.monotonic()
         if scope["type"] == "http" and scope["method"] == "POST":
             headers = Headers(scope=scope)
             length = headers.get("content-length")
@@ -164,15 +168,13 @@ class MinerServer:
                 self.metrics.blacklist_rejected(refusal.blacklist_kind)
             self.metrics.observe_request(refusal.outcome, caller_class)
 
-    def _engine_timeout(self, arrived: float, caller_timeout: float | None) -> float | None:
-        """Seconds the engine may spend, so that the answer ends ``deadline_margin`` before the caller gives up."""
-        if caller_timeout is None:
-            return None
-        return max(0.0, caller_timeout - self.settings.deadline_margin - (time.monotonic() - arrived))
+    def _budget(self, caller_timeout: float) -> float:
+        """Seconds from arrival to the answer's end: ``deadline_margin`` before the caller gives up."""
+        return max(0.0, caller_timeout - self.settings.deadline_margin)
 
     # ---- StreamPrompting (bittensor 10 Dendrites) -----------------------------------------------------------
     async def stream_prompting(self, request: Request) -> Response:
-        arrived = time.monotonic()
+        arrived = _arrival(request)
         caller_class = "unverified"
         try:
             headers = request.headers
@@ -194,12 +196,11 @@ class MinerServer:
         except Refusal as refusal:
             self._refused(refusal, caller_class)
             return self._v10_error(request, refusal)
+        ends_at = arrived + self._budget(caller.timeout)
         generation = GenerationRequest(messages=conversation, sampling=self.sampling,
-                                       timeout=self._engine_timeout(arrived, caller.timeout),
+                                       timeout=max(0.0, ends_at - time.monotonic()),  # the engine's counts from now
                                        priority=self.policy.priority(caller.hotkey))
         timer = RequestTimer(caller_class, arrived=arrived)
-        # generation.timeout already discounts the time spent since arrival: it counts from now, as the engine's.
-        ends_at = time.monotonic() + generation.timeout
         return _TextStream(self, generation, timer, self._v10_headers(request, caller, 200, "Success"), ends_at)
 
     def _v10_headers(self, request: Request, caller: DendriteCaller | None, status: int, message: str) -> dict:
@@ -261,7 +262,7 @@ class MinerServer:
         return hotkey, body
 
     async def _openai(self, request: Request, chat: bool) -> Response:
-        arrived = time.monotonic()
+        arrived = _arrival(request)
         caller_class = "unverified"
         try:
             hotkey, body = await self._btauth_caller(request)
@@ -270,7 +271,7 @@ class MinerServer:
         except Refusal as refusal:
             self._refused(refusal, caller_class)
             return _openai_refusal(refusal)
-        budget = self._engine_timeout(arrived, timeout)
+        budget = self._budget(timeout)
         return await self.openai.handle(request, chat, body=body, deadline=lambda _: budget,
                                         caller_class=caller_class, priority=self.policy.priority(hotkey),
                                         arrived=arrived)
@@ -285,6 +286,11 @@ class MinerServer:
 
     async def prometheus(self) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _arrival(request: Request) -> float:
+    """When the request reached the app (``BodyLimit``'s stamp; now, where the app runs without it)."""
+    return request.scope.get(ARRIVED) or time.monotonic()
 
 
 def _openai_refusal(refusal: Refusal) -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import statistics
@@ -68,9 +69,12 @@ def base_url(target: Any) -> str:
 
 async def stream_openai(target: Any, messages: Sequence[str], roles: Sequence[str] | None = None, *,
                         wallet: Any, timeout: float = 60.0, max_tokens: int | None = None,
-                        temperature: float | None = None, on_text: Callable[[str], None] | None = None) -> StreamResult:
+                        temperature: float | None = None, on_text: Callable[[str], None] | None = None,
+                        http: httpx.AsyncClient | None = None) -> StreamResult:
     """One btauth/1-signed streaming chat completion, read to its end; ``timeout`` is the whole request's
-    deadline, sent as ``X-Client-Timeout``, so the miner ends the answer in time."""
+    deadline, sent as ``X-Client-Timeout``, so the miner ends the answer in time. ``http``: a client to share
+    between concurrent streams (``stream_many``); building one costs tens of milliseconds of CPU (its TLS
+    context), which would otherwise count against each stream's timeout."""
     roles = list(roles) if roles is not None else ["user"] * len(messages)
     document: dict[str, Any] = {"messages": [{"role": role, "content": text} for role, text in zip(roles, messages,
                                                                                                    strict=True)],
@@ -84,11 +88,18 @@ async def stream_openai(target: Any, messages: Sequence[str], roles: Sequence[st
     headers = btauth_headers(keypair.sign, keypair.ss58_address, method="POST", target=CHAT_PATH, body=body,
                              receiver=target.hotkey)
     headers.update({"content-type": "application/json", "x-client-timeout": f"{timeout:g}"})
+    async with contextlib.AsyncExitStack() as stack:
+        if http is None:
+            http = await stack.enter_async_context(httpx.AsyncClient(timeout=httpx.Timeout(timeout)))
+        return await _timed_events(http, base_url(target) + CHAT_PATH, body, headers, timeout, on_text)
+
+
+async def _timed_events(http: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str], timeout: float,
+                        on_text: Callable[[str], None] | None) -> StreamResult:
     start = time.perf_counter()
     seen = _Seen(start, on_text)
     try:
-        events = _read_events(base_url(target) + CHAT_PATH, body, headers, timeout, seen)
-        status, message = await asyncio.wait_for(events, timeout)
+        status, message = await asyncio.wait_for(_read_events(http, url, body, headers, timeout, seen), timeout)
     except Exception as exc:  # noqa: BLE001 - one failed stream is a result, not a crash of the whole run
         return StreamResult("".join(seen.parts), None, None, seen.ttft_s, time.perf_counter() - start, seen.chunks,
                             error=f"{type(exc).__name__}: {exc}")
@@ -128,10 +139,9 @@ class _Seen:
             self.on_text(text)
 
 
-async def _read_events(url: str, body: bytes, headers: dict[str, str], timeout: float,
+async def _read_events(http: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str], timeout: float,
                        seen: _Seen) -> tuple[int, str]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as http, \
-            http.stream("POST", url, content=body, headers=headers) as response:
+    async with http.stream("POST", url, content=body, headers=headers, timeout=httpx.Timeout(timeout)) as response:
         if response.status_code != 200:
             raw = await response.aread()
             return response.status_code, _error_text(raw)
@@ -184,7 +194,11 @@ async def stream_many(target: Any, prompts: Sequence[str], *, wallet: Any, role:
             target = target.for_dendrite()
         send = stream_prompt
     elif protocol == "openai":
-        send = functools.partial(stream_openai, temperature=temperature)
+        # One connection pool for every stream, built before any stream's clock starts.
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as http:
+            send = functools.partial(stream_openai, temperature=temperature, http=http)
+            return list(await asyncio.gather(*(send(target, [prompt], [role], wallet=wallet, timeout=timeout,
+                                                    on_text=on_text) for prompt in prompts)))
     else:
         raise ValueError(f"unknown protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
     return list(await asyncio.gather(*(send(target, [prompt], [role], wallet=wallet, timeout=timeout,

@@ -28,8 +28,10 @@ DEFAULT_MAX_TIMEOUT_S = 600.0
 
 
 DEFAULT_AXON_PORT = 8091
-# Room for the last bytes to reach a caller before its timeout: a loopback or LAN hop takes far less, a
-# congested link a few hundred milliseconds.
+# What an answer ending at its deadline still needs before the caller's timeout: the caller's time before the
+# request reached the app, the event loop's delay in running the deadline's timer, the last write and the
+# network. On loopback with every core busy the first three took up to 0.2 s (benchmarks/RESULTS.md, "Deadlines
+# under contention"); the rest is for the network (a distant validator's round trip, a congested link).
 DEFAULT_DEADLINE_MARGIN_S = 0.5
 
 
@@ -87,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--stream.deadline_margin", type=non_negative_float, default=DEFAULT_DEADLINE_MARGIN_S,
                         help="An answer that cannot finish before the caller's timeout (StreamPrompting's timeout, "
                              "X-Client-Timeout) ends this many seconds before it, with the text so far and a normal "
-                             "end of stream (counted as 'deadline'): room for the last bytes to reach the caller.")
+                             "end of stream (counted as 'deadline'). It covers the time before the request reached the "
+                             "miner, event-loop delay under load and the last write (up to 0.2 s on a busy "
+                             "loopback) and the network.")
 
     blacklist = parser.add_argument_group("blacklist")
     blacklist.add_argument("--blacklist.allow_unregistered", action="store_true",

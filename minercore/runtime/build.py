@@ -16,7 +16,7 @@ from ..models.loading import inspect as inspect_checkpoint
 from ..models.loading import load_native
 from ..models.presets import build_preset
 from ..models.quant import quantize
-from .device import select
+from .device import configure_threads, select, select_device
 from .native import ModelRunner
 from .protocol import Runner
 from .sampling import GREEDY, KINDS
@@ -29,6 +29,8 @@ def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids
     one batched decode loop) or ``hf`` (any causal LM directory, eager). ``stop_ids`` (default: ``eos_id``) are
     the ids a row's ``SlotParams.min_new`` keeps from being sampled. A native ``path`` of an architecture
     without a native implementation goes to hf, with a log line."""
+    # Before any model work: torch's thread pool takes its size when a thread first runs a parallel op.
+    configure_threads(select_device(options.device), options.threads)
     backend = options.backend
     if backend in NATIVE_BACKENDS and options.path:
         checkpoint = inspect_checkpoint(options.path)

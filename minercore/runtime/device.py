@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -102,6 +103,39 @@ def select_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec not in DTYPES:
         raise DeviceError(f"unknown dtype {spec!r}; expected auto, {', '.join(DTYPES)}")
     return DTYPES[spec]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(requested: int = 0) -> int:
+    """torch's intra-op threads for serving on a CPU: ``requested``, or with 0 the usable cores minus one (at
+    least 1). The remaining core is the event loop's: it streams every answer and holds every deadline, and it
+    otherwise competes with every intra-op thread for the CPU. On the tiny model at 2 cores one thread also
+    decodes faster than two (benchmarks/RESULTS.md, "Deadlines under contention"); a larger model on many cores
+    gives up one core in N."""
+    return requested if requested > 0 else max(1, usable_cores() - 1)
+
+
+def serving_threads(device: torch.device, requested: int = 0) -> int:
+    """The intra-op threads serving on ``device`` uses: ``cpu_threads`` on a CPU; elsewhere ``requested``, or
+    torch's default (the host only launches work there)."""
+    if device.type == "cpu" or requested > 0:
+        return cpu_threads(requested)
+    return torch.get_num_threads()
+
+
+def configure_threads(device: torch.device, requested: int = 0) -> int:
+    """Set torch's intra-op threads to ``serving_threads`` and return them. Process-wide: call before the model
+    runs."""
+    threads = serving_threads(device, requested)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def select(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:

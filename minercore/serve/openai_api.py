@@ -311,19 +311,24 @@ class OpenAIApi:
                      deadline: Callable[[Request], float | None] = header_timeout, caller_class: str = CALLER_CLASS,
                      priority: float = 0.0, arrived: float | None = None) -> Response:
         """Answer one completions request. ``body`` is the raw body when the caller already read it;
-        ``deadline`` reads the request's time budget in seconds (by default from ``X-Minercore-Timeout``)."""
+        ``deadline`` reads the request's time budget in seconds (by default from ``X-Minercore-Timeout``),
+        counted from ``arrived`` (``time.monotonic()`` when the request came in; default: now)."""
         metrics, name = self.metrics, self.served_model_name
-        timer = RequestTimer(caller_class, arrived=arrived, outcome="cancelled")  # until it ends on its own
+        start = time.monotonic() if arrived is None else arrived
+        timer = RequestTimer(caller_class, arrived=start, outcome="cancelled")  # until it ends on its own
         try:
             document = _json_object(await request.body() if body is None else body)
-            generation, stream, include_usage = self.parse(request, document, chat, deadline(request), priority)
+            budget = deadline(request)
+            # The answer ends at the request's deadline whatever the backend is doing (observe.next_piece); the
+            # backend's own timeout counts from now.
+            ends_at = None if budget is None else start + budget
+            timeout = None if ends_at is None else max(0.0, ends_at - time.monotonic())
+            generation, stream, include_usage = self.parse(request, document, chat, timeout, priority)
         except ApiError as exc:
             timer.outcome = InvalidRequest.outcome
             timer.report(metrics)
             return exc.response()
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        # The answer ends at the request's deadline whatever the backend is doing (observe.next_piece).
-        ends_at = None if generation.timeout is None else time.monotonic() + generation.timeout
         pieces = self.backend.generate(generation)
         try:
             if stream:
