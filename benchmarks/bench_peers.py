@@ -1,5 +1,6 @@
 """Group ``peers``: ``minercore serve`` against llama.cpp's ``llama-server`` on the same GGUF (the embedded
-SmolLM2-135M-Instruct, Q4_1), the same thread count, the same requests, one after the other in one run.
+SmolLM2-135M-Instruct, Q4_1), the same thread count (every usable core: minercore's serving default leaves
+one to the event loop), the same requests, one after the other in one run.
 
 Each server runs as a subprocess on loopback; a round is ``streams`` concurrent streamed chat completions of
 "write a long essay about ..." prompts, greedy, ``max_tokens`` tokens each with ``ignore_eos`` (both servers
@@ -90,7 +91,8 @@ def servers(tmp_path_factory, gguf_path, timed):
     with contextlib.ExitStack() as running:
         port = free_port()
         command = [sys.executable, "-m", "minercore", "serve", "--path", gguf_path, "--mode", "generate",
-                   "--port", str(port), "--max-batch", "16", "--max-context", "2048", "--log-level", "warning"]
+                   "--port", str(port), "--max-batch", "16", "--max-context", "2048", "--threads", str(THREADS),
+                   "--log-level", "warning"]
         found = {"minercore": running.enter_context(server(command if timed else [*command, "--compile", "off"],
                                                            port, logs / "minercore.log"))}
         binary = os.environ.get("LLAMA_SERVER")
