@@ -58,6 +58,9 @@ _INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
 # hand-off, and every syscall the loop makes in between restarts that clock. The device idles meanwhile, so the
 # engine bounds the wait well under a decode step.
 _GIL_SWITCH_INTERVAL_S = 200e-6
+# How long past a deadline generate() waits for the model thread to end the stream at a step boundary before it
+# ends the stream itself: longer than a normal step, well inside the miner's 0.5 s deadline margin.
+_DEADLINE_BACKSTOP_S = 0.2
 
 
 class _Delivery(NamedTuple):
@@ -308,11 +311,14 @@ class Engine:
         mailbox = job.mailbox
         # The deadline is held here, on the event loop, as well as by the model thread, which sees it only between
         # steps: those grow long under load (a batch of long prefills, a busy CPU), and the caller does not wait.
-        # At the deadline the stream ends with the text delivered so far (whole characters: the stream loop only
-        # hands those over) and the model thread is asked to free the slot.
+        # The model thread ends a stream at its deadline itself at its next step boundary, with the text the stream
+        # loop still holds back (a stop string the text might yet begin) released; if no boundary comes within
+        # _DEADLINE_BACKSTOP_S, the stream ends here with the text delivered so far (whole characters: the stream
+        # loop only hands those over) and the model thread is asked to free the slot.
         expiry = None
         if job.deadline is not None:
-            expiry = self._loop.call_at(self._loop.time() + (job.deadline - time.monotonic()), _expire, mailbox)
+            at = self._loop.time() + (job.deadline - time.monotonic()) + _DEADLINE_BACKSTOP_S
+            expiry = self._loop.call_at(at, _expire, mailbox)
         try:
             while True:
                 if (not mailbox.parts and mailbox.finish_reason is None and mailbox.error is None
