@@ -4,7 +4,10 @@ broken ones), against transformers reading the same file and against the model t
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +16,14 @@ from checkpoints import tiny_llama_family
 from gguf_files import permute, write_gguf
 from helpers import MIXED
 
-from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.config import CACHE_ENV, EngineOptions, ModelOptions, cache_dir
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
 from minercore.models.loading import CheckpointError, inspect
 from minercore.models.loading.gguf import GGUFError, load_gguf
 from minercore.runtime.build import build_runner
 from minercore.runtime.native import ModelRunner
+from minercore.text import tokenizer as tokenizer_module
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
@@ -207,8 +211,32 @@ def test_q4_layers_run_the_files_values_in_the_int4_kernel(tmp_path, arch, type_
 
 @pytest.fixture(scope="module")
 def servable(tmp_path_factory):
-    return write_gguf(tmp_path_factory.mktemp("servable") / "chat.gguf",
-                      hf_model("llama", vocab_size=50257, hidden_size=64), types="Q4_0", tokenizer=True)
+    where = tmp_path_factory.mktemp("servable")
+    with pytest.MonkeyPatch.context() as patch:  # its converted tokenizer is kept beside it, not in the user's cache
+        patch.setenv(CACHE_ENV, str(where / "cache"))
+        yield write_gguf(where / "chat.gguf", hf_model("llama", vocab_size=50257, hidden_size=64), types="Q4_0",
+                         tokenizer=True)
+
+
+def test_the_converted_tokenizer_is_kept_and_read_back(servable, monkeypatch) -> None:
+    """A GGUF's tokenizer is converted once per file (seconds for a real vocabulary), then read from the cache;
+    a damaged cache entry is converted again."""
+    shutil.rmtree(cache_dir() / "tokenizers", ignore_errors=True)
+    reads = []
+    real = tokenizer_module.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(tokenizer_module.AutoTokenizer, "from_pretrained",
+                        lambda where, **kw: reads.append((Path(where), kw.get("gguf_file"))) or real(where, **kw))
+    converted = tokenizer_module._load_gguf(servable)
+    (saved,) = (cache_dir() / "tokenizers").iterdir()
+    again = tokenizer_module._load_gguf(servable)
+    (saved / "tokenizer.json").write_text("{not json")
+    repaired = tokenizer_module._load_gguf(servable)
+    assert reads[0] == (servable.parent, servable.name) and reads[1] == (saved, None)
+    assert reads[2] == (saved, None) and reads[3] == (servable.parent, servable.name)
+    text = "Hello, 世界 🎉 <|im_start|>"
+    assert converted.encode(text) == again.encode(text) == repaired.encode(text)
+    assert converted.chat_template == again.chat_template and again.eos_token_id == converted.eos_token_id
+    assert json.loads((saved / "tokenizer.json").read_text())  # replaced whole
 
 
 async def run_engine(path, mode: str, request: GenerationRequest) -> tuple[Engine, str, str | None]:
@@ -239,8 +267,6 @@ def test_chat_uses_the_files_template_and_stop_id(servable) -> None:
 
 
 def test_info_reports_the_checkpoint_and_its_tokenizer(servable, llama_file, capsys) -> None:
-    import json
-
     from minercore.__main__ import main
 
     assert main(["info", "--device", "cpu", "--path", str(servable)]) == 0

@@ -3,9 +3,18 @@ the names they may take. Torch-free, so command lines can be built (and ``--help
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_MAX_CONTEXT = 4096
+CACHE_ENV = "MINERCORE_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where minercore keeps what it fetches or derives once (the embedded model, converted tokenizers)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minercore")
+
 
 # The choices, written once: checked here, offered by both command lines (minercore.options). presets.py and
 # runtime/device.py's DTYPES hold what these names stand for (tests check that they agree).

@@ -18,9 +18,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...contract.config import CACHE_ENV, cache_dir
+
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "MINERCORE_CACHE_DIR"
+__all__ = ["CACHE_ENV", "EMBEDDED", "EmbeddedModel", "EmbeddedModelUnavailable", "cache_dir", "fetch", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 class EmbeddedModelUnavailable(ValueError):
     """An embedded model is neither in the cache nor fetchable; the message says which file to place where."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minercore")
 
 
 def resolve(name_or_path: str) -> str:
