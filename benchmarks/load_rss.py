@@ -1,10 +1,13 @@
-"""Peak host memory while loading a ~1B-parameter Llama checkpoint into the native backend, against its file size.
+"""Peak host memory while loading a checkpoint into the native backend, against its size.
 
     python benchmarks/load_rss.py [--dir /tmp/minercore-1b] [--dtype bfloat16] [--keep] [--transformers]
+    python benchmarks/load_rss.py --gguf smollm2-135m-instruct [--dtype float32] [--int4]
 
-Writes a random-weight sharded safetensors checkpoint (one tensor in memory at a time), then loads it in a fresh
-child process per loader and reports the child's peak RSS (``ru_maxrss``) above its RSS after imports. A loader
-that holds one full copy of the weights needs about the file size; two copies, twice that. The checkpoint is
+Without ``--gguf``: writes a ~1B-parameter random-weight sharded safetensors checkpoint (one tensor in memory at
+a time) and loads it. With it: loads that GGUF file (a path or an embedded model's name), dequantized into
+``--dtype``, or with ``--int4`` its Q4_0/Q4_1 blocks kept as they are (``quant auto``). Each load runs in a fresh
+child process per loader, which reports its peak RSS (``ru_maxrss``) above its RSS after imports. A loader that
+holds one full copy of the weights needs about their size; two copies, twice that. The written checkpoint is
 deleted afterwards unless ``--keep``.
 """
 
@@ -30,6 +33,8 @@ torch.set_num_threads(1)
 loader, directory, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 if loader == "native":
     from minercore.models.loading.safetensors import load_llama
+elif loader.startswith("gguf"):
+    from minercore.models.loading.gguf import load_gguf
 else:
     from transformers import AutoModelForCausalLM
 def rss_kib():
@@ -40,12 +45,14 @@ before = rss_kib()
 started = time.perf_counter()
 if loader == "native":
     model = load_llama(directory, dtype=dtype)
+elif loader.startswith("gguf"):
+    model = load_gguf(directory, dtype=dtype, keep_int4=loader == "gguf-int4")
 else:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
 seconds = time.perf_counter() - started
-params = sum(p.numel() for p in model.parameters())
+held = [*model.parameters(), *model.buffers()]
 print(json.dumps({"before_kib": before, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "params": params, "seconds": seconds}))
+                  "after_kib": rss_kib(), "weight_bytes": sum(t.nbytes for t in held), "seconds": seconds}))
 """
 
 
@@ -95,13 +102,33 @@ def measure(loader: str, directory: Path, dtype_name: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def report(loader: str, r: dict, reference_bytes: int, reference: str) -> None:
+    gib = 1 << 30
+    grown = (r["peak_kib"] - r["before_kib"]) * 1024
+    print(f"{loader:>12}: {r['weight_bytes'] / 1e6:.0f} MB of weights in {r['seconds']:.1f} s; peak RSS "
+          f"{r['peak_kib'] * 1024 / gib:.2f} GiB, {grown / 1e6:.0f} MB above post-import "
+          f"({grown / reference_bytes:.2f}x the {reference}), {(r['after_kib'] - r['before_kib']) * 1024 / 1e6:.0f} MB "
+          f"after loading")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="/tmp/minercore-1b")
+    parser.add_argument("--gguf", help="a GGUF file or an embedded model's name, instead of a written checkpoint")
+    parser.add_argument("--int4", action="store_true", help="with --gguf: keep Q4_0/Q4_1 blocks (quant auto)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint for another run")
     parser.add_argument("--transformers", action="store_true", help="also measure AutoModelForCausalLM")
     args = parser.parse_args()
+    if args.gguf:
+        from minercore.models.loading import embedded
+
+        path = Path(embedded.resolve(args.gguf))
+        loader = "gguf-int4" if args.int4 else "gguf"
+        print(f"checkpoint: {path}, {path.stat().st_size / 1e6:.1f} MB, into {args.dtype}")
+        r = measure(loader, path, args.dtype)
+        report(loader, r, r["weight_bytes"], "weights held")
+        return
     directory = Path(args.dir)
     try:
         if (directory / "model.safetensors.index.json").exists():
@@ -109,14 +136,9 @@ def main() -> None:
         else:
             write_checkpoint(directory, args.dtype)
             file_bytes = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
-        gib = 1 << 30
-        print(f"checkpoint: {directory}, {args.dtype}, {file_bytes / gib:.2f} GiB in safetensors files")
+        print(f"checkpoint: {directory}, {args.dtype}, {file_bytes / (1 << 30):.2f} GiB in safetensors files")
         for loader in ("native", *(("transformers",) if args.transformers else ())):
-            r = measure(loader, directory, args.dtype)
-            grown = (r["peak_kib"] - r["before_kib"]) * 1024
-            print(f"{loader:>12}: {r['params'] / 1e9:.2f}B params in {r['seconds']:.1f} s; peak RSS "
-                  f"{r['peak_kib'] * 1024 / gib:.2f} GiB, {grown / gib:.2f} GiB above post-import "
-                  f"({grown / file_bytes:.2f}x the file size)")
+            report(loader, measure(loader, directory, args.dtype), file_bytes, "file size")
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
