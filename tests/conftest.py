@@ -3,7 +3,7 @@
 import pytest
 from helpers import LogRecorder
 
-from minercore.miner import app, neuron
+from minercore.miner import admission, neuron, streamprompting
 
 
 @pytest.fixture
@@ -11,5 +11,6 @@ def logs(monkeypatch) -> LogRecorder:
     """What the miner (its lifecycle and its HTTP server) logs, by level (``logs.at("error")``)."""
     recorder = LogRecorder()
     monkeypatch.setattr(neuron, "log", recorder)
-    monkeypatch.setattr(app, "log", recorder)
+    monkeypatch.setattr(admission, "log", recorder)
+    monkeypatch.setattr(streamprompting, "log", recorder)
     return recorder

@@ -9,8 +9,9 @@ from helpers import tiny_engine
 
 from minercore.contract.generation import GenerationRequest, InvalidRequest, SamplingParams
 from minercore.miner import neuron
-from minercore.miner.app import Refusal, conversation_of
+from minercore.miner.admission import Refusal
 from minercore.miner.config import build_config
+from minercore.miner.streamprompting import conversation_of
 
 
 # ---- the request's shape (StreamPrompting's roles and messages) ---------------------------------------------

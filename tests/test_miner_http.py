@@ -15,8 +15,9 @@ from prometheus_client import generate_latest
 from v10_signing import v10_request
 
 from minercore.miner import auth, client, sdk
-from minercore.miner.app import MinerServer, ServerSettings
+from minercore.miner.app import MinerServer
 from minercore.miner.blacklist import BlacklistOptions, BlacklistPolicy
+from minercore.miner.config import ServerSettings
 from minercore.runtime.device import dtype_name, select
 from minercore.serve.metrics import Metrics
 from minercore.serve.server import serving
@@ -190,7 +191,7 @@ async def test_a_slow_upload_does_not_shorten_the_answer_twice(monkeypatch):
 
     from starlette.requests import Request
 
-    from minercore.miner import app
+    from minercore.miner import admission, app
 
     miner_key = sdk.new_keypair()
     settings = ServerSettings(hotkey=miner_key.ss58_address, external_ip="127.0.0.1", external_port=0,
@@ -199,7 +200,9 @@ async def test_a_slow_upload_does_not_shorten_the_answer_twice(monkeypatch):
     server = MinerServer(FakeEngine(), BlacklistPolicy(BlacklistOptions(allow_unregistered=True)), settings)
     request = v10_request(sdk.new_keypair(), miner_key.ss58_address, [MIXED], timeout=10.0)
     readings = iter([100.0])  # arrival; every later reading is 3 s on (the body took that long to come)
-    monkeypatch.setattr(app, "time", SimpleNamespace(monotonic=lambda: next(readings, 103.0)))
+    clock = SimpleNamespace(monotonic=lambda: next(readings, 103.0))
+    monkeypatch.setattr(admission, "time", clock)
+    monkeypatch.setattr(app, "time", clock)
 
     async def receive():
         return {"type": "http.request", "body": request.body, "more_body": False}

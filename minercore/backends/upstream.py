@@ -45,7 +45,7 @@ from ..contract.generation import (
     validated_sampling,
 )
 
-log = logging.getLogger("minercore.upstream")
+log = logging.getLogger(__name__)
 
 _RETRY_BACKOFF_S = (0.05, 0.2)  # one sleep per retry: connection failures before any response byte only
 _CONNECT_TIMEOUT_S = 5.0

@@ -12,6 +12,7 @@ import argparse
 import os
 import types
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ..contract import options
 from ..contract.config import EngineOptions, ModelOptions
@@ -251,3 +252,20 @@ def _port(text: str) -> int:
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
     return value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the miner's HTTP server (``app``) needs from its options."""
+
+    hotkey: str  # this miner's: the receiver of every signed request
+    external_ip: str
+    external_port: int
+    max_body_bytes: int
+    max_timeout: float  # largest timeout a StreamPrompting caller may ask for (it widens the nonce window)
+    max_prompt_chars: int
+    max_new_tokens: int
+    deadline_margin: float = DEFAULT_DEADLINE_MARGIN_S
+    chunk_suffix: str = ""  # "\n" for --stream.framing newline
+    served_model_name: str = "minercore"
+    version: int = 10_005_000  # the axon version reported to v10 dendrites

@@ -30,11 +30,12 @@ from ..contract.config import served_model_name
 from ..serve.metrics import Metrics
 from . import config as miner_config
 from . import sdk
-from .app import MinerServer, ServerSettings
+from .app import MinerServer
 from .blacklist import BlacklistPolicy, MetagraphView
+from .config import ServerSettings
 from .offline import write_axon_info
 
-log = logging.getLogger("minercore.miner")
+log = logging.getLogger(__name__)
 
 _LISTEN_TIMEOUT_S = 30.0
 # After the engine has finished or cancelled every request, streams only flush what they hold; connections

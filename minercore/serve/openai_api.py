@@ -40,7 +40,7 @@ from ..contract.observe import RequestTimer, disconnected, next_piece
 if TYPE_CHECKING:
     from .metrics import Metrics
 
-log = logging.getLogger("minercore.openai_api")
+log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "x-minercore-timeout"
 CALLER_CLASS = "http"

@@ -25,7 +25,7 @@ from .openai_api import ApiError, OpenAIApi, model_list
 if TYPE_CHECKING:
     from .metrics import Metrics
 
-log = logging.getLogger("minercore.server")
+log = logging.getLogger(__name__)
 
 
 # ---- the app --------------------------------------------------------------------------------------------
