@@ -39,6 +39,10 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # QUANT_GROUPS inputs: the sizes both int4 kernels take).
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
 QUANT_GROUPS = (32, 64, 128, 256)
+# Speculative decoding (engine/speculation.py): off | ngram (drafts looked up in each stream's own prompt and
+# output, checked in one forward; echo's draft is its prompt).
+SPECULATIVE_CHOICES = ("off", "ngram")
+MAX_SPECULATIVE_TOKENS = 16
 
 
 def served_model_name(model: ModelOptions) -> str:
@@ -116,3 +120,13 @@ class EngineOptions:
     # a burst of long prompts delays running streams by at most about this many tokens of prefill per token.
     prefill_tokens: int = 2048
     overlap: bool = True  # launch decode step N+1 before detokenizing and posting step N
+    speculative: str = "ngram"  # off | ngram: several tokens per forward where a stream repeats what it has seen
+    speculative_tokens: int = 8  # drafts checked per forward (each forward then yields 1 to this + 1 tokens)
+
+    def __post_init__(self) -> None:
+        if self.speculative not in SPECULATIVE_CHOICES:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_CHOICES)}, "
+                             f"got {self.speculative!r}")
+        if not 1 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                             f"got {self.speculative_tokens!r}")

@@ -123,6 +123,10 @@ class EngineStats:
     tokens: int
     steps_per_s: float  # over the recent window of steps
     tokens_per_s: float
+    # Speculative decoding (engine/speculation.py): steps that checked drafts, draft ids checked, and accepted.
+    verify_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)

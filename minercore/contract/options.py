@@ -21,6 +21,7 @@ from .config import (
     MODES,
     PRESET_NAMES,
     QUANT_CHOICES,
+    SPECULATIVE_CHOICES,
     EngineOptions,
     ModelOptions,
 )
@@ -160,6 +161,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("overlap", EngineOptions, "engine", type=on_off,
            help="on: launch decode step N+1 before step N is detokenized and sent, so the device never waits for "
                 "the host (on or off)."),
+    Option("speculative", EngineOptions, "engine", choices=SPECULATIVE_CHOICES,
+           help="Native backend: ngram drafts up to {speculative_tokens} tokens per stream from the text it has "
+                "already seen (its prompt and its own answer; in echo mode, the prompt) and checks them in one "
+                "forward, keeping exactly the tokens plain decoding would give; a stream whose drafts keep "
+                "failing stops drafting for a while. off: one token per forward."),
+    Option("speculative_tokens", EngineOptions, "engine", type=positive_int,
+           help="Drafts checked per forward with {speculative} ngram (1-16)."),
     Option("flush_tokens", EngineOptions, "stream", type=positive_int,
            help="After a stream's first text, send once this many tokens are pending..."),
     Option("flush_ms", EngineOptions, "stream", type=non_negative_float,

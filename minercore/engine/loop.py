@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ..models.loading import Checkpoint
     from ..runtime.protocol import Launched, Runner
     from ..runtime.sampling import SlotParams
+    from .speculation import Drafter
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class Engine:
         self._recent_steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW_STEPS)
         self.warmup_seconds = 0.0
         self.stream_loop = streamloop.IMPLEMENTATION
+        self._drafter: Drafter | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -212,11 +214,13 @@ class Engine:
             from ..runtime.build import build_runner
 
             self._runner = build_runner(self.model_options, max_batch=self.options.max_batch, eos_id=eos_id,
-                                        stop_ids=stops if options.mode == "generate" else (eos_id,))
+                                        stop_ids=stops if options.mode == "generate" else (eos_id,),
+                                        speculative_tokens=self._speculative_tokens())
         if self._runner.max_batch < self.options.max_batch:
             raise ValueError(f"runner holds {self._runner.max_batch} slots, engine wants {self.options.max_batch}")
         self._free_slots = list(range(self.options.max_batch))
         heapq.heapify(self._free_slots)
+        self._drafter = self._build_drafter(eos_id)
         # Per slot, counted with one array operation per step (no per-job Python work): ids handed to the stream
         # loop for its current job, and its tenancy, advanced each time a job leaves it.
         self._slot_tokens = np.zeros(self.options.max_batch, dtype=np.int64)
@@ -232,6 +236,23 @@ class Engine:
         self._table = streamloop.StreamTable(
             table, self.options.max_batch, eos_id=eos_id,
             flush_tokens=self.options.flush_tokens, flush_ms=self.options.flush_ms)
+
+    def _speculative_tokens(self) -> int:
+        return self.options.speculative_tokens if self.options.speculative == "ngram" else 0
+
+    def _build_drafter(self, eos_id: int) -> Drafter | None:
+        """Speculation's host side, where asked for and the runner verifies drafts of that many ids."""
+        k = self._speculative_tokens()
+        if not k:
+            return None
+        if getattr(self._runner, "speculative_tokens", 0) != k:
+            log.warning("speculative ngram: the %s runner does not verify %d-id drafts; decoding one token a "
+                        "step", self.backend_name, k)
+            return None
+        from .speculation import Drafter
+
+        return Drafter(self.options.max_batch, self._runner.max_context, k,
+                       echo=self.model_options.mode == "echo", eos_id=eos_id)
 
     def _warm_up(self, ready: asyncio.Future) -> bool:
         """On the model thread: CUDA graphs belong to the thread that records them."""
@@ -434,10 +455,14 @@ class Engine:
             if span > 0:
                 steps_per_s = (len(recent) - 1) / span
                 tokens_per_s = (recent[-1][1] - recent[0][1]) / span
+        drafter = self._drafter if self._runner is not None else None
         return EngineStats(active=active, queued=queued, completed=counts.get("completed", 0),
                            failed=counts.get("failed", 0), cancelled=counts.get("cancelled", 0),
                            rejected=counts.get("rejected", 0), steps=counts.get("steps", 0),
-                           tokens=counts.get("tokens", 0), steps_per_s=steps_per_s, tokens_per_s=tokens_per_s)
+                           tokens=counts.get("tokens", 0), steps_per_s=steps_per_s, tokens_per_s=tokens_per_s,
+                           verify_steps=drafter.verify_steps if drafter else 0,
+                           draft_tokens=drafter.drafted if drafter else 0,
+                           accepted_tokens=drafter.accepted if drafter else 0)
 
     # ---- the model thread ---------------------------------------------------------------------------
     def _model_thread(self, ready: asyncio.Future) -> None:
@@ -491,6 +516,8 @@ class Engine:
         The deliveries so far (step N-1's text among them) are posted only once step N+1 is launched: waking the
         event loop hands it the GIL, and the model thread waits to get it back while the loop runs consumers.
         Posted before the launch, that wait would idle the device; posted after, it overlaps the device's step."""
+        if self._drafter is not None and self._active and self._speculate(outbox):
+            return
         launched = None
         if self._active:
             slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
@@ -507,6 +534,46 @@ class Engine:
         if not self.options.overlap and self._in_flight is not None:
             current, self._in_flight = self._in_flight, None
             self._collect(current, outbox)
+
+    def _speculate(self, outbox: list[_Delivery]) -> bool:
+        """A verify step in place of a decode step, when a stream has a draft; False: decode as usual.
+
+        Drafts need every stream's latest id on the host, so the step in flight is collected first: a verify
+        step costs the launch/collect overlap, which streams that are not drafting (none found, or backing
+        off after failures) keep, since then no step is collected early."""
+        slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
+        if not self._drafter.wants(slots):
+            self._drafter.skip(slots)
+            return False
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            self._collect(previous, outbox)
+            if not self._active:
+                return True
+            slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
+        drafts, lengths = self._drafter.propose(slots)
+        if not lengths.any():
+            return False
+        self._post(outbox)  # the text so far need not wait for this step
+        outbox.clear()
+        try:
+            chosen, emitted = self._runner.verify(slots, drafts, lengths)
+        except Exception as exc:  # noqa: BLE001 - as a decode step's failure: the step's requests fail
+            self._fail_step(exc, len(slots), outbox)
+            return True
+        self._drafter.record(slots, lengths, emitted)
+        # The accepted ids go to the stream loop in order, one column at a time, as if each had come from its
+        # own step: a stream that ends inside its run (EOS, a stop string, its length) takes nothing after it.
+        for j in range(int(emitted.max())):
+            keep = emitted > j
+            if j:
+                keep &= np.fromiter((slot in self._active for slot in slots.tolist()), dtype=bool,
+                                    count=slots.size)
+            self._consume(slots[keep], chosen[keep, j], outbox)
+        with self._cond:
+            self._counts["steps"] += 1
+            self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
+        return True
 
     def _collect(self, in_flight: tuple[Launched, np.ndarray], outbox: list[_Delivery]) -> None:
         step, tenancy = in_flight
@@ -536,6 +603,8 @@ class Engine:
         """Hand one token per slot to the stream loop (one call for the whole batch) and route its events."""
         if not slots.size:
             return
+        if self._drafter is not None:
+            self._drafter.extend(slots, ids)
         if self._other_stops is not None:
             ids = np.where(np.isin(ids, self._other_stops), self._eos_id, ids)
         events = self._table.step(slots, ids)
@@ -653,6 +722,8 @@ class Engine:
     def _start_stream(self, job: _Job, first: int, outbox: list[_Delivery]) -> None:
         """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
         self._active[job.slot] = job
+        if self._drafter is not None:
+            self._drafter.start(job.slot, job.prompt_ids, job.sampling.max_new_tokens)
         try:
             self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
                             include_stop=job.sampling.include_stop, strip_first_space=self._strip_first_space)

@@ -28,10 +28,17 @@ class KVCache(nn.Module):
         return self.k[slots, :, :end], self.v[slots, :, :end]
 
     def append(self, pos: Tensor, k: Tensor, v: Tensor, ctx: int) -> tuple[Tensor, Tensor]:
-        """Write row i's (H, 1, D) step at ``pos[i]`` for rows [0, b); return views of their first ``ctx``
-        positions (views, not gathers: the batch bucket is a prefix of the cache rows)."""
-        b = pos.shape[0]
+        """Write row i's (H, T, D) step at positions ``pos[i]`` ... ``pos[i] + T - 1`` for rows [0, b) (T > 1:
+        a speculative verify, whose positions past the cache's end land on its spare last position, which no
+        step attends); return views of their first ``ctx`` positions (views, not gathers: the batch bucket is a
+        prefix of the cache rows)."""
+        b, t = pos.shape[0], k.shape[2]
         rows = torch.arange(b, device=pos.device)
-        self.k[rows, :, pos] = k[:, :, 0]
-        self.v[rows, :, pos] = v[:, :, 0]
+        if t == 1:
+            self.k[rows, :, pos] = k[:, :, 0]
+            self.v[rows, :, pos] = v[:, :, 0]
+        else:
+            at = (pos[:, None] + torch.arange(t, device=pos.device)).clamp(max=self.k.shape[2] - 1)
+            self.k[rows[:, None], :, at] = k.transpose(1, 2)
+            self.v[rows[:, None], :, at] = v.transpose(1, 2)
         return self.k[:b, :, :ctx], self.v[:b, :, :ctx]

@@ -35,6 +35,22 @@ class CachedLM(Protocol):
         """(b,) tokens at (b,) positions -> (b, V) logits over cache rows [0, b), positions [0, ctx)."""
         ...
 
+    def verify(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
+        """(b, T) tokens at positions ``pos[i]`` ... ``pos[i] + T - 1`` -> (b, T, V) logits, each query seeing
+        its row's cache up to its own position: a decode step of T tokens per row (speculative drafts checked
+        in one forward). Cache rows [0, b), positions [0, ctx)."""
+        ...
+
+
+def verify_positions(pos: Tensor, t: int) -> Tensor:
+    """(b, T) positions of a verify step's queries: row i's start ``pos[i]`` and the T - 1 after it."""
+    return pos[:, None] + torch.arange(t, device=pos.device)
+
+
+def verify_mask(at: Tensor, ctx: int) -> Tensor:
+    """(b, 1, T, ctx) boolean mask: query (i, j) attends the keys at or before its position ``at[i, j]``."""
+    return (torch.arange(ctx, device=at.device) <= at[..., None])[:, None]
+
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     """Causal attention of a prompt chunk's queries (positions [start, start + T)) over keys [0, start + T)."""

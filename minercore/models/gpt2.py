@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..kv.static import KVCache
-from .base import prompt_attention, prompt_rows
+from .base import prompt_attention, prompt_rows, verify_mask, verify_positions
 
 FLEX_BLOCK = 128  # keys per FlexAttention block: a row reads whole blocks up to the one holding its position
 
@@ -190,6 +190,16 @@ class GPT2LM(nn.Module):
         for block in self.blocks:
             x = block.step(x, pos, mask, ctx)
         return self.lm_head(self.ln_f(x[:, 0]))
+
+    def verify(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
+        """(b, T) tokens from (b,) positions -> (b, T, V) logits (``base.CachedLM.verify``)."""
+        at = verify_positions(pos, tokens.shape[1])
+        # Positions past the table (a padded draft at the context's end) read its last entry: never used.
+        x = self.wte(tokens) + self.wpe(at.clamp(max=self.config.n_positions - 1))
+        mask = verify_mask(at, ctx)
+        for block in self.blocks:
+            x = block.step(x, pos, mask, ctx)
+        return self.lm_head(self.ln_f(x))
 
 
 def row_length_mask(pos: Tensor, ctx: int) -> BlockMask:

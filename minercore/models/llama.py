@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..contract.config import LLAMA_MODEL_TYPES
 from ..kv.static import KVCache
-from .base import prompt_attention, prompt_rows
+from .base import prompt_attention, prompt_rows, verify_mask, verify_positions
 
 FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is gpt2.py's)
 
@@ -204,12 +204,16 @@ class Attention(nn.Module):
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
         q, k, v = self._heads(x, cos, sin)
         keys, values = self.cache.append(pos, k, v, ctx)
-        b = q.shape[0]
+        b, _, t, _ = q.shape
+        groups = self.n_head // self.n_kv_head
         # Decode is bandwidth-bound: never copy the cache per query head. The query heads sharing a KV head
-        # become that head's rows (query i uses KV head i // groups, as in transformers' repeat_kv).
-        grouped = q.view(b, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+        # become that head's rows (query i uses KV head i // groups, as in transformers' repeat_kv); with T
+        # queries per row (a verify step) each head's T rows follow one another, and so do their masks.
+        grouped = q.reshape(b, self.n_kv_head, groups * t, self.head_dim)
+        if t > 1:
+            mask = mask.expand(b, groups, t, mask.shape[-1]).reshape(b, 1, groups * t, mask.shape[-1])
         y = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
-        return self._merge(y.view(b, self.n_head, 1, self.head_dim))
+        return self._merge(y.view(b, self.n_head, t, self.head_dim))
 
 
 class MLP(nn.Module):
@@ -361,3 +365,15 @@ class LlamaLM(nn.Module):
         for layer in self.layers:
             x = layer.step(x, cos, sin, pos, mask, ctx)
         return self.lm_head(self.norm(x[:, 0]))
+
+    def verify(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
+        """(b, T) tokens from (b,) positions -> (b, T, V) logits (``base.CachedLM.verify``)."""
+        at = verify_positions(pos, tokens.shape[1])
+        # Positions past the table (a padded draft at the context's end) read its last angle: never used.
+        rope = at.clamp(max=self.cos.shape[0] - 1)
+        cos, sin = self.cos[rope][:, None], self.sin[rope][:, None]
+        x = self.embed_tokens(tokens)
+        mask = verify_mask(at, ctx)
+        for layer in self.layers:
+            x = layer.step(x, cos, sin, pos, mask, ctx)
+        return self.lm_head(self.norm(x))

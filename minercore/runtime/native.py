@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES
-from ..models.base import CachedLM
+from ..models.base import CachedLM, verify_positions
 from ..models.quant import describe as describe_quant
 from .device import dtype_name
 from .protocol import Launched
@@ -43,6 +43,7 @@ from .sampling import (
     GREEDY,
     KINDS,
     SAMPLE,
+    ContextOverflow,
     SlotParams,
     SlotState,
     check_prompt,
@@ -129,6 +130,48 @@ def _static_filter(model: CachedLM, state: SlotState, sampled: Tensor, b: int, c
 _STATIC_STEPS = (_static_greedy, _static_sample, _static_filter)  # indexed by kind
 
 
+def _verify_step(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int, ctx: int,
+                 kind: int) -> tuple[Tensor, Tensor]:
+    """Rows [0, b) fed their last token and their ``drafts`` ((b, k) ids, the first ``lengths[i]`` of row i
+    real) in one forward: (b, k + 1) ids chosen at each position, and how many of them each row emits (its
+    drafts up to the first the model disagrees with, plus the model's own id there). The ids are those plain
+    decoding would choose one step at a time: the same sampling rule at the same positions (the noise is keyed
+    by position). Active rows advance by what they emit; rejected positions stay in the cache unread, and are
+    overwritten when the stream reaches them."""
+    t = drafts.shape[1] + 1
+    pos = state.pos[:b].clamp(max=state.targets.shape[1] - 1)
+    tokens = torch.cat((state.tokens[:b, None], drafts), dim=1)
+    logits = model.verify(tokens, pos, ctx).float()
+    at = verify_positions(pos, t)
+    rows = torch.arange(b, device=pos.device).repeat_interleave(t)
+    chosen = slot_tokens(logits.view(b * t, -1), state, rows, at.reshape(-1), kind).view(b, t)
+    real = torch.arange(t - 1, device=pos.device) < lengths[:, None]
+    agreed = ((chosen[:, :-1] == drafts) & real).long().cumprod(dim=1).sum(dim=1)
+    active = state.active[:b]
+    state.tokens[:b] = torch.where(active, chosen.gather(1, agreed[:, None])[:, 0], state.tokens[:b])
+    emitted = agreed + 1
+    state.pos[:b] += torch.where(active, emitted, 0)
+    return chosen, emitted
+
+
+def _verify_greedy(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
+                   ctx: int) -> tuple[Tensor, Tensor]:
+    return _verify_step(model, state, drafts, lengths, b, ctx, GREEDY)
+
+
+def _verify_sample(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
+                   ctx: int) -> tuple[Tensor, Tensor]:
+    return _verify_step(model, state, drafts, lengths, b, ctx, SAMPLE)
+
+
+def _verify_filter(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
+                   ctx: int) -> tuple[Tensor, Tensor]:
+    return _verify_step(model, state, drafts, lengths, b, ctx, FILTER)
+
+
+_VERIFY_STEPS = (_verify_greedy, _verify_sample, _verify_filter)  # indexed by kind
+
+
 def _compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> tuple:
     """The decode steps, compiled: the only torch.compile in minercore's native path.
 
@@ -152,6 +195,14 @@ def _compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> t
         return tuple(torch.compile(step, fullgraph=True, dynamic=False, **limit) for step in _STATIC_STEPS)
     mode = "reduce-overhead" if device.type == "cuda" and graphs == "torch" else None
     return tuple(torch.compile(step, fullgraph=True, dynamic=True, mode=mode, **limit) for step in _STEPS)
+
+
+def _compile_verify_steps(recompile_limit: int) -> tuple:
+    """The speculative verify steps, compiled with ``dynamic=True`` and no CUDA graphs of their own (their one
+    width, k + 1, is static; batch and context vary as in the decode steps). Compiled with the decode steps
+    when ``speculative_tokens`` is given, so that warmup covers them."""
+    limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
+    return tuple(torch.compile(step, fullgraph=True, dynamic=True, **limit) for step in _VERIFY_STEPS)
 
 
 _PER_CALL_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
@@ -205,7 +256,8 @@ class ModelRunner:
     def __init__(self, model: CachedLM, *, max_batch: int, max_context: int, eos_id: int,
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
                  name: str = "custom", graphs: str = "off", attention: str = "bucketed",
-                 batch_buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = ()) -> None:
+                 batch_buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = (),
+                 speculative_tokens: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_context < 2:
@@ -218,6 +270,8 @@ class ModelRunner:
             raise ValueError("graphs=torch records torch.compile's CUDA graphs: it needs compile on")
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0 (0: no verify steps), got {speculative_tokens}")
         buckets = sorted(set(batch_buckets or pow2_buckets(1, max_batch)))
         if buckets[0] < 1 or buckets[-1] != max_batch:
             raise ValueError(f"batch_buckets must be >= 1 and end at max_batch {max_batch}, got {batch_buckets}")
@@ -253,8 +307,14 @@ class ModelRunner:
             self._recompile_limit = _make_room_for(
                 len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
             self._steps = _compile_steps(device, graphs, self._recompile_limit)
+            self._verify_steps = _compile_verify_steps(self._recompile_limit)
         else:
             self._steps = _STATIC_STEPS if self._manual else _STEPS
+            self._verify_steps = _VERIFY_STEPS
+        # Drafts a verify step checks per row (0: the runner only decodes); its fixed width is this plus one.
+        self.speculative_tokens = speculative_tokens
+        self._drafts = torch.zeros((max_batch, max(1, speculative_tokens)), dtype=torch.int64, device=device)
+        self._draft_lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self._copy = _HostCopy(max_batch, device)
         # Host mirrors, so bucketing and validation never read the device.
         self._pos = np.zeros(max_batch, dtype=np.int64)
@@ -317,6 +377,11 @@ class ModelRunner:
                 for kind in self._kinds:
                     for b, ctx in shapes:
                         self._run_step(b, ctx, kind)
+        if self.speculative_tokens:
+            for kind in self._kinds:
+                for b, ctx in self._verify_shapes():
+                    self._verify_steps[kind](self.model, self.state, self._drafts[:b], self._draft_lengths[:b],
+                                             b, ctx)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
@@ -424,11 +489,62 @@ class ModelRunner:
     def decode(self, slots: np.ndarray) -> np.ndarray:
         return self.collect(self.launch(slots))
 
+    @torch.inference_mode()
+    def verify(self, slots: np.ndarray, drafts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One speculative step, synchronous: slot ``slots[i]`` is fed its last id and the first ``lengths[i]``
+        ids of ``drafts[i]`` ((n, speculative_tokens) int64; a length may be 0). Returns the (n, k + 1) ids
+        chosen at each position and how many of them each slot emits, in order (1 to lengths[i] + 1): exactly
+        the ids that many plain decode steps would give. Not while a launched step is uncollected."""
+        k = self.speculative_tokens
+        if not k:
+            raise ValueError("verify: this runner was built without speculative_tokens")
+        slots = np.asarray(slots, dtype=np.int64)
+        drafts = np.asarray(drafts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if slots.size == 0 or drafts.shape != (slots.size, k) or lengths.shape != (slots.size,):
+            raise ValueError(f"verify: need n >= 1 slots, (n, {k}) drafts and (n,) lengths; got {slots.shape}, "
+                             f"{drafts.shape}, {lengths.shape}")
+        if slots.min() < 0 or slots.max() >= self.max_batch or not self._live[slots].all():
+            raise ValueError(f"verify: every slot must be prefilled and in [0, {self.max_batch}); got {slots}")
+        if lengths.min() < 0 or lengths.max() > k:
+            raise ValueError(f"verify: draft lengths must be in [0, {k}], got {lengths}")
+        if drafts.min() < 0 or drafts.max() >= self.vocab_size:
+            raise ValueError(f"verify: draft ids must be in [0, {self.vocab_size})")
+        active = np.zeros(self.max_batch, dtype=bool)
+        active[slots] = True
+        if active.sum() != slots.size:
+            raise ValueError(f"verify: duplicate slots in {slots}")
+        ends = self._pos[slots] + lengths  # the position of each row's last real query
+        if ends.max() >= self.max_context:
+            raise ContextOverflow(f"verify: drafts of slots {slots[ends >= self.max_context].tolist()} run past "
+                                  f"max_context {self.max_context}")
+        if not np.array_equal(active, self._active):
+            self._set_active(active)
+        b = next(b for b in self.batch_buckets if b > slots.max())
+        ctx = self._context_bucket(int(ends.max()) + 1)
+        host_drafts = np.zeros((b, k), dtype=np.int64)
+        host_lengths = np.zeros(b, dtype=np.int64)
+        host_drafts[slots], host_lengths[slots] = drafts, lengths
+        self._drafts[:b].copy_(torch.from_numpy(host_drafts))
+        self._draft_lengths[:b].copy_(torch.from_numpy(host_lengths))
+        self._copy.before_step()
+        chosen, emitted = self._verify_steps[int(self._kind[slots].max())](
+            self.model, self.state, self._drafts[:b], self._draft_lengths[:b], b, ctx)
+        chosen, emitted = chosen.cpu().numpy()[slots], emitted.cpu().numpy()[slots]  # the step's host sync
+        self._pos[slots] += emitted
+        return chosen, emitted
+
     def release(self, slot: int) -> None:
         check_slot(slot, self.max_batch)
         self._live[slot] = False
 
     # -- internals --
+
+    def _verify_shapes(self) -> list[tuple[int, int]]:
+        """The verify shapes warmup runs: the compiled specialisations, as for the dynamic decode steps."""
+        first = self.batch_buckets[0]
+        second = next((b for b in self.batch_buckets if b > 1), first)
+        return sorted({(b, c) for b in (first, second) for c in (self.context_buckets[0], self.context_buckets[-1])})
 
     def _context_bucket(self, needed: int) -> int:
         if self.attention != "bucketed":

@@ -189,7 +189,10 @@ def slot_tokens(logits: Tensor, state: SlotState, rows: slice | Tensor, pos: Ten
     # position). An echo row's output j is targets[j]: the prompt, then EOS for every j >= prompt_len.
     output = pos - prompt_len + 1
     index = torch.minimum(output.clamp(min=0), prompt_len)
-    target = state.targets[rows].gather(1, index[:, None])[:, 0]
+    if isinstance(rows, slice):
+        target = state.targets[rows].gather(1, index[:, None])[:, 0]
+    else:  # one element per row: never a copy of the rows' whole targets
+        target = state.targets[rows, index]
     if state.stop_ids.numel():
         # In place and over the stop ids' columns only: rows free to stop pay for a gather, not a vocabulary pass.
         stops = logits[:, state.stop_ids]

@@ -48,6 +48,10 @@ class Metrics:
                             registry=self.registry)
         self.tokens_per_s = Gauge("backend_tokens_per_second", "Backend decode rate over its recent window",
                                   namespace=namespace, registry=self.registry)
+        self.acceptance = Gauge("speculative_acceptance", "Share of speculative draft ids the model accepted",
+                                namespace=namespace, registry=self.registry)
+        self.tokens_per_step = Gauge("speculative_tokens_per_step", "Tokens each verify forward emitted, on average",
+                                     namespace=namespace, registry=self.registry)
 
     def observe_request(self, outcome: str, caller_class: str, ttft_s: float | None = None,
                         chunk_gaps: Iterable[float] = (), tokens: int = 0) -> None:
@@ -73,6 +77,8 @@ class Metrics:
         self.active.set(stats.active)
         self.queued.set(stats.queued)
         self.tokens_per_s.set(stats.tokens_per_s)
+        self.acceptance.set(acceptance(stats))
+        self.tokens_per_step.set(tokens_per_step(stats))
 
     def bind(self, backend: _StatsSource) -> None:
         """Make the gauges read ``backend.stats()`` at every scrape, so they are never stale.
@@ -82,6 +88,8 @@ class Metrics:
         self.active.set_function(lambda: backend.stats().active)
         self.queued.set_function(lambda: backend.stats().queued)
         self.tokens_per_s.set_function(lambda: backend.stats().tokens_per_s)
+        self.acceptance.set_function(lambda: acceptance(backend.stats()))
+        self.tokens_per_step.set_function(lambda: tokens_per_step(backend.stats()))
 
     def start_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on a daemon thread; returns the bound port (``port=0`` picks a free one)."""
@@ -98,3 +106,15 @@ class Metrics:
         if self._http_thread is not None:
             self._http_thread.join(timeout=5)
         self._http = self._http_thread = None
+
+
+def acceptance(stats: Any) -> float:
+    """Accepted draft ids over draft ids checked (0 before any draft, and for backends that do not draft)."""
+    drafted = getattr(stats, "draft_tokens", 0)
+    return stats.accepted_tokens / drafted if drafted else 0.0
+
+
+def tokens_per_step(stats: Any) -> float:
+    """Tokens per verify forward: its accepted drafts and the model's own id (1 to k + 1; 0 before any)."""
+    steps = getattr(stats, "verify_steps", 0)
+    return (stats.accepted_tokens + steps) / steps if steps else 0.0
