@@ -67,9 +67,9 @@ from minercore.models.presets import GPT2_PRESETS as PRESETS
 from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
-PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf", "quant")
+PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf", "quant", "speculative")
 PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
-                  "llama": 150, "gguf": 120, "quant": 300}
+                  "llama": 150, "gguf": 120, "quant": 300, "speculative": 150}
 # All phases together: under the 8 minutes asked for once the extension build and Python's start-up are added.
 # On a cold machine the later phases (variants, llama) may not fit; they are then skipped, and a rerun with
 # --phases picks them up with the caches the first run left warm.
@@ -550,6 +550,10 @@ def phase_gguf(sizes: Sizes, out: Path, part: Part) -> None:
     _phase_module("gguf", sizes, out, part)
 
 
+def phase_speculative(sizes: Sizes, out: Path, part: Part) -> None:
+    _phase_module("speculative", sizes, out, part)
+
+
 QUANT_MODES = ("none", "int8", "int4")
 
 
@@ -661,7 +665,7 @@ def _free(device: torch.device) -> None:
 
 PHASE_FUNCTIONS = {"kv": phase_kv, "decode": phase_decode, "correctness": phase_correctness,
                    "engine": phase_engine, "hf": phase_hf, "variants": phase_variants, "llama": phase_llama,
-                   "gguf": phase_gguf, "quant": phase_quant}
+                   "gguf": phase_gguf, "quant": phase_quant, "speculative": phase_speculative}
 
 
 # ---- orchestration ----
@@ -697,7 +701,7 @@ def run_phases(phases: list[str], smoke: bool, out: Path, budget_s: float, comma
                                                                         "correctness_details", "graph_health",
                                                                         "decode", "engine", "kv_bytes_per_slot",
                                                                         "llama", "quant", "quant_layers",
-                                                                        "quant_decode")}
+                                                                        "quant_decode", "speculative")}
         merge(results, kept)
         results["command"] = f"{resume.get('command', '?')}; then {command}"
     deadline = time.monotonic() + budget_s
