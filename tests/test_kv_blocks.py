@@ -118,6 +118,24 @@ def test_an_identical_prompt_reuses_its_full_blocks():
     assert (stats.hits, stats.misses) == (3, 2)
 
 
+def test_only_blocks_committed_full_are_cached():
+    pool = BlockPool(8, 4)
+    manager = KVCacheManager(pool, max_blocks_per_stream=4)
+    prompt = list(range(9))
+    manager.admit("a", prompt)
+    manager.commit("a", prompt[:3])  # a first prefill chunk: no block is full yet
+    assert manager.admit("b", prompt) == 0  # nor findable, though "a" holds it
+    manager.commit("a", prompt)
+    first, second, third = manager.block_table("a")
+    assert pool.hash_of(first) is not None and pool.hash_of(second) is not None and pool.hash_of(third) is None
+    manager.commit("b", prompt)  # computed the same blocks again: "a"'s stay the ones found
+    assert all(pool.hash_of(block) is None for block in manager.block_table("b"))
+    with pytest.raises(ValueError, match="committed to a table"):
+        manager.commit("a", prompt + [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="already admitted"):
+        manager.admit("a", prompt)
+
+
 def test_a_refused_admission_allocates_nothing():
     pool = BlockPool(5, 4)
     manager = KVCacheManager(pool, max_blocks_per_stream=4)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minercore.kv.block_pool import BlockHash, BlockPool
 
@@ -54,7 +54,7 @@ class KVStats:
 class _Stream:
     blocks: list[int]
     # Hashes of the leading full blocks already committed, in order: where ``commit`` picks up the chain.
-    hashes: list[BlockHash] = field(default_factory=list)
+    hashes: list[BlockHash]
 
 
 class KVCacheManager:
