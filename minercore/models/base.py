@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kv.paged import CacheFactory
+from ..kv.static import KVCache
+
 
 class CachedLM(Protocol):
     """A model with a static KV cache, as ``runtime.native.ModelRunner`` drives it: ``gpt2.GPT2LM`` and
@@ -18,8 +21,9 @@ class CachedLM(Protocol):
 
     def describe(self) -> str: ...
 
-    def setup_caches(self, max_batch: int, max_context: int) -> int:
-        """Allocate caches for ``max_batch`` rows of ``max_context`` positions; returns KV bytes per slot."""
+    def setup_caches(self, max_batch: int, max_context: int, cache_factory: CacheFactory = KVCache) -> int:
+        """Allocate caches for ``max_batch`` rows of ``max_context`` positions, each layer's built by
+        ``cache_factory`` (the static cache unless a paged one is asked for); returns KV bytes per slot."""
         ...
 
     def forward(self, idx: Tensor) -> Tensor:

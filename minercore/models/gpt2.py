@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from ..kv.paged import CacheFactory, LayerCache
 from ..kv.static import KVCache
 from .base import prompt_attention, prompt_rows, verify_mask, verify_positions
 
@@ -53,7 +54,7 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v as in GPT-2 checkpoints
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.cache: KVCache | None = None
+        self.cache: LayerCache | None = None
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, c = x.shape
@@ -143,8 +144,9 @@ class GPT2LM(nn.Module):
     def describe(self) -> str:
         return describe(self.config)
 
-    def setup_caches(self, max_batch: int, max_context: int) -> int:
-        """Allocate every layer's cache on the model's device and dtype; returns KV bytes per slot."""
+    def setup_caches(self, max_batch: int, max_context: int, cache_factory: CacheFactory = KVCache) -> int:
+        """Allocate every layer's cache on the model's device and dtype (static, or what ``cache_factory``
+        builds, e.g. ``kv.paged.PagedSpec.layer_cache``); returns KV bytes per slot of ``max_context``."""
         if max_context > self.config.n_positions:
             raise ValueError(f"max_context {max_context} exceeds the model's {self.config.n_positions} "
                              f"positions; use max_context <= {self.config.n_positions}")
@@ -153,8 +155,8 @@ class GPT2LM(nn.Module):
         # whole cache, whose view would be contiguous and make torch.compile specialise a second graph.
         positions = max_context + 1
         for block in self.blocks:
-            block.attn.cache = KVCache(max_batch, self.config.n_head, positions, self.config.head_dim,
-                                       weight.dtype, weight.device)
+            block.attn.cache = cache_factory(max_batch, self.config.n_head, positions, self.config.head_dim,
+                                             weight.dtype, weight.device)
         return 2 * self.config.n_layer * positions * self.config.n_embd * weight.element_size()
 
     def _embed(self, idx: Tensor, start: int = 0) -> Tensor:

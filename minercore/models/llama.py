@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract.config import LLAMA_MODEL_TYPES
+from ..kv.paged import CacheFactory, LayerCache
 from ..kv.static import KVCache
 from .base import prompt_attention, prompt_rows, verify_mask, verify_positions
 
@@ -175,7 +176,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.cache: KVCache | None = None
+        self.cache: LayerCache | None = None
 
     def _heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
@@ -316,8 +317,9 @@ class LlamaLM(nn.Module):
         return (f"{c.family} {c.n_layer}x{c.hidden_size} ({c.n_head} heads, {c.n_kv_head} KV), "
                 f"vocab {c.vocab_size}, {c.n_params() / 1e6:.1f}M params")
 
-    def setup_caches(self, max_batch: int, max_context: int) -> int:
-        """Allocate every layer's cache (KV heads only) and the RoPE table; returns KV bytes per slot."""
+    def setup_caches(self, max_batch: int, max_context: int, cache_factory: CacheFactory = KVCache) -> int:
+        """Allocate every layer's cache (KV heads only; static, or what ``cache_factory`` builds, see
+        GPT2LM.setup_caches) and the RoPE table; returns KV bytes per slot of ``max_context``."""
         c = self.config
         if max_context > c.max_positions:
             raise ValueError(f"max_context {max_context} exceeds the model's {c.max_positions} positions; "
@@ -328,8 +330,8 @@ class LlamaLM(nn.Module):
         weight = self.embed_tokens.weight
         positions = max_context + 1  # one spare position: see GPT2LM.setup_caches
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(max_batch, c.n_kv_head, positions, c.head_dim, weight.dtype,
-                                            weight.device)
+            layer.self_attn.cache = cache_factory(max_batch, c.n_kv_head, positions, c.head_dim, weight.dtype,
+                                                  weight.device)
         self.cos, self.sin = rope_table(c, positions, weight.device, weight.dtype)
         return 2 * c.n_layer * positions * c.n_kv_head * c.head_dim * weight.element_size()
 
