@@ -58,7 +58,8 @@ def test_the_same_values_reach_the_same_dataclasses():
               "seed": "7", "upstream_url": "http://u/v1", "quant": "none", "quant_group": "64",
               "upstream_model": "m", "upstream_api_key_env": "KEY", "device": "cpu", "dtype": "bfloat16",
               "threads": "3", "max_batch": "8", "max_queue": "0", "max_new_tokens": "99", "max_prompt_chars": "1000",
-              "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256"}
+              "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256",
+              "speculative": "off", "speculative_tokens": "3"}
     assert set(values) == {option.name for option in OPTIONS}
     by_name = {option.name: option for option in OPTIONS}
     serve = serve_options(*[a for name, v in values.items() for a in (by_name[name].serve_flag, v)])
@@ -68,6 +69,7 @@ def test_the_same_values_reach_the_same_dataclasses():
     assert (model.backend, model.max_context, model.dtype, engine.max_queue, engine.flush_ms) == (
         "hf", 512, "bfloat16", 0, 12.5)
     assert (model.graphs, model.attention, engine.overlap) == ("manual", "flex", False)
+    assert (engine.speculative, engine.speculative_tokens) == ("off", 3)
     assert engine.max_prompt_chars == 1000  # serve has it now too
     assert engine.prefill_tokens == 256
     assert (model.quant, model.quant_group) == ("none", 64)

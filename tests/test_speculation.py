@@ -8,13 +8,14 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from helpers import MIXED
+from helpers import GPT2_EOS, MIXED
 
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.engine.speculation import Drafter
+from minercore.engine.speculation import Drafter, verify_width
 from minercore.models.presets import build_preset
+from minercore.runtime.build import build_runner
 from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import ContextOverflow, SlotParams
 from minercore.serve.metrics import Metrics
@@ -167,7 +168,7 @@ def test_verify_refuses_what_it_cannot_do() -> None:
 def test_compiled_verify_steps_match_eager() -> None:
     model = build_preset("llama-tiny", 0, CPU, torch.float32)
     compiled = ModelRunner(model, max_batch=2, max_context=128, eos_id=0, device=CPU, dtype=torch.float32,
-                           compile=True, speculative_tokens=K, kinds=(0,))
+                           compile=True, speculative_tokens=K, kinds=(0,), compile_verify=True)
     compiled.warmup()
     expected = plain("llama-tiny", PARAMS["greedy"], 20)[0]
     got = [compiled.prefill(0, PROMPTS[0], PARAMS["greedy"])]
@@ -189,9 +190,14 @@ async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, str 
     return "".join(text), reason
 
 
-async def started(speculative: str, mode: str = "echo", **options) -> Engine:
-    engine = Engine(ModelOptions(preset="tiny", compile="off", device="cpu", max_context=2048, mode=mode),
-                    EngineOptions(speculative=speculative, speculative_tokens=K, **options))
+async def started(speculative: str, mode: str = "echo", verify_tokens: int = 64, **options) -> Engine:
+    """The tiny model's engine; ``verify_tokens`` wide enough for every stream of these tests to draft."""
+    model = ModelOptions(preset="tiny", compile="off", device="cpu", max_context=2048, mode=mode)
+    engine_options = EngineOptions(speculative=speculative, speculative_tokens=K, **options)
+    runner = build_runner(model, max_batch=engine_options.max_batch, eos_id=GPT2_EOS,
+                          speculative_tokens=K if speculative == "ngram" else 0)
+    runner.verify_tokens = verify_tokens
+    engine = Engine(model, engine_options, runner=runner)
     await engine.start()
     return engine
 
@@ -241,6 +247,21 @@ async def test_generated_text_is_the_same_with_and_without_speculation_batched()
             await engine.shutdown(grace=0)
     assert answers[0] == answers[1]
     assert verified > 0
+
+
+def test_drafts_narrow_as_streams_are_added_and_stop_past_the_verify_budget() -> None:
+    assert [verify_width(8, 16, n) for n in (1, 2, 3, 4, 8, 9)] == [8, 7, 4, 3, 1, 0]
+
+
+async def test_past_the_verify_budget_streams_decode_plainly_and_exactly() -> None:
+    engine = await started("ngram", max_batch=8, verify_tokens=1)
+    try:
+        prompts = [f"{i} " + " ".join(MIXED) for i in range(3)]
+        results = await asyncio.gather(*(collect(engine, GenerationRequest(prompt=p)) for p in prompts))
+        assert [text for text, _ in results] == prompts
+        assert engine.stats().verify_steps == 0
+    finally:
+        await engine.shutdown(grace=0)
 
 
 async def test_cancellation_and_deadlines_while_speculating_free_the_slot() -> None:

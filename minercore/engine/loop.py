@@ -43,12 +43,12 @@ from ..contract.generation import (
     validated_sampling,
 )
 from ..text import streamloop
+from .speculation import Drafter, verify_width
 
 if TYPE_CHECKING:
     from ..models.loading import Checkpoint
     from ..runtime.protocol import Launched, Runner
     from ..runtime.sampling import SlotParams
-    from .speculation import Drafter
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +249,6 @@ class Engine:
             log.warning("speculative ngram: the %s runner does not verify %d-id drafts; decoding one token a "
                         "step", self.backend_name, k)
             return None
-        from .speculation import Drafter
-
         return Drafter(self.options.max_batch, self._runner.max_context, k,
                        echo=self.model_options.mode == "echo", eos_id=eos_id)
 
@@ -540,9 +538,13 @@ class Engine:
 
         Drafts need every stream's latest id on the host, so the step in flight is collected first: a verify
         step costs the launch/collect overlap, which streams that are not drafting (none found, or backing
-        off after failures) keep, since then no step is collected early."""
+        off after failures) keep, since then no step is collected early. The drafts narrow as streams are
+        added, so that a step computes at most the runner's ``verify_tokens`` positions; past that, and
+        wherever no stream drafts, the step is a plain decode step."""
         slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
-        if not self._drafter.wants(slots):
+        # Too many streams for a verify step to pay, or none drafting: a plain step.
+        width = verify_width(self._drafter.k, self._runner.verify_tokens, slots.size)
+        if width < 1 or not self._drafter.wants(slots):
             self._drafter.skip(slots)
             return False
         if self._in_flight is not None:
@@ -551,7 +553,9 @@ class Engine:
             if not self._active:
                 return True
             slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
-        drafts, lengths = self._drafter.propose(slots)
+        # Fewer streams than before the collection, so never a narrower width.
+        drafts, lengths = self._drafter.propose(
+            slots, verify_width(self._drafter.k, self._runner.verify_tokens, slots.size))
         if not lengths.any():
             return False
         self._post(outbox)  # the text so far need not wait for this step

@@ -21,6 +21,12 @@ MAX_MATCH = 4
 _MAX_BACKOFF_STEPS = 32
 
 
+def verify_width(k: int, verify_tokens: int, streams: int) -> int:
+    """Drafts per row in a verify step of ``streams`` rows computing at most ``verify_tokens`` positions (each
+    row its drafts and its last id), at most ``k``; below 1 the step decodes plainly."""
+    return min(k, verify_tokens // streams - 1)
+
+
 class Drafter:
     """Per-slot history and drafting state for ``max_batch`` slots of up to ``max_context`` ids each."""
 
@@ -65,14 +71,16 @@ class Drafter:
         """A step without drafts: the waiting slots count it."""
         self._wait[slots] = np.maximum(self._wait[slots] - 1, 0)
 
-    def propose(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n, k) drafts and (n,) lengths for ``slots`` (length 0: no draft); a slot that finds none waits."""
-        drafts = np.zeros((slots.size, self.k), dtype=np.int64)
+    def propose(self, slots: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(n, width) drafts (default width: k) and (n,) lengths for ``slots`` (length 0: no draft); a slot
+        that finds none waits."""
+        width = self.k if width is None else width
+        drafts = np.zeros((slots.size, width), dtype=np.int64)
         lengths = np.zeros(slots.size, dtype=np.int64)
         outputs = self._length[slots] - self._prompt[slots]
         # Drafts never run past the answer's end or the context (each verify emits up to lengths + 1 ids).
         limits = np.minimum(self._max_new[slots] - outputs - 1, self.max_context - self._length[slots])
-        limits = np.clip(limits, 0, self.k)
+        limits = np.clip(limits, 0, width)
         waiting = slots[self._wait[slots] > 0]
         for i, slot in enumerate(slots.tolist()):
             if self._wait[slot] or not limits[i]:

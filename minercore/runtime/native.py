@@ -199,8 +199,8 @@ def _compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> t
 
 def _compile_verify_steps(recompile_limit: int) -> tuple:
     """The speculative verify steps, compiled with ``dynamic=True`` and no CUDA graphs of their own (their one
-    width, k + 1, is static; batch and context vary as in the decode steps). Compiled with the decode steps
-    when ``speculative_tokens`` is given, so that warmup covers them."""
+    width, k + 1, is static; batch and context vary as in the decode steps); warmup runs their shapes. CUDA
+    only (see ``ModelRunner.__init__``)."""
     limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
     return tuple(torch.compile(step, fullgraph=True, dynamic=True, **limit) for step in _VERIFY_STEPS)
 
@@ -249,7 +249,9 @@ class ModelRunner:
 
     ``graphs`` and ``attention`` are described in the module docstring; ``batch_buckets`` are the batch sizes
     a step runs at (a step pads to the smallest one that holds its highest slot; default: powers of two up
-    to ``max_batch``); a benchmark that only needs a few sizes saves their compiles and captures."""
+    to ``max_batch``); a benchmark that only needs a few sizes saves their compiles and captures.
+    ``speculative_tokens`` > 0 adds ``verify`` steps of that many drafts, compiled where ``compile_verify`` says
+    (default: with ``compile``, on CUDA only)."""
 
     backend = "native"
 
@@ -257,7 +259,7 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
                  name: str = "custom", graphs: str = "off", attention: str = "bucketed",
                  batch_buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = (),
-                 speculative_tokens: int = 0) -> None:
+                 speculative_tokens: int = 0, compile_verify: bool | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_context < 2:
@@ -307,10 +309,14 @@ class ModelRunner:
             self._recompile_limit = _make_room_for(
                 len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
             self._steps = _compile_steps(device, graphs, self._recompile_limit)
-            self._verify_steps = _compile_verify_steps(self._recompile_limit)
         else:
             self._steps = _STATIC_STEPS if self._manual else _STEPS
-            self._verify_steps = _VERIFY_STEPS
+        # On a CPU the verify steps run eagerly: compiling their three kinds took SmolLM2's warm-up from 67 s to
+        # over 5 minutes on two cores, and even eager a verify step that emits a few ids beats as many compiled
+        # decode steps (RESULTS.md, speculative). On CUDA a step's launches dominate: compiled.
+        self._compiled_verify = compile and (device.type == "cuda" if compile_verify is None else compile_verify)
+        self._verify_steps = (_compile_verify_steps(self._recompile_limit) if self._compiled_verify
+                              else _VERIFY_STEPS)
         # Drafts a verify step checks per row (0: the runner only decodes); its fixed width is this plus one.
         self.speculative_tokens = speculative_tokens
         self._drafts = torch.zeros((max_batch, max(1, speculative_tokens)), dtype=torch.int64, device=device)
@@ -327,11 +333,19 @@ class ModelRunner:
         # one 256-token prompt already is (benchmarks/bench_prefill.py: batched median TTFT 640 ms against 436
         # ms one prompt at a time); a GPU has room for thousands.
         self.prefill_batch_tokens = 2048 if device.type == "cuda" else 256
+        # Positions one verify step may compute (rows x (drafts + 1)): the engine narrows the drafts as the batch
+        # grows and decodes plainly past it. Every row of a verify step computes its full width, drafts or not;
+        # on a CPU that is compute, and SmolLM2 at 8 streams of 9 positions ran at 0.7x plain decoding
+        # (RESULTS.md, speculative). A GPU step is bound by reading the weights until far wider.
+        self.verify_tokens = 1024 if device.type == "cuda" else 16
         self.quantization = describe_quant(self.model)  # "none", or e.g. "int4 g32"
         self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
                             f"weights {self.quantization}, "
                             f"{'compiled' if compile else 'eager'}, graphs {graphs}, attention {attention}")
+        if speculative_tokens:
+            self.description += (f", speculative {speculative_tokens} "
+                                 f"({'compiled' if self._compiled_verify else 'eager'} verify)")
 
     @property
     def context_buckets(self) -> list[int]:
@@ -378,8 +392,9 @@ class ModelRunner:
                     for b, ctx in shapes:
                         self._run_step(b, ctx, kind)
         if self.speculative_tokens:
+            shapes = self._verify_shapes() if self._compiled_verify else self._verify_shapes()[:1]
             for kind in self._kinds:
-                for b, ctx in self._verify_shapes():
+                for b, ctx in shapes:
                     self._verify_steps[kind](self.model, self.state, self._drafts[:b], self._draft_lengths[:b],
                                              b, ctx)
         if self.device.type == "cuda":
@@ -492,18 +507,19 @@ class ModelRunner:
     @torch.inference_mode()
     def verify(self, slots: np.ndarray, drafts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One speculative step, synchronous: slot ``slots[i]`` is fed its last id and the first ``lengths[i]``
-        ids of ``drafts[i]`` ((n, speculative_tokens) int64; a length may be 0). Returns the (n, k + 1) ids
+        ids of ``drafts[i]`` ((n, w) int64, 1 <= w <= speculative_tokens; a length may be 0). Returns the (n, w + 1) ids
         chosen at each position and how many of them each slot emits, in order (1 to lengths[i] + 1): exactly
         the ids that many plain decode steps would give. Not while a launched step is uncollected."""
-        k = self.speculative_tokens
-        if not k:
+        if not self.speculative_tokens:
             raise ValueError("verify: this runner was built without speculative_tokens")
         slots = np.asarray(slots, dtype=np.int64)
         drafts = np.asarray(drafts, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
-        if slots.size == 0 or drafts.shape != (slots.size, k) or lengths.shape != (slots.size,):
-            raise ValueError(f"verify: need n >= 1 slots, (n, {k}) drafts and (n,) lengths; got {slots.shape}, "
-                             f"{drafts.shape}, {lengths.shape}")
+        k = drafts.shape[1] if drafts.ndim == 2 else 0
+        if (slots.size == 0 or drafts.shape != (slots.size, k) or not 1 <= k <= self.speculative_tokens
+                or lengths.shape != (slots.size,)):
+            raise ValueError(f"verify: need n >= 1 slots, (n, w) drafts with 1 <= w <= {self.speculative_tokens} "
+                             f"and (n,) lengths; got {slots.shape}, {drafts.shape}, {lengths.shape}")
         if slots.min() < 0 or slots.max() >= self.max_batch or not self._live[slots].all():
             raise ValueError(f"verify: every slot must be prefilled and in [0, {self.max_batch}); got {slots}")
         if lengths.min() < 0 or lengths.max() > k:
@@ -525,11 +541,11 @@ class ModelRunner:
         host_drafts = np.zeros((b, k), dtype=np.int64)
         host_lengths = np.zeros(b, dtype=np.int64)
         host_drafts[slots], host_lengths[slots] = drafts, lengths
-        self._drafts[:b].copy_(torch.from_numpy(host_drafts))
+        self._drafts[:b, :k].copy_(torch.from_numpy(host_drafts))
         self._draft_lengths[:b].copy_(torch.from_numpy(host_lengths))
         self._copy.before_step()
         chosen, emitted = self._verify_steps[int(self._kind[slots].max())](
-            self.model, self.state, self._drafts[:b], self._draft_lengths[:b], b, ctx)
+            self.model, self.state, self._drafts[:b, :k], self._draft_lengths[:b], b, ctx)
         chosen, emitted = chosen.cpu().numpy()[slots], emitted.cpu().numpy()[slots]  # the step's host sync
         self._pos[slots] += emitted
         return chosen, emitted
