@@ -23,7 +23,7 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     assert results["device"] == "CPU" and results["smoke"] is True
     assert results["torch"] and results["date"] and results["command"] == "bash scripts/gpu_check.sh --smoke"
     assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf",
-                                      "quant"}
+                                      "quant", "speculative"}
     assert all(phase["status"] == "ok" for phase in results["phases"].values()), results["phases"]
     assert not results.get("errors"), results["errors"]
 
@@ -59,6 +59,10 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     layers = results["quant_layers"]
     assert {row["mode"] for row in layers} == {"int8", "int4", "int4 Q4_1 blocks"} and len(layers) == 15
     assert any(name.startswith("quant int4 Q4_1 blocks lm_head") for name in checks)
+
+    speculative = results["speculative"]
+    assert [row["batch"] for row in speculative["rows"]] == [1, 2]
+    assert all(0.5 <= row["agreement"] <= 1.0 and row["tokens_per_s_verified"] > 0 for row in speculative["rows"])
 
     assert "one decode step" in (tmp_path / "profile.txt").read_text(encoding="utf-8")
     log = (tmp_path / "gpu-check.log").read_text(encoding="utf-8")
