@@ -57,10 +57,25 @@ def callers_frozen():
         gc.unfreeze()
 
 
+def contended_miner(directory, *args: str):
+    return miner_process(directory, "--model.max_context", "4096", "--model.compile", "off", *args)
+
+
 @pytest.fixture(scope="module")
 def miner(tmp_path_factory):
-    with miner_process(tmp_path_factory.mktemp("contention"), "--model.max_context", "4096",
-                       "--model.compile", "off") as running:
+    with contended_miner(tmp_path_factory.mktemp("contention")) as running:
+        yield running
+
+
+# 64 bittensor-10 Dendrites in one starved process spend about 0.5 s signing and preparing every request before
+# the first byte leaves (gather runs each forward's synchronous preparation in turn), and about as long again
+# reading the 64 ends: caller time the miner cannot see, which is what its margin is for.
+DENDRITE_CALLERS_MARGIN_S = 1.5
+
+
+@pytest.fixture
+def miner_for_dendrites(tmp_path):
+    with contended_miner(tmp_path, "--stream.deadline_margin", str(DENDRITE_CALLERS_MARGIN_S)) as running:
         yield running
 
 
@@ -81,10 +96,10 @@ async def test_openai_callers_all_end_before_their_timeout_while_every_core_is_b
 
 
 @pytest.mark.bt10
-async def test_streamprompting_callers_all_end_before_their_timeout_while_every_core_is_busy(miner, callers_frozen,
-                                                                                            cpu_hog):
-    results = await client.stream_many(miner.target, [PROMPT] * CALLERS, wallet=new_keypair(), timeout=TIMEOUT_S,
-                                       protocol="streamprompting")
+async def test_streamprompting_callers_all_end_before_their_timeout_while_every_core_is_busy(miner_for_dendrites,
+                                                                                            callers_frozen, cpu_hog):
+    results = await client.stream_many(miner_for_dendrites.target, [PROMPT] * CALLERS, wallet=new_keypair(),
+                                       timeout=TIMEOUT_S, protocol="streamprompting")
     assert all(hog.poll() is None for hog in cpu_hog)
     assert_all_ended_in_time(results)
     assert any(r.text != PROMPT for r in results)

@@ -192,17 +192,20 @@ async def stream_many(target: Any, prompts: Sequence[str], *, wallet: Any, role:
             raise ValueError("--temperature is the openai protocol's; StreamPrompting answers are greedy")
         if isinstance(target, Target):
             target = target.for_dendrite()
-        send = stream_prompt
-    elif protocol == "openai":
+        # One Dendrite per stream (see dendrite.py), each built before any stream's clock starts, as a validator
+        # keeps its own: building one (its session, its signing keys) is not part of a request's time.
+        async with contextlib.AsyncExitStack() as stack:
+            dendrites = [await stack.enter_async_context(make_dendrite(wallet)) for _ in prompts]
+            return list(await asyncio.gather(*(stream_prompt(target, [prompt], [role], dendrite=dendrite,
+                                                             timeout=timeout, on_text=on_text)
+                                               for prompt, dendrite in zip(prompts, dendrites, strict=True))))
+    if protocol == "openai":
         # One connection pool for every stream, built before any stream's clock starts.
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as http:
             send = functools.partial(stream_openai, temperature=temperature, http=http)
             return list(await asyncio.gather(*(send(target, [prompt], [role], wallet=wallet, timeout=timeout,
                                                     on_text=on_text) for prompt in prompts)))
-    else:
-        raise ValueError(f"unknown protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
-    return list(await asyncio.gather(*(send(target, [prompt], [role], wallet=wallet, timeout=timeout,
-                                            on_text=on_text) for prompt in prompts)))
+    raise ValueError(f"unknown protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
 
 
 def count_tokens(text: str) -> int:
