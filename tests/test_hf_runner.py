@@ -8,7 +8,7 @@ import torch
 from checkpoints import tiny_gpt2, tiny_llama_family
 
 from minercore.contract.config import ModelOptions
-from minercore.models.gpt2 import load_gpt2
+from minercore.models.loading.safetensors import load_gpt2
 from minercore.runtime.build import build_runner
 from minercore.runtime.hf import HFRunner
 from minercore.runtime.native import ModelRunner

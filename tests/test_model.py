@@ -6,7 +6,8 @@ import pytest
 import torch
 from checkpoints import tiny_gpt2
 
-from minercore.models.gpt2 import GPT2LM, GPTConfig, load_gpt2
+from minercore.models.gpt2 import GPT2LM, GPTConfig
+from minercore.models.loading.safetensors import load_gpt2
 from minercore.models.presets import GPT2_PRESETS as PRESETS
 
 SMALL = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=4, n_embd=32)
@@ -114,3 +115,5 @@ def test_gpt2_checkpoint_errors(tmp_path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="not a GPT-2-family checkpoint"):
         load_gpt2(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="downloads nothing"):
+        load_gpt2("gpt2")  # a hub name is not fetched

@@ -68,7 +68,7 @@ class ModelOptions:
     backend: str = "native"
     preset: str = "tiny"  # native, without path: tiny | gpt2 | gpt2-medium | llama-tiny | llama3-8b (random weights)
     mode: str = "echo"  # echo: greedy output reproduces the prompt | generate: the model's own sampling
-    weights: str | None = None  # simulated: GPT-2-family Hugging Face checkpoint directory (or hub name)
+    weights: str | None = None  # simulated: GPT-2-family Hugging Face checkpoint directory
     path: str | None = None  # a Hugging Face checkpoint directory: native if its model_type has an implementation
     tokenizer: str = "gpt2"  # gpt2 (bundled) or a Hugging Face tokenizer name/directory
     device: str = "auto"

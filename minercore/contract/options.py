@@ -103,7 +103,7 @@ OPTIONS: tuple[Option, ...] = (
            help="echo: answer the prompt (the last message) byte for byte (the seed's behaviour); generate: the "
                 "model's own sampling."),
     Option("weights", ModelOptions, "model",
-           help="Native backend: a GPT-2-family checkpoint directory or hub name (default: random weights from "
+           help="Native backend: a GPT-2-family checkpoint directory (default: random weights from "
                 "{seed})."),
     Option("path", ModelOptions, "model",
            help="A Hugging Face checkpoint directory: served natively when its model_type is gpt2, llama, "

@@ -1,4 +1,5 @@
-"""A GPT-2-shaped language model with a static KV cache (random weights from a seed, or real GPT-2 weights).
+"""A GPT-2-shaped language model with a static KV cache (random weights from a seed, or real GPT-2 weights:
+``loading.safetensors.load_gpt2``).
 
 Architecture: learned positional embeddings, pre-LayerNorm blocks, GELU(tanh) MLP 4x, final LayerNorm,
 LM head tied to the token embedding. Three entry points:
@@ -14,9 +15,8 @@ LM head tied to the token embedding. Three entry points:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,18 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> GPTConfig:
+        """From a config.json dict; ValueError for a model this module would compute differently."""
+        if raw.get("model_type") != "gpt2":
+            raise ValueError(f"a {raw.get('model_type')!r} model, not a GPT-2-family checkpoint")
+        if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("reorder_and_upcast_attn"):
+            raise ValueError("GPT-2 attention variants are not supported")
+        if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"activation {raw['activation_function']!r} is not GELU(tanh)")
+        return cls(vocab_size=raw["vocab_size"], n_positions=raw["n_positions"], n_layer=raw["n_layer"],
+                   n_head=raw["n_head"], n_embd=raw["n_embd"], layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5))
 
 
 class Attention(nn.Module):
@@ -217,75 +229,6 @@ def row_length_mask(pos: Tensor, ctx: int) -> BlockMask:
         return key <= pos[row]
 
     return BlockMask.from_kv_blocks(visited, order, BLOCK_SIZE=FLEX_BLOCK, mask_mod=visible, seq_lengths=(1, ctx))
-
-
-# ---- real GPT-2-family weights (Hugging Face checkpoint layout) ----
-
-def _hf_config(directory: Path) -> GPTConfig:
-    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    if raw.get("model_type") != "gpt2":
-        raise ValueError(f"{directory} holds a {raw.get('model_type')!r} model, not a GPT-2-family checkpoint")
-    if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("reorder_and_upcast_attn"):
-        raise ValueError(f"{directory}: GPT-2 attention variants are not supported")
-    if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{directory}: activation {raw['activation_function']!r} is not GELU(tanh)")
-    return GPTConfig(vocab_size=raw["vocab_size"], n_positions=raw["n_positions"], n_layer=raw["n_layer"],
-                     n_head=raw["n_head"], n_embd=raw["n_embd"],
-                     layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5))
-
-
-def _hf_state_dict(directory: Path) -> dict[str, Tensor]:
-    single = directory / "model.safetensors"
-    if single.exists():
-        from safetensors.torch import load_file
-
-        return load_file(str(single))
-    sharded = sorted(directory.glob("model-*.safetensors"))
-    if sharded:
-        from safetensors.torch import load_file
-
-        return {k: v for shard in sharded for k, v in load_file(str(shard)).items()}
-    legacy = directory / "pytorch_model.bin"
-    if legacy.exists():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} has no model.safetensors or pytorch_model.bin")
-
-
-def _resolve_checkpoint(name_or_dir: str) -> Path:
-    directory = Path(name_or_dir)
-    if directory.is_dir():
-        return directory
-    # Not a directory: a hub name, fetched (or found in the local hub cache) by huggingface_hub.
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors", "*.bin"]))
-
-
-def load_gpt2(name_or_dir: str) -> GPT2LM:
-    """A GPT2LM holding a GPT-2-family checkpoint's weights (float32, CPU)."""
-    directory = _resolve_checkpoint(name_or_dir)
-    config = _hf_config(directory)
-    source = {k.removeprefix("transformer."): v for k, v in _hf_state_dict(directory).items()}
-    model = GPT2LM(config)
-    target = model.state_dict()
-    loaded = {}
-    for key, tensor in source.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-            continue  # old checkpoints' causal-mask buffers; the head is tied to wte
-        ours = "blocks." + key.removeprefix("h.") if key.startswith("h.") else key
-        if ours not in target:
-            raise ValueError(f"unexpected tensor {key!r} in {directory}")
-        # HF GPT-2 stores its linear layers as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
-        if ours.endswith(".weight") and tensor.dim() == 2 and ("attn.c_" in ours or "mlp.c_" in ours):
-            tensor = tensor.t()
-        if tensor.shape != target[ours].shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target[ours].shape)}")
-        loaded[ours] = tensor.float()
-    missing = set(target) - set(loaded) - {"lm_head.weight"}
-    if missing:
-        raise ValueError(f"{directory} lacks {sorted(missing)}")
-    model.load_state_dict(loaded, strict=False)
-    return model
 
 
 def describe(config: GPTConfig) -> str:

@@ -11,9 +11,9 @@ import torch
 
 from ..contract.config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES, ModelOptions, context_for
 from ..models.base import CachedLM
-from ..models.gpt2 import load_gpt2
 from ..models.loading import inspect as inspect_checkpoint
 from ..models.loading import load_native
+from ..models.loading.safetensors import load_gpt2
 from ..models.presets import build_preset
 from ..models.quant import quantize
 from .device import configure_threads, select, select_device

@@ -118,7 +118,7 @@ def load_native(checkpoint: Checkpoint, *, device: Any, dtype: Any, keep_int4: b
 
         return load_gguf(checkpoint.path, device=device, dtype=dtype, keep_int4=keep_int4)
     if checkpoint.architecture == "gpt2":
-        from ..gpt2 import load_gpt2
+        from .safetensors import load_gpt2
 
         return load_gpt2(checkpoint.path)
     from ..llama import LlamaConfig
