@@ -59,7 +59,8 @@ def test_the_same_values_reach_the_same_dataclasses():
               "upstream_model": "m", "upstream_api_key_env": "KEY", "device": "cpu", "dtype": "bfloat16",
               "threads": "3", "max_batch": "8", "max_queue": "0", "max_new_tokens": "99", "max_prompt_chars": "1000",
               "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256",
-              "speculative": "off", "speculative_tokens": "3"}
+              "speculative": "off", "speculative_tokens": "3", "kv_cache": "paged", "kv_block_size": "32",
+              "kv_cache_gb": "1.5", "prefix_cache": "off"}
     assert set(values) == {option.name for option in OPTIONS}
     by_name = {option.name: option for option in OPTIONS}
     serve = serve_options(*[a for name, v in values.items() for a in (by_name[name].serve_flag, v)])

@@ -42,6 +42,7 @@ QUANT_GROUPS = (32, 64, 128, 256)
 # Speculative decoding (engine/speculation.py): off | ngram (drafts looked up in each stream's own prompt and
 # output, checked in one forward; echo's draft is its prompt).
 SPECULATIVE_CHOICES = ("off", "ngram")
+KV_CACHE_CHOICES = ("static", "paged")
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -122,8 +123,19 @@ class EngineOptions:
     overlap: bool = True  # launch decode step N+1 before detokenizing and posting step N
     speculative: str = "ngram"  # off | ngram: several tokens per forward where a stream repeats what it has seen
     speculative_tokens: int = 8  # drafts checked per forward (each forward then yields 1 to this + 1 tokens)
+    # static: every slot holds max_context positions; paged: a pool of blocks handed out as requests need them
+    kv_cache: str = "static"
+    kv_block_size: int = 16  # positions per block of the paged cache
+    kv_cache_gb: float = 0.0  # the paged pool's size (0: as many positions as the static cache holds)
+    prefix_cache: bool = True  # paged: a prompt's leading full blocks seen before are reused, not recomputed
 
     def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHE_CHOICES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {self.kv_cache!r}")
+        if not 1 <= self.kv_block_size <= 1024:
+            raise ValueError(f"kv_block_size must be in [1, 1024], got {self.kv_block_size!r}")
+        if not self.kv_cache_gb >= 0:  # also refuses NaN
+            raise ValueError(f"kv_cache_gb must be >= 0 (0: the static cache's size), got {self.kv_cache_gb!r}")
         if self.speculative not in SPECULATIVE_CHOICES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_CHOICES)}, "
                              f"got {self.speculative!r}")

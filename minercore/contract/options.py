@@ -18,6 +18,7 @@ from .config import (
     COMPILE_CHOICES,
     DTYPE_NAMES,
     GRAPH_CHOICES,
+    KV_CACHE_CHOICES,
     MODES,
     PRESET_NAMES,
     QUANT_CHOICES,
@@ -168,6 +169,20 @@ OPTIONS: tuple[Option, ...] = (
                 "failing stops drafting for a while. off: one token per forward."),
     Option("speculative_tokens", EngineOptions, "engine", type=positive_int,
            help="Drafts checked per forward with {speculative} ngram (1-16)."),
+    Option("kv_cache", EngineOptions, "engine", choices=KV_CACHE_CHOICES,
+           help="Native backend: static gives every slot max_context positions of keys and values up front; "
+                "paged keeps them in a pool of {kv_block_size}-position blocks ({kv_cache_gb}) that a request "
+                "takes as it is admitted (its prompt plus its longest answer) and returns when it ends, so memory "
+                "follows the requests and a request waits for blocks rather than failing."),
+    Option("kv_block_size", EngineOptions, "engine", type=positive_int,
+           help="Positions per block of the {kv_cache} paged pool."),
+    Option("kv_cache_gb", EngineOptions, "engine", type=non_negative_float,
+           help="GiB of keys and values in the {kv_cache} paged pool (0: as many positions as the static "
+                "cache holds)."),
+    Option("prefix_cache", EngineOptions, "engine", type=on_off,
+           help="With {kv_cache} paged: full blocks of prompts stay cached after their request ends (evicted "
+                "least recently used when the pool needs room), and a prompt starting with them prefills only "
+                "the rest (on or off)."),
     Option("flush_tokens", EngineOptions, "stream", type=positive_int,
            help="After a stream's first text, send once this many tokens are pending..."),
     Option("flush_ms", EngineOptions, "stream", type=non_negative_float,

@@ -42,6 +42,8 @@ from ..contract.generation import (
     check_prompt_text,
     validated_sampling,
 )
+from ..kv.block_pool import BlockPool
+from ..kv.manager import KVCacheManager
 from ..text import streamloop
 from .speculation import Drafter, verify_width
 
@@ -98,7 +100,7 @@ class _Job:
     """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
 
     __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
-                 "mailbox", "slot", "tokens", "prefilled")
+                 "mailbox", "slot", "tokens", "prefilled", "cached")
 
     def __init__(self, request_id: str, prompt_ids: list[int], slot_params: SlotParams, sampling: SamplingParams,
                  deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
@@ -113,6 +115,7 @@ class _Job:
         self.slot = -1
         self.tokens = 0  # ids handed to the stream loop for this job, set when it leaves its slot
         self.prefilled = 0  # prompt tokens in its slot's cache so far (chunked prefill)
+        self.cached = 0  # of those, the leading ones found in the prefix cache (paged KV)
 
     def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
         return (-self.priority, self.seq) < (-other.priority, other.seq)
@@ -157,6 +160,7 @@ class Engine:
         self.warmup_seconds = 0.0
         self.stream_loop = streamloop.IMPLEMENTATION
         self._drafter: Drafter | None = None
+        self._kv: KVCacheManager | None = None  # paged KV: which blocks each admitted job holds
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -213,14 +217,18 @@ class Engine:
         if self._runner is None:
             from ..runtime.build import build_runner
 
+            paged = self.options.kv_cache == "paged"
             self._runner = build_runner(self.model_options, max_batch=self.options.max_batch, eos_id=eos_id,
                                         stop_ids=stops if options.mode == "generate" else (eos_id,),
-                                        speculative_tokens=self._speculative_tokens())
+                                        speculative_tokens=self._speculative_tokens(),
+                                        kv_block_size=self.options.kv_block_size if paged else 0,
+                                        kv_cache_bytes=int(self.options.kv_cache_gb * 2**30) if paged else 0)
         if self._runner.max_batch < self.options.max_batch:
             raise ValueError(f"runner holds {self._runner.max_batch} slots, engine wants {self.options.max_batch}")
         self._free_slots = list(range(self.options.max_batch))
         heapq.heapify(self._free_slots)
         self._drafter = self._build_drafter(eos_id)
+        self._kv = self._build_kv()
         # Per slot, counted with one array operation per step (no per-job Python work): ids handed to the stream
         # loop for its current job, and its tenancy, advanced each time a job leaves it.
         self._slot_tokens = np.zeros(self.options.max_batch, dtype=np.int64)
@@ -251,6 +259,17 @@ class Engine:
             return None
         return Drafter(self.options.max_batch, self._runner.max_context, k,
                        echo=self.model_options.mode == "echo", eos_id=eos_id)
+
+    def _build_kv(self) -> KVCacheManager | None:
+        """The block tables over the runner's paged pool, where asked for and the runner keeps one."""
+        if self.options.kv_cache != "paged":
+            return None
+        spec = getattr(self._runner, "kv_paged", None)
+        if spec is None:
+            log.warning("kv_cache paged: the %s runner keeps its own KV cache; using it", self.backend_name)
+            return None
+        return KVCacheManager(BlockPool(spec.num_blocks, spec.block_size), spec.max_blocks_per_slot,
+                              prefix_caching=self.options.prefix_cache)
 
     def _warm_up(self, ready: asyncio.Future) -> bool:
         """On the model thread: CUDA graphs belong to the thread that records them."""
@@ -378,6 +397,12 @@ class Engine:
         if room < 1:
             raise InvalidRequest(f"prompt is {len(prompt_ids)} tokens; the model's context is "
                                  f"{self._runner.max_context} tokens")
+        if self._kv is not None:  # the paged pool holds a whole answer per request: at most what it holds alone
+            held = self._kv.max_positions - len(prompt_ids)
+            if held < 1:
+                raise InvalidRequest(f"prompt is {len(prompt_ids)} tokens; the KV cache holds at most "
+                                     f"{self._kv.max_positions} positions for one request (--engine.kv_cache_gb)")
+            room = min(room, held)
         if room < sampling.max_new_tokens:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         deadline = None if request.timeout is None else time.monotonic() + max(0.0, float(request.timeout))
@@ -454,13 +479,17 @@ class Engine:
                 steps_per_s = (len(recent) - 1) / span
                 tokens_per_s = (recent[-1][1] - recent[0][1]) / span
         drafter = self._drafter if self._runner is not None else None
+        kv = self._kv.stats() if self._kv is not None else None
         return EngineStats(active=active, queued=queued, completed=counts.get("completed", 0),
                            failed=counts.get("failed", 0), cancelled=counts.get("cancelled", 0),
                            rejected=counts.get("rejected", 0), steps=counts.get("steps", 0),
                            tokens=counts.get("tokens", 0), steps_per_s=steps_per_s, tokens_per_s=tokens_per_s,
                            verify_steps=drafter.verify_steps if drafter else 0,
                            draft_tokens=drafter.drafted if drafter else 0,
-                           accepted_tokens=drafter.accepted if drafter else 0)
+                           accepted_tokens=drafter.accepted if drafter else 0,
+                           **({"kv_blocks_used": kv.blocks_used, "kv_blocks_free": kv.blocks_free,
+                               "kv_blocks_cached": kv.blocks_cached, "prefix_hit_blocks": kv.hits,
+                               "prefix_miss_blocks": kv.misses, "kv_evictions": kv.evictions} if kv else {}))
 
     # ---- the model thread ---------------------------------------------------------------------------
     def _model_thread(self, ready: asyncio.Future) -> None:
@@ -643,7 +672,13 @@ class Engine:
             if job is None:
                 break
             job.slot = heapq.heappop(self._free_slots)
-            if len(job.prompt_ids) <= budget or not chunked:
+            if self._kv is not None and not self._reserve(job):
+                self._requeue(job)  # it keeps its place: nothing behind it goes first (no starving long prompts)
+                break
+            if job.cached:  # a prefix-cache hit: only the rest of the prompt is computed, from its offset
+                self._prefilling[job.slot] = job
+                budget -= self._prefill_part(job, budget, now, outbox)
+            elif len(job.prompt_ids) <= budget or not chunked:
                 whole.append(job)
                 budget -= len(job.prompt_ids)
             else:
@@ -669,6 +704,24 @@ class Engine:
                 self._admitted += 1
                 return job
         return None
+
+    def _reserve(self, job: _Job) -> bool:
+        """Blocks for the job's prompt and its longest answer (reusing cached prompt blocks), pointed to by its
+        slot; False, holding nothing, while too few are free."""
+        cached = self._kv.admit(job, job.prompt_ids, len(job.prompt_ids) + job.sampling.max_new_tokens)
+        if cached is None:
+            return False
+        self._runner.assign_blocks(job.slot, self._kv.block_table(job))
+        job.cached = job.prefilled = cached
+        return True
+
+    def _requeue(self, job: _Job) -> None:
+        """Undo ``_pop_waiting`` and the slot taken for a job that must wait for KV blocks."""
+        heapq.heappush(self._free_slots, job.slot)
+        job.slot = -1
+        with self._cond:
+            self._admitted -= 1
+            heapq.heappush(self._waiting, job)
 
     def _prefill_whole(self, jobs: list[_Job], outbox: list[_Delivery]) -> None:
         """Whole prompts: one batched forward when the runner has one; if it fails, one prompt at a time, so
@@ -706,7 +759,8 @@ class Engine:
         start = job.prefilled
         end = min(len(job.prompt_ids), start + budget)
         try:
-            first = self._runner.prefill_chunk(job.slot, job.prompt_ids, job.slot_params, start, end)
+            first = self._runner.prefill_chunk(job.slot, job.prompt_ids, job.slot_params, start, end,
+                                               **({"cached": job.cached} if job.cached else {}))
         except Exception as exc:  # noqa: BLE001 - only this request fails
             self._prefill_failed(job, exc, outbox)
             return end - start
@@ -726,6 +780,8 @@ class Engine:
     def _start_stream(self, job: _Job, first: int, outbox: list[_Delivery]) -> None:
         """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
         self._active[job.slot] = job
+        if self._kv is not None:
+            self._kv.commit(job, job.prompt_ids)  # its full prompt blocks are written: findable by later prompts
         if self._drafter is not None:
             self._drafter.start(job.slot, job.prompt_ids, job.sampling.max_new_tokens)
         try:
@@ -773,6 +829,11 @@ class Engine:
             self._runner.release(job.slot)
         except Exception:  # noqa: BLE001 - a runner that cannot release still gets its slot reused by prefill
             log.exception("runner failed to release slot %d", job.slot)
+        if self._kv is not None and job in self._kv:
+            # A step still in flight may write this slot's next position once more, into these blocks: harmless,
+            # since they are no prompt's cached blocks, and steps run in order, so a later owner's writes and
+            # reads of them come after it.
+            self._kv.release(job)
         # A job ends while decoding, while its prompt is prefilled in chunks, or in a failed prefill (in neither).
         self._active.pop(job.slot, None)
         self._prefilling.pop(job.slot, None)

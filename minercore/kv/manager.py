@@ -84,22 +84,28 @@ class KVCacheManager:
     def _blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
+    @property
+    def max_positions(self) -> int:
+        """The most positions one stream can hold, every other stream gone."""
+        return min(self.max_blocks_per_stream, self.pool.capacity) * self.block_size
+
     def can_fit_alone(self, n_tokens: int) -> bool:
         """Whether a stream holding ``n_tokens`` positions fits its table and the whole pool, every other stream
         gone: False is a request no amount of waiting admits (answer it 400, do not queue it)."""
         return self._blocks_for(n_tokens) <= min(self.max_blocks_per_stream, self.pool.capacity)
 
-    def admit(self, stream: Hashable, prompt_ids: Sequence[int]) -> int | None:
-        """Give ``stream`` blocks for its prompt plus one position (the first generated token's), reusing the
-        longest cached prefix of full blocks. Returns how many leading prompt tokens are cached already (a
-        multiple of ``block_size``, always below ``len(prompt_ids)``: the last token is recomputed for its
-        logits), or None, allocating nothing, if too few blocks are free now."""
+    def admit(self, stream: Hashable, prompt_ids: Sequence[int], positions: int = 0) -> int | None:
+        """Give ``stream`` blocks for its prompt plus one position (the first generated token's), or for
+        ``positions`` if more (a whole answer reserved up front), reusing the longest cached prefix of full
+        blocks. Returns how many leading prompt tokens are cached already (a multiple of ``block_size``, always
+        below ``len(prompt_ids)``: the last token is recomputed for its logits), or None, allocating nothing and
+        counting nothing, if too few blocks are free now."""
         if stream in self._streams:
             raise ValueError(f"stream {stream!r} is already admitted")
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("an empty prompt has nothing to compute")
-        total = self._blocks_for(n + 1)
+        total = self._blocks_for(max(n + 1, positions))
         if total > self.max_blocks_per_stream:
             raise ValueError(f"{n} prompt tokens need {total} blocks, over {self.max_blocks_per_stream} per stream"
                              " (check can_fit_alone first)")

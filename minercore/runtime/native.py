@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES
+from ..kv.paged import PagedSpec
 from ..models.base import CachedLM, verify_positions
 from ..models.quant import describe as describe_quant
 from .device import dtype_name
@@ -251,7 +252,10 @@ class ModelRunner:
     a step runs at (a step pads to the smallest one that holds its highest slot; default: powers of two up
     to ``max_batch``); a benchmark that only needs a few sizes saves their compiles and captures.
     ``speculative_tokens`` > 0 adds ``verify`` steps of that many drafts, compiled where ``compile_verify`` says
-    (default: with ``compile``, on CUDA only)."""
+    (default: with ``compile``, on CUDA only). ``kv_block_size`` > 0 keeps the keys and values in a paged pool
+    of blocks that size (``kv.paged``) holding ``kv_cache_bytes`` (0: as many positions as the static cache
+    would), whose blocks a slot uses only once ``assign_blocks`` names them (the engine's ``KVCacheManager``
+    decides which)."""
 
     backend = "native"
 
@@ -259,7 +263,8 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
                  name: str = "custom", graphs: str = "off", attention: str = "bucketed",
                  batch_buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = (),
-                 speculative_tokens: int = 0, compile_verify: bool | None = None) -> None:
+                 speculative_tokens: int = 0, compile_verify: bool | None = None, kv_block_size: int = 0,
+                 kv_cache_bytes: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_context < 2:
@@ -274,6 +279,8 @@ class ModelRunner:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0 (0: no verify steps), got {speculative_tokens}")
+        if kv_block_size < 0 or kv_cache_bytes < 0:
+            raise ValueError(f"kv_block_size and kv_cache_bytes must be >= 0, got {kv_block_size}, {kv_cache_bytes}")
         buckets = sorted(set(batch_buckets or pow2_buckets(1, max_batch)))
         if buckets[0] < 1 or buckets[-1] != max_batch:
             raise ValueError(f"batch_buckets must be >= 1 and end at max_batch {max_batch}, got {batch_buckets}")
@@ -292,7 +299,9 @@ class ModelRunner:
                 raise ValueError(f"attention=flex: {type(model).__name__} has no FlexAttention decode")
             model.flex_attention = True
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.kv_cache_bytes_per_slot = self.model.setup_caches(max_batch, max_context)
+        self.kv_paged = self._paged_spec(kv_block_size, kv_cache_bytes) if kv_block_size else None
+        self.kv_cache_bytes_per_slot = self.model.setup_caches(
+            max_batch, max_context, *([self.kv_paged.layer_cache] if self.kv_paged else []))
         self.state = SlotState(max_batch, max_context, device, stop_ids or (eos_id,))
         self._kinds = tuple(kinds)  # the sampling kinds warmup prepares
         self._tree_graphs = compile and graphs == "torch" and device.type == "cuda"
@@ -301,7 +310,8 @@ class ModelRunner:
         self._sampled = torch.zeros(max_batch, dtype=torch.int64, device=device)  # the static steps' output
         if self._tree_graphs:
             # Static addresses: CUDA graphs read the cache and slot state in place instead of copying them in.
-            for tensor in [*self.model.buffers(), *self.state.buffers()]:
+            for tensor in [*self.model.buffers(), *self.state.buffers(),
+                           *([self.kv_paged.table] if self.kv_paged else [])]:
                 torch._dynamo.mark_static_address(tensor)
         if compile:
             # A static compile adds a graph per step shape; a dynamic one at most its batch-1 and context-extreme
@@ -346,6 +356,27 @@ class ModelRunner:
         if speculative_tokens:
             self.description += (f", speculative {speculative_tokens} "
                                  f"({'compiled' if self._compiled_verify else 'eager'} verify)")
+        if self.kv_paged:
+            self.description += (f", paged KV {self.kv_paged.num_blocks} blocks of {kv_block_size} "
+                                 f"({self.kv_pool_bytes / 2**30:.2f} GiB)")
+
+    def _paged_spec(self, block_size: int, pool_bytes: int) -> PagedSpec:
+        """The pool and block table: ``pool_bytes`` of blocks (0: the static cache's positions), at least one
+        block besides the null block; a table row per slot covering every position the model asks for."""
+        # Bytes a position costs over all layers: what a one-slot, two-position static cache holds, halved.
+        per_position = self.model.setup_caches(1, 1) // 2
+        positions = self.max_context + 1  # the models' spare position (see GPT2LM.setup_caches)
+        if not pool_bytes:
+            pool_bytes = self.max_batch * positions * per_position
+        num_blocks = max(2, pool_bytes // (block_size * per_position) + 1)  # + the null block
+        self.kv_bytes_per_position = per_position
+        self.kv_pool_bytes = (num_blocks - 1) * block_size * per_position
+        return PagedSpec.create(num_blocks, block_size, self.max_batch, -(-positions // block_size), self.device)
+
+    def assign_blocks(self, slot: int, blocks: Sequence[int]) -> None:
+        """Point ``slot`` at its KV blocks (paged only): block i holds its positions [i * size, (i + 1) * size)."""
+        check_slot(slot, self.max_batch)
+        self.kv_paged.set_blocks(slot, blocks)
 
     @property
     def context_buckets(self) -> list[int]:
@@ -438,14 +469,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_chunk(self, slot: int, prompt_ids: Sequence[int], params: SlotParams, start: int,
-                      end: int) -> int | None:
+                      end: int, cached: int = 0) -> int | None:
         """Prompt positions [start, end) into ``slot``'s cache, after [0, start) (chunked prefill: callers go in
-        order from 0). Returns None until ``end`` reaches the prompt's end, then its first new id."""
+        order from ``cached``, the positions its blocks hold already: a prefix-cache hit). Returns None until
+        ``end`` reaches the prompt's end, then its first new id."""
         check_slot(slot, self.max_batch)
         ids = check_prompt(prompt_ids, self.max_context, self.vocab_size)
-        if not 0 <= start < end <= len(ids):
-            raise ValueError(f"prefill_chunk: need 0 <= start < end <= {len(ids)}, got {start}, {end}")
-        if start == 0:
+        if not 0 <= cached <= start < end <= len(ids):
+            raise ValueError(f"prefill_chunk: need 0 <= cached <= start < end <= {len(ids)}, got {cached}, "
+                             f"{start}, {end}")
+        if cached and not self.kv_paged:
+            raise ValueError("prefill_chunk: a cached prefix needs the paged KV cache")
+        if start == cached:
             params.validate()
             self._live[slot] = False
             self.state.start(slot, ids.to(self.device), params, self.eos_id)

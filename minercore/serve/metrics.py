@@ -52,6 +52,9 @@ class Metrics:
                                 namespace=namespace, registry=self.registry)
         self.tokens_per_step = Gauge("speculative_tokens_per_step", "Tokens each verify forward emitted, on average",
                                      namespace=namespace, registry=self.registry)
+        # The paged KV cache (0 with the static one): EngineStats field -> its gauge.
+        self.kv = {field: Gauge(field, text, namespace=namespace, registry=self.registry)
+                   for field, text in _KV_GAUGES.items()}
 
     def observe_request(self, outcome: str, caller_class: str, ttft_s: float | None = None,
                         chunk_gaps: Iterable[float] = (), tokens: int = 0) -> None:
@@ -79,6 +82,8 @@ class Metrics:
         self.tokens_per_s.set(stats.tokens_per_s)
         self.acceptance.set(acceptance(stats))
         self.tokens_per_step.set(tokens_per_step(stats))
+        for field, gauge in self.kv.items():
+            gauge.set(getattr(stats, field, 0))
 
     def bind(self, backend: _StatsSource) -> None:
         """Make the gauges read ``backend.stats()`` at every scrape, so they are never stale.
@@ -90,6 +95,8 @@ class Metrics:
         self.tokens_per_s.set_function(lambda: backend.stats().tokens_per_s)
         self.acceptance.set_function(lambda: acceptance(backend.stats()))
         self.tokens_per_step.set_function(lambda: tokens_per_step(backend.stats()))
+        for field, gauge in self.kv.items():
+            gauge.set_function(lambda field=field: getattr(backend.stats(), field, 0))
 
     def start_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on a daemon thread; returns the bound port (``port=0`` picks a free one)."""
@@ -106,6 +113,16 @@ class Metrics:
         if self._http_thread is not None:
             self._http_thread.join(timeout=5)
         self._http = self._http_thread = None
+
+
+_KV_GAUGES = {
+    "kv_blocks_used": "Paged KV blocks held by requests now",
+    "kv_blocks_free": "Paged KV blocks a request can take now (cached ones with no holder included)",
+    "kv_blocks_cached": "Paged KV blocks holding a cached prompt prefix that no request holds",
+    "prefix_hit_blocks": "Prompt blocks found in the prefix cache instead of computed, since start",
+    "prefix_miss_blocks": "Full prompt blocks computed because the prefix cache did not hold them, since start",
+    "kv_evictions": "Cached prefix blocks evicted to make room, since start",
+}
 
 
 def acceptance(stats: Any) -> float:

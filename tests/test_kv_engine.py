@@ -1,0 +1,194 @@
+"""The paged KV cache in the engine (``--engine.kv_cache paged``): the same text as the static cache, prompts whose
+leading blocks were seen before prefilled only from there, admission by the blocks a request needs, and every
+block back in the pool when requests end, however they end."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from helpers import GPT2_EOS, MIXED
+
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, InvalidRequest, SamplingParams
+from minercore.engine import Engine
+from minercore.miner import config as miner_config
+from minercore.models.presets import build_preset
+from minercore.runtime.build import build_runner
+from minercore.runtime.native import ModelRunner
+from minercore.runtime.sampling import SlotParams
+from minercore.serve.metrics import Metrics
+
+BLOCK = 16
+K = 4  # speculative drafts: verify steps write several positions into the blocks at once
+
+
+async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, str | None]:
+    text, reason = [], None
+    async for piece in engine.generate(request):
+        text.append(piece.text)
+        reason = piece.finish_reason
+    return "".join(text), reason
+
+
+def engine(kv_cache: str, *, preset: str = "tiny", mode: str = "generate", max_batch: int = 4,
+           pool_positions: int = 0, **options) -> Engine:
+    """The preset's engine on CPU; ``pool_positions``: the paged pool's size in positions (0: the default)."""
+    model = ModelOptions(preset=preset, compile="off", device="cpu", dtype="float32", max_context=512, mode=mode)
+    engine_options = EngineOptions(max_batch=max_batch, kv_cache=kv_cache, kv_block_size=BLOCK,
+                                   speculative_tokens=K, **options)
+    per_position = 0
+    if pool_positions:
+        probe = build_preset(preset, 0, torch.device("cpu"), torch.float32)
+        per_position = probe.setup_caches(1, 1) // 2
+    runner = build_runner(model, max_batch=max_batch, eos_id=GPT2_EOS,
+                          speculative_tokens=K if engine_options.speculative == "ngram" else 0,
+                          kv_block_size=BLOCK if kv_cache == "paged" else 0,
+                          kv_cache_bytes=pool_positions * per_position)
+    runner.verify_tokens = 64  # wide enough for every stream here to draft
+    return Engine(model, engine_options, runner=runner)
+
+
+async def answers(kv_cache: str, requests: list[GenerationRequest], *, sequential: bool = False,
+                  **kwargs) -> tuple[list[tuple[str, str | None]], object]:
+    running = engine(kv_cache, **kwargs)
+    await running.start()
+    try:
+        if sequential:
+            results = [await collect(running, r) for r in requests]
+        else:
+            results = list(await asyncio.gather(*(collect(running, r) for r in requests)))
+        return results, running.stats()
+    finally:
+        await running.shutdown(grace=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+async def test_paged_generates_what_the_static_cache_does(preset) -> None:
+    """Greedy and sampled rows, prompts of 3 to 300 tokens (chunked over 64-token steps) sharing 4 slots, with
+    speculative verify steps writing several positions at a time: the same text, and every block back."""
+    requests = [GenerationRequest(prompt_ids=[(7 * i + j) % 50000 + 1 for j in range(length)],
+                                  sampling=SamplingParams(max_new_tokens=40, temperature=0.0 if i % 2 else 0.8,
+                                                          seed=i, ignore_eos=True))
+                for i, length in enumerate((3, 17, 120, 300, 33, 64))]
+    static, _ = await answers("static", requests, preset=preset, prefill_tokens=64)
+    paged, stats = await answers("paged", requests, preset=preset, prefill_tokens=64)
+    assert paged == static
+    assert all(len(text) > 0 for text, _ in paged)
+    assert stats.kv_blocks_used == 0 and stats.kv_blocks_free > 0
+
+
+async def test_echo_is_exact_through_the_paged_cache() -> None:
+    prompts = [" ".join([MIXED] * (i + 1)) for i in range(5)] + ["x"]
+    results, stats = await answers("paged", [GenerationRequest(prompt=p) for p in prompts], mode="echo")
+    assert [text for text, _ in results] == prompts
+    assert stats.kv_blocks_used == 0
+
+
+async def test_a_repeated_prefix_is_found_and_only_the_rest_is_prefilled() -> None:
+    """A 100-token system text before each of four questions, sent one after another: from the second on, its six
+    full blocks come from the cache (hits), and the answers equal the static cache's and prefix caching off's."""
+    system = [(31 * j) % 50000 + 5 for j in range(100)]
+    requests = [GenerationRequest(prompt_ids=system + [1000 + 7 * i + j for j in range(10 + i)],
+                                  sampling=SamplingParams(max_new_tokens=24, ignore_eos=True)) for i in range(4)]
+    static, _ = await answers("static", requests, preset="llama-tiny", sequential=True)
+    cached, with_cache = await answers("paged", requests, preset="llama-tiny", sequential=True)
+    uncached, without = await answers("paged", requests, preset="llama-tiny", sequential=True, prefix_cache=False)
+    assert cached == static == uncached
+    assert with_cache.prefix_hit_blocks == 3 * (100 // BLOCK)
+    assert without.prefix_hit_blocks == 0 and without.kv_blocks_cached == 0
+    assert with_cache.kv_blocks_cached > 0 and with_cache.kv_blocks_used == 0
+
+
+async def test_requests_wait_for_blocks_and_one_larger_than_the_pool_is_refused() -> None:
+    """A pool of 10 blocks (160 positions) and 4 slots: a 200-token prompt gets InvalidRequest at once; a longer
+    answer than the pool holds is cut to it; three requests of 6 blocks each run one at a time, each answering
+    as it does alone."""
+    pool = 10 * BLOCK
+    running = engine("paged", pool_positions=pool)
+    await running.start()
+    try:
+        with pytest.raises(InvalidRequest, match="KV cache holds at most"):
+            await collect(running, GenerationRequest(prompt_ids=list(range(1, 201))))
+        text, reason = await collect(running, GenerationRequest(
+            prompt_ids=list(range(1, 101)), sampling=SamplingParams(max_new_tokens=500, ignore_eos=True)))
+        assert reason == "length" and running.stats().tokens == pool - 100
+        requests = [GenerationRequest(prompt_ids=[(11 * i + j) % 50000 + 1 for j in range(50)],
+                                      sampling=SamplingParams(max_new_tokens=40, ignore_eos=True)) for i in range(3)]
+        seen = []
+
+        async def watch() -> None:
+            while True:
+                stats = running.stats()
+                seen.append((stats.active, stats.kv_blocks_used))
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        together = await asyncio.gather(*(collect(running, r) for r in requests))
+        watcher.cancel()
+        assert max(active for active, _ in seen) == 1 and max(used for _, used in seen) == 6
+        assert running.stats().kv_blocks_used == 0
+    finally:
+        await running.shutdown(grace=0)
+    alone = [(await answers("static", [r]))[0][0] for r in requests]
+    assert list(together) == alone
+
+
+async def test_cancelled_and_expired_requests_give_their_blocks_back() -> None:
+    running = engine("paged", max_batch=2)
+    await running.start()
+    try:
+        long = GenerationRequest(prompt_ids=list(range(1, 301)), sampling=SamplingParams(max_new_tokens=200,
+                                                                                        ignore_eos=True))
+        stream = running.generate(long)
+        await anext(stream)
+        await stream.aclose()  # the caller leaves mid-answer
+        expired = GenerationRequest(prompt_ids=list(range(1, 301)), timeout=0.05,
+                                    sampling=SamplingParams(max_new_tokens=200, ignore_eos=True))
+        _, reason = await collect(running, expired)
+        assert reason == "deadline"
+        for _ in range(100):
+            if running.stats().active == 0:
+                break
+            await asyncio.sleep(0.02)
+        stats = running.stats()
+        assert stats.active == 0 and stats.kv_blocks_used == 0
+    finally:
+        await running.shutdown(grace=0)
+
+
+def test_a_cached_prefix_needs_the_paged_cache() -> None:
+    model = build_preset("tiny", 0, torch.device("cpu"), torch.float32)
+    runner = ModelRunner(model, max_batch=1, max_context=64, eos_id=GPT2_EOS, device=torch.device("cpu"),
+                         dtype=torch.float32, compile=False)
+    with pytest.raises(ValueError, match="needs the paged KV cache"):
+        runner.prefill_chunk(0, list(range(1, 40)), SlotParams(echo=False), 16, 39, cached=16)
+
+
+def test_the_kv_options_are_parsed_and_checked() -> None:
+    _, options = miner_config.core_options(miner_config.build_config([
+        "--offline", "--engine.kv_cache", "paged", "--engine.kv_block_size", "32", "--engine.kv_cache_gb", "0.5",
+        "--engine.prefix_cache", "off"]))
+    assert (options.kv_cache, options.kv_block_size, options.kv_cache_gb, options.prefix_cache) == (
+        "paged", 32, 0.5, False)
+    for bad in ({"kv_cache": "vram"}, {"kv_block_size": 0}, {"kv_cache_gb": -1.0}, {"kv_cache_gb": float("nan")}):
+        with pytest.raises(ValueError):
+            EngineOptions(**bad)
+
+
+async def test_the_prefix_cache_reaches_the_metrics() -> None:
+    running = engine("paged")
+    await running.start()
+    try:
+        request = GenerationRequest(prompt_ids=list(range(1, 70)), sampling=SamplingParams(max_new_tokens=4))
+        for _ in range(2):
+            await collect(running, request)
+        metrics = Metrics()
+        metrics.sample(running)
+        values = {field: gauge._value.get() for field, gauge in metrics.kv.items()}
+        assert values["prefix_hit_blocks"] == 4 and values["prefix_miss_blocks"] == 4
+        assert values["kv_blocks_used"] == 0 and values["kv_blocks_cached"] >= 4 and values["kv_blocks_free"] > 0
+        assert running.stats().as_dict()["prefix_hit_blocks"] == 4  # what /health shows
+    finally:
+        await running.shutdown(grace=0)
