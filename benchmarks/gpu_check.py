@@ -67,9 +67,11 @@ from minercore.models.presets import GPT2_PRESETS as PRESETS
 from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
-PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf", "quant", "speculative")
+PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf", "quant", "speculative",
+          "paged")
 PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
-                  "llama": 150, "gguf": 120, "quant": 300, "speculative": 150}
+                  "llama": 150, "gguf": 120, "quant": 300, "speculative": 150,
+                  "paged": 150}
 # All phases together: under the 8 minutes asked for once the extension build and Python's start-up are added.
 # On a cold machine the later phases (variants, llama) may not fit; they are then skipped, and a rerun with
 # --phases picks them up with the caches the first run left warm.
@@ -554,6 +556,10 @@ def phase_speculative(sizes: Sizes, out: Path, part: Part) -> None:
     _phase_module("speculative", sizes, out, part)
 
 
+def phase_paged(sizes: Sizes, out: Path, part: Part) -> None:
+    _phase_module("paged", sizes, out, part)
+
+
 QUANT_MODES = ("none", "int8", "int4")
 
 
@@ -665,7 +671,8 @@ def _free(device: torch.device) -> None:
 
 PHASE_FUNCTIONS = {"kv": phase_kv, "decode": phase_decode, "correctness": phase_correctness,
                    "engine": phase_engine, "hf": phase_hf, "variants": phase_variants, "llama": phase_llama,
-                   "gguf": phase_gguf, "quant": phase_quant, "speculative": phase_speculative}
+                   "gguf": phase_gguf, "quant": phase_quant, "speculative": phase_speculative,
+                   "paged": phase_paged}
 
 
 # ---- orchestration ----
@@ -701,7 +708,7 @@ def run_phases(phases: list[str], smoke: bool, out: Path, budget_s: float, comma
                                                                         "correctness_details", "graph_health",
                                                                         "decode", "engine", "kv_bytes_per_slot",
                                                                         "llama", "quant", "quant_layers",
-                                                                        "quant_decode", "speculative")}
+                                                                        "quant_decode", "speculative", "paged")}
         merge(results, kept)
         results["command"] = f"{resume.get('command', '?')}; then {command}"
     deadline = time.monotonic() + budget_s

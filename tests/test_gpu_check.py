@@ -23,7 +23,7 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     assert results["device"] == "CPU" and results["smoke"] is True
     assert results["torch"] and results["date"] and results["command"] == "bash scripts/gpu_check.sh --smoke"
     assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf",
-                                      "quant", "speculative"}
+                                      "quant", "speculative", "paged"}
     assert all(phase["status"] == "ok" for phase in results["phases"].values()), results["phases"]
     assert not results.get("errors"), results["errors"]
 
@@ -63,6 +63,12 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     speculative = results["speculative"]
     assert [row["batch"] for row in speculative["rows"]] == [1, 2]
     assert all(0.5 <= row["agreement"] <= 1.0 and row["tokens_per_s_verified"] > 0 for row in speculative["rows"])
+
+    paged = results["paged"]
+    assert [row["batch"] for row in paged["decode"]] == [2, 4]
+    assert all(row["agreement"] == 1.0 and row["tokens_per_s_paged"] > 0 for row in paged["decode"])
+    room = paged["capacity"]
+    assert room["paged_streams_of_32"] > room["paged_streams_of_128"] >= room["static_slots_of_max_context"] > 0
 
     assert "one decode step" in (tmp_path / "profile.txt").read_text(encoding="utf-8")
     log = (tmp_path / "gpu-check.log").read_text(encoding="utf-8")

@@ -192,3 +192,32 @@ async def test_the_prefix_cache_reaches_the_metrics() -> None:
         assert running.stats().as_dict()["prefix_hit_blocks"] == 4  # what /health shows
     finally:
         await running.shutdown(grace=0)
+
+
+SYSTEM = ("You are a careful assistant for a team of river engineers. Answer in plain words, name the units you "
+          "use, and say when a question needs a measurement you do not have. ") * 4
+QUESTIONS = ["How fast does a flood wave travel?", "What is a weir for?", "Why do rivers meander?"]
+
+
+async def test_the_real_model_answers_the_same_through_pages_and_the_prefix_cache() -> None:
+    """SmolLM2 in float32, greedy: three chats behind one system prompt, at once and then again one by one
+    (their system blocks now cached): the static cache's text every time."""
+    from minercore.models.loading import embedded
+
+    path = embedded.resolve("smollm2-135m-instruct")
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
+    requests = [GenerationRequest(messages=chat, sampling=SamplingParams(max_new_tokens=24)) for chat in chats]
+    results = {}
+    for kv_cache in ("static", "paged"):
+        running = Engine(ModelOptions(path=path, mode="generate", dtype="float32", quant="none", compile="off",
+                                      max_context=512), EngineOptions(max_batch=4, kv_cache=kv_cache))
+        await running.start()
+        try:
+            together = await asyncio.gather(*(collect(running, r) for r in requests))
+            alone = [await collect(running, r) for r in requests]
+            results[kv_cache] = (list(together), alone, running.stats())
+        finally:
+            await running.shutdown(grace=0)
+    assert results["paged"][:2] == results["static"][:2]
+    assert results["paged"][0] == results["paged"][1]
+    assert results["paged"][2].prefix_hit_blocks >= 3 * 4  # each later chat found its system blocks

@@ -1,0 +1,150 @@
+"""Group ``paged``: the paged KV cache with prefix caching against the static cache, side by side in one run, on
+SmolLM2-135M-Instruct from its GGUF at the serving defaults (in-process, greedy).
+
+- ``test_shared_system_prompt[static|paged]``: one ~1,500-token system prompt before 16 different questions, sent
+  one after another, 16-token answers. extra_info: ``first_ttft_s``, ``later_ttft_median_s`` (the last 15),
+  their ``ratio``, and for ``paged`` ``identical`` (every answer equal to the static cache's) and
+  ``prefix_hit_blocks``.
+- ``test_streams[static|paged]``: 16 concurrent chats of 64-token answers; ``tokens_per_s`` (tokens over the
+  round's wall time, median over rounds), for ``paged`` ``over_static`` and ``identical``.
+
+Both engines report the KV memory they hold (``kv_bytes``): the static cache's is every slot at ``max_context``;
+the paged pool is ``--engine.kv_cache_gb`` (here 0.5). Untimed (the test suite's single pass) the prompts are
+shorter, the answers 8 tokens and the model eager: it proves they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+
+import pytest
+
+from minercore.contract.config import EngineOptions, ModelOptions
+from minercore.contract.generation import GenerationRequest, SamplingParams
+from minercore.engine import Engine
+
+KINDS = ("static", "paged")
+POOL_GB = 0.5
+STREAMS = 16
+ROUNDS = 3
+SYSTEM_SENTENCE = ("You answer questions for the operators of a small hydroelectric plant on a mountain river; "
+                   "you name the units you use, you say which measurement a question needs when you do not have "
+                   "it, and you keep every answer short and plain. ")
+QUESTIONS = ["How fast does a flood wave travel?", "What is a weir for?", "Why do rivers meander?",
+             "How is turbine efficiency measured?", "What does a fish ladder need?", "When should a gate open?",
+             "How much power does one cubic metre per second give?", "What is head loss?",
+             "Why does sediment build up behind a dam?", "How often should a penstock be inspected?",
+             "What is a tailrace?", "How do operators forecast inflow?", "What causes cavitation?",
+             "How is a spillway sized?", "What is minimum environmental flow?", "Why do generators need cooling?"]
+OPEN = ["Write a short story about a robot who learns to paint.", "Describe a busy market in a small town.",
+        "Explain why the sky is blue to a child.", "Write a letter to a friend about a trip to the sea."]
+MEASURED: dict[tuple, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def engines(request):
+    from minercore.models.loading import embedded
+
+    path = embedded.resolve("smollm2-135m-instruct")
+    timed = request.config.getoption("benchmark_only")
+    loop = asyncio.new_event_loop()
+    built = {}
+    for kind in KINDS:
+        engine = Engine(ModelOptions(path=path, mode="generate", compile="auto" if timed else "off"),
+                        EngineOptions(max_batch=STREAMS, kv_cache=kind, kv_cache_gb=POOL_GB))
+        loop.run_until_complete(engine.start())
+        built[kind] = engine
+    yield built, loop
+    for engine in built.values():
+        loop.run_until_complete(engine.shutdown(grace=0))
+    loop.close()
+
+
+def kv_bytes(engine: Engine) -> int:
+    runner = engine._runner
+    if getattr(runner, "kv_paged", None) is not None:
+        return runner.kv_pool_bytes
+    return runner.kv_cache_bytes_per_slot * runner.max_batch
+
+
+async def answer(engine: Engine, messages: list[dict], tokens: int) -> tuple[str, float]:
+    started = time.perf_counter()
+    ttft, parts = None, []
+    async for piece in engine.generate(GenerationRequest(messages=messages,
+                                                         sampling=SamplingParams(max_new_tokens=tokens))):
+        if ttft is None and piece.text:
+            ttft = time.perf_counter() - started
+        parts.append(piece.text)
+    return "".join(parts), ttft if ttft is not None else time.perf_counter() - started
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_system_prompt(benchmark, request, engines, kind):
+    built, loop = engines
+    engine = built[kind]
+    timed = request.config.getoption("benchmark_only")
+    system = SYSTEM_SENTENCE * (30 if timed else 6)  # ~1,500 tokens timed
+    tokens = 16 if timed else 8
+    questions = QUESTIONS if timed else QUESTIONS[:3]
+    results: list[tuple[str, float]] = []
+    before = engine.stats()
+
+    async def run() -> None:
+        for question in questions:
+            results.append(await answer(engine, [{"role": "system", "content": system},
+                                                 {"role": "user", "content": question}], tokens))
+
+    benchmark.group = "paged"
+    benchmark.pedantic(lambda: loop.run_until_complete(run()), rounds=1, iterations=1)
+    ttfts = [ttft for _, ttft in results]
+    later = statistics.median(ttfts[1:])
+    texts = [text for text, _ in results]
+    MEASURED["prefix", kind] = {"texts": texts}
+    system_tokens = len(engine.tokenizer.encode(system))
+    benchmark.extra_info.update(kind=kind, system_tokens=system_tokens, questions=len(questions),
+                                first_ttft_s=ttfts[0], later_ttft_median_s=later, ratio=later / ttfts[0],
+                                kv_bytes=kv_bytes(engine))
+    if kind == "paged":
+        stats = engine.stats()
+        benchmark.extra_info.update(identical=texts == MEASURED["prefix", "static"]["texts"],
+                                    prefix_hit_blocks=stats.prefix_hit_blocks - before.prefix_hit_blocks)
+    print(f"\nshared system prompt ({system_tokens} tokens), {kind}: first TTFT {ttfts[0]:.3f} s, later median "
+          f"{later:.3f} s (x{later / ttfts[0]:.2f})", file=sys.stderr)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streams(benchmark, request, engines, kind):
+    built, loop = engines
+    engine = built[kind]
+    timed = request.config.getoption("benchmark_only")
+    tokens = 64 if timed else 8
+    chats = [[{"role": "user", "content": OPEN[i % len(OPEN)] + f" (number {i})"}] for i in range(STREAMS)]
+    rates: list[float] = []
+    texts: list[str] = []
+
+    async def together() -> list[tuple[str, float]]:
+        return await asyncio.gather(*(answer(engine, chat, tokens) for chat in chats))
+
+    def run_round() -> None:
+        before = engine.stats().tokens
+        started = time.perf_counter()
+        texts[:] = [text for text, _ in loop.run_until_complete(together())]
+        rates.append((engine.stats().tokens - before) / (time.perf_counter() - started))
+
+    if timed:
+        run_round()
+        rates.clear()
+    benchmark.group = "paged"
+    benchmark.pedantic(run_round, rounds=ROUNDS if timed else 1, iterations=1)
+    rate = statistics.median(rates)
+    MEASURED["streams", kind] = {"tokens_per_s": rate, "texts": list(texts)}
+    benchmark.extra_info.update(kind=kind, streams=STREAMS, tokens_per_answer=tokens, tokens_per_s=rate,
+                                kv_bytes=kv_bytes(engine))
+    static = MEASURED.get(("streams", "static"))
+    if kind == "paged" and static is not None:
+        benchmark.extra_info.update(over_static=rate / static["tokens_per_s"], identical=texts == static["texts"])
+        print(f"\n{STREAMS} streams paged: {rate:.0f} tok/s, x{rate / static['tokens_per_s']:.2f} of static, "
+              f"identical {texts == static['texts']}", file=sys.stderr)
