@@ -191,6 +191,15 @@ GPT2_EOS = 50256
 CONTEXT = 256  # small, so that "longer than the model's context" is cheap to send and to tokenize
 
 
+async def collect(backend: Any, request: Any) -> tuple[str, str | None]:
+    """A backend's whole answer to ``request``: its text and the finish reason of its last piece."""
+    parts, reason = [], None
+    async for piece in backend.generate(request):
+        parts.append(piece.text)
+        reason = piece.finish_reason
+    return "".join(parts), reason
+
+
 def tiny_engine(*, max_batch: int = 8, max_context: int = CONTEXT, runner_wrapper: Callable[[Any], Any] | None = None,
                 **options: Any) -> Engine:
     """The real engine over the tiny simulated model on CPU; ``runner_wrapper`` wraps its runner (slow, faulty)."""

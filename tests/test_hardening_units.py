@@ -5,7 +5,7 @@ import logging
 import math
 
 import pytest
-from helpers import tiny_engine
+from helpers import collect, tiny_engine
 
 from minercore.contract.generation import GenerationRequest, InvalidRequest, SamplingParams
 from minercore.miner import neuron
@@ -34,14 +34,6 @@ def test_the_request_shape(roles, messages, problem):
 
 
 # ---- the engine's verdicts (below the miner) ------------------------------------------------------------------
-async def collect(engine, request: GenerationRequest) -> tuple[str, str | None]:
-    parts, reason = [], None
-    async for piece in engine.generate(request):
-        parts.append(piece.text)
-        reason = piece.finish_reason
-    return "".join(parts), reason
-
-
 async def test_the_engine_answers_odd_but_valid_prompts_exactly_and_clamps_huge_lengths():
     engine = tiny_engine(max_batch=2, max_context=256)
     await engine.start()

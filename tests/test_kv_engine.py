@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 import torch
-from helpers import GPT2_EOS, MIXED
+from helpers import GPT2_EOS, MIXED, collect
 
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, InvalidRequest, SamplingParams
@@ -22,14 +22,6 @@ from minercore.serve.metrics import Metrics
 
 BLOCK = 16
 K = 4  # speculative drafts: verify steps write several positions into the blocks at once
-
-
-async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, str | None]:
-    text, reason = [], None
-    async for piece in engine.generate(request):
-        text.append(piece.text)
-        reason = piece.finish_reason
-    return "".join(text), reason
 
 
 def engine(kv_cache: str, *, preset: str = "tiny", mode: str = "generate", max_batch: int = 4,

@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from helpers import GPT2_EOS, MIXED
+from helpers import GPT2_EOS, MIXED, collect
 
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
@@ -182,14 +182,6 @@ def test_compiled_verify_steps_match_eager() -> None:
 
 
 # ---- the engine --------------------------------------------------------------------------------------------------
-async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, str | None]:
-    text, reason = [], None
-    async for piece in engine.generate(request):
-        text.append(piece.text)
-        reason = piece.finish_reason
-    return "".join(text), reason
-
-
 async def started(speculative: str, mode: str = "echo", verify_tokens: int = 64, **options) -> Engine:
     """The tiny model's engine; ``verify_tokens`` wide enough for every stream of these tests to draft."""
     model = ModelOptions(preset="tiny", compile="off", device="cpu", max_context=2048, mode=mode)
