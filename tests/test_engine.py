@@ -357,7 +357,7 @@ async def test_long_prompts_are_prefilled_in_chunks_while_streams_decode():
 
 
 def test_prompts_prefilled_together_have_similar_lengths():
-    from minercore.engine.loop import _prefill_groups
+    from minercore.engine.scheduler import prefill_groups
 
     class Job:
         def __init__(self, n):
@@ -365,15 +365,38 @@ def test_prompts_prefilled_together_have_similar_lengths():
 
     lengths = (10, 2000, 12, 9, 1900, 300, 11, 250, 1)
     jobs = [Job(n) for n in lengths]
-    groups = [[len(j.prompt_ids) for j in g] for g in _prefill_groups(jobs, max_tokens=8192)]
+    groups = [[len(j.prompt_ids) for j in g] for g in prefill_groups(jobs, max_tokens=8192)]
     assert sorted(n for g in groups for n in g) == sorted(lengths)
     for group in groups:  # padding to the group's longest costs at most 1.5x its own tokens
         assert len(group) * max(group) <= 1.5 * sum(group)
     assert [1900, 2000] in groups and [250, 300] in groups
     # A runner saturated by 600 tokens gets no batch larger than that; with 0, every prompt goes alone.
-    assert [[len(j.prompt_ids) for j in g] for g in _prefill_groups(jobs, max_tokens=600)][-3:] == [
+    assert [[len(j.prompt_ids) for j in g] for g in prefill_groups(jobs, max_tokens=600)][-3:] == [
         [250, 300], [1900], [2000]]
-    assert all(len(g) == 1 for g in _prefill_groups(jobs, max_tokens=0))
+    assert all(len(g) == 1 for g in prefill_groups(jobs, max_tokens=0))
+
+
+def test_wait_queue_orders_by_priority_then_arrival_and_takes_out_the_expired():
+    from minercore.engine.scheduler import Job, WaitQueue
+
+    def job(seq, priority=0.0, deadline=None, n=4):
+        return Job(f"r{seq}", [0] * n, None, None, deadline, priority, seq, None)
+
+    queue = WaitQueue()
+    late, urgent, long_, gone = job(0), job(1, priority=5.0), job(2, priority=1.0, n=50), job(3, deadline=1.0)
+    for j in (late, urgent, long_, gone):
+        queue.push(j)
+    assert queue.pop_next(now=0.0, room=100) == (urgent, [])
+    # The next one's prompt is longer than the room left: nothing behind it goes first, and it keeps its place.
+    assert queue.pop_next(now=0.0, room=10) == (None, [])
+    assert queue.pop_next(now=0.0, room=100) == (long_, [])
+    queue.push(long_)  # requeued: back in front of the later arrivals of its priority
+    assert queue.pop_next(now=0.0, room=100) == (long_, [])
+    assert queue.pop_expired(now=2.0) == [gone] and len(queue) == 1 and gone not in queue
+    stale = job(4, priority=9.0, deadline=1.0)  # in front of the queue, and past its deadline
+    queue.push(stale)
+    assert queue.pop_next(now=2.0, room=100) == (late, [stale])
+    assert queue.drain() == [] and not queue
 
 
 class Recording(SlowRunner):

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,27 +35,23 @@ from ..contract.generation import (
     InvalidRequest,
     Piece,
     RequestStats,
-    SamplingParams,
-    check_messages,
-    check_one_source,
-    check_prompt_ids,
-    check_prompt_text,
     validated_sampling,
 )
 from ..kv.block_pool import BlockPool
 from ..kv.manager import KVCacheManager
 from ..text import streamloop
+from .delivery import Delivery, Mailbox, Poster, expire, settle
+from .prompts import PromptPreparer
+from .scheduler import Job, WaitQueue, prefill_groups
 from .speculation import Drafter, verify_width
 
 if TYPE_CHECKING:
     from ..models.loading import Checkpoint
     from ..runtime.protocol import Launched, Runner
-    from ..runtime.sampling import SlotParams
 
 log = logging.getLogger(__name__)
 
 _RATE_WINDOW_STEPS = 256
-_INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread, off the event loop
 # When the device finishes a step, the model thread needs the GIL back to launch the next one; if the event loop
 # is running a burst of consumers then, it keeps the GIL until CPython's switch interval (5 ms by default) forces a
 # hand-off, and every syscall the loop makes in between restarts that clock. The device idles meanwhile, so the
@@ -64,61 +60,6 @@ _GIL_SWITCH_INTERVAL_S = 200e-6
 # How long past a deadline generate() waits for the model thread to end the stream at a step boundary before it
 # ends the stream itself: longer than a normal step, well inside the miner's 0.5 s deadline margin.
 _DEADLINE_BACKSTOP_S = 0.2
-
-
-class _Delivery(NamedTuple):
-    """One entry of the model thread's outbox: what ``_deliver`` hands to a mailbox on the event loop."""
-
-    mailbox: _Mailbox
-    text: str
-    reason: str | None = None  # the finish reason, on a stream's last delivery
-    error: BaseException | None = None
-    stats: RequestStats | None = None
-
-
-class _Mailbox:
-    """What the model thread has produced for one consumer and it has not read yet (coalesced if it lags).
-
-    Event-loop only. ``waiter`` is the future a consumer with nothing to read sleeps on: a bare future rather than
-    an ``asyncio.Event``, whose wait/set cost several Python frames per piece on the loop the model thread
-    shares the GIL with."""
-
-    __slots__ = ("parts", "finish_reason", "error", "stats", "waiter", "submitted_at", "first_text_at", "expired")
-
-    def __init__(self) -> None:
-        self.submitted_at = time.monotonic()
-        self.parts: list[str] = []
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self.stats: RequestStats | None = None
-        self.waiter: asyncio.Future | None = None
-        self.first_text_at: float | None = None
-        self.expired = False  # the request's deadline passed, seen on the event loop (generate's own timer)
-
-
-class _Job:
-    """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
-
-    __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
-                 "mailbox", "slot", "tokens", "prefilled", "cached")
-
-    def __init__(self, request_id: str, prompt_ids: list[int], slot_params: SlotParams, sampling: SamplingParams,
-                 deadline: float | None, priority: float, seq: int, mailbox: _Mailbox) -> None:
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.slot_params = slot_params
-        self.sampling = sampling
-        self.deadline = deadline
-        self.priority = priority
-        self.seq = seq
-        self.mailbox = mailbox
-        self.slot = -1
-        self.tokens = 0  # ids handed to the stream loop for this job, set when it leaves its slot
-        self.prefilled = 0  # prompt tokens in its slot's cache so far (chunked prefill)
-        self.cached = 0  # of those, the leading ones found in the prefix cache (paged KV)
-
-    def __lt__(self, other: _Job) -> bool:  # heap order: higher priority first, then arrival
-        return (-self.priority, self.seq) < (-other.priority, other.seq)
 
 
 class Engine:
@@ -136,17 +77,16 @@ class Engine:
         self._tokenizer = tokenizer
         self.checkpoint: Checkpoint | None = None  # what options.path holds, once built
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._posted: list[_Delivery] = []  # deliveries the event loop has been woken for and not yet made
-        self._posted_lock = threading.Lock()
+        self._poster: Poster | None = None
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
-        self._waiting: list[_Job] = []  # heap
-        self._active: dict[int, _Job] = {}  # slot -> job, decoding; model thread only
-        self._prefilling: dict[int, _Job] = {}  # slot -> job whose long prompt is prefilled in chunks; model thread
+        self._waiting = WaitQueue()
+        self._active: dict[int, Job] = {}  # slot -> job, decoding; model thread only
+        self._prefilling: dict[int, Job] = {}  # slot -> job whose long prompt is prefilled in chunks; model thread
         self._strip_first_space = False
-        self._control_tokens: list[str] = []  # the tokenizer's special tokens' texts, refused in chat messages
+        self._prompts: PromptPreparer | None = None
         self._admitted = 0  # jobs admitted to a slot and not finished; read under _cond for admission
-        self._cancelled: collections.deque[_Job] = collections.deque()
+        self._cancelled: collections.deque[Job] = collections.deque()
         self._seq = itertools.count()
         self._closing = False
         self._abort = False
@@ -168,6 +108,7 @@ class Engine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._poster = Poster(self._loop)
         await asyncio.to_thread(self._build)
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         ready = self._loop.create_future()
@@ -197,11 +138,8 @@ class Engine:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(tokenizer_for(options.tokenizer,
                                                            checkpoint.tokenizer if checkpoint else None))
-        # Generated text continues the prompt as the model was trained to see it: with the tokenizer's BOS where
-        # it adds one (Llama, Mistral). An echo reproduces the text, so it gets the text's tokens only.
-        self._prompt_encoder = _prompt_encoder(self._tokenizer, add_special_tokens=options.mode == "generate")
-        # Read once: transformers rebuilds its added-token table on every access (~0.1 ms for Llama 3's 256).
-        self._control_tokens = _special_token_texts(self._tokenizer)
+        self._prompts = PromptPreparer(self._tokenizer, echo=options.mode == "echo",
+                                       max_prompt_chars=self.options.max_prompt_chars)
         stops = stop_token_ids(self._tokenizer, checkpoint.eos_ids if checkpoint else ())
         if not stops:
             raise ValueError("the tokenizer has no EOS token and the checkpoint's configs name none")
@@ -277,7 +215,7 @@ class Engine:
             self.warmup_seconds = self._runner.warmup()
         except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
             self._stopped = True
-            self._loop.call_soon_threadsafe(_settle, ready, exc)
+            self._loop.call_soon_threadsafe(settle, ready, exc)
             return False
         import torch
 
@@ -286,7 +224,7 @@ class Engine:
         log.info("engine ready: %s; warm-up %.2fs; stream loop %s; max_batch %d, max_queue %d; torch threads %d "
                  "of %d usable cores", self._runner.description, self.warmup_seconds, self.stream_loop,
                  self.options.max_batch, self.options.max_queue, torch.get_num_threads(), usable_cores())
-        self._loop.call_soon_threadsafe(_settle, ready, None)
+        self._loop.call_soon_threadsafe(settle, ready, None)
         return True
 
     @property
@@ -356,11 +294,10 @@ class Engine:
         expiry = None
         if job.deadline is not None:
             at = self._loop.time() + (job.deadline - time.monotonic()) + _DEADLINE_BACKSTOP_S
-            expiry = self._loop.call_at(at, _expire, mailbox)
+            expiry = self._loop.call_at(at, expire, mailbox)
         try:
             while True:
-                if (not mailbox.parts and mailbox.finish_reason is None and mailbox.error is None
-                        and not mailbox.expired):
+                if mailbox.empty():
                     mailbox.waiter = self._loop.create_future()
                     await mailbox.waiter
                 text = "".join(mailbox.parts)
@@ -384,15 +321,14 @@ class Engine:
                 with self._cond:
                     if job in self._waiting:  # never admitted: its queue place is free for new arrivals at once
                         self._waiting.remove(job)
-                        heapq.heapify(self._waiting)
                         self._counts["completed" if mailbox.expired else "cancelled"] += 1
                     else:  # in a slot: the model thread frees it at its next iteration
                         self._cancelled.append(job)
                         self._cond.notify()
 
-    async def _submit(self, request: GenerationRequest) -> _Job:
+    async def _submit(self, request: GenerationRequest) -> Job:
         sampling = validated_sampling(request.sampling, self.options.max_new_tokens)
-        prompt_ids = await self._prompt_ids(request)
+        prompt_ids = await self._prompts.prompt_ids(request)
         room = self._runner.max_context - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(f"prompt is {len(prompt_ids)} tokens; the model's context is "
@@ -417,8 +353,8 @@ class Engine:
             # ignore_eos: no stop id for the whole answer, which then ends at max_new_tokens (or a stop string)
             min_new=sampling.max_new_tokens if sampling.ignore_eos else min(sampling.min_tokens,
                                                                             sampling.max_new_tokens))
-        job = _Job(request.request_id, prompt_ids, slot_params, sampling, deadline, float(request.priority),
-                   next(self._seq), _Mailbox())
+        job = Job(request.request_id, prompt_ids, slot_params, sampling, deadline, float(request.priority),
+                  next(self._seq), Mailbox())
         with self._cond:
             if self._closing or self._stopped:
                 raise EngineClosed("engine is shutting down")
@@ -427,44 +363,9 @@ class Engine:
                 self._counts["rejected"] += 1
                 raise EngineOverloaded(f"all {self.options.max_batch} slots are busy and "
                                        f"{self.options.max_queue} requests are already waiting")
-            heapq.heappush(self._waiting, job)
+            self._waiting.push(job)
             self._cond.notify()
         return job
-
-    async def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        check_one_source(request)
-        if request.prompt_ids is not None:
-            return check_prompt_ids(request.prompt_ids, len(self._tokenizer))
-        text = request.prompt if request.prompt is not None else self._format_messages(request.messages)
-        if isinstance(text, list):
-            return text  # the chat template's ids
-        text = check_prompt_text(text, self.options.max_prompt_chars)
-        if len(text) <= _INLINE_TOKENIZE_CHARS:
-            return self._encode(text)
-        return await asyncio.to_thread(self._encode, text)
-
-    def _encode(self, text: str) -> list[int]:
-        return self._prompt_encoder(text)
-
-    def _format_messages(self, messages: Any) -> str | list[int]:
-        """The prompt for chat messages: the ids of the tokenizer's chat template with the generation prompt
-        (generate mode, a tokenizer with a template), else text."""
-        messages = check_messages(messages, self.options.max_prompt_chars)
-        if self.model_options.mode == "echo":
-            return messages[-1]["content"]  # the seed's behaviour: answer the last message
-        template = getattr(self._tokenizer, "chat_template", None)
-        if template:
-            # The template's control tokens are tokens, so its text is tokenized with special tokens recognised:
-            # a message must not smuggle them in as text (a fake end of turn, a fake system message).
-            for token in self._control_tokens:
-                if any(token in m["content"] for m in messages):
-                    raise InvalidRequest(f"message content contains the model's control token {token!r}")
-            try:
-                return list(self._tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                                                add_generation_prompt=True))
-            except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
-                raise InvalidRequest(f"messages do not fit the model's chat template: {exc}") from exc
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
     # ---- stats -------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -497,7 +398,7 @@ class Engine:
             return
         # While a step is in flight, an iteration's deliveries wait for the next launch (see _step), unless a
         # prefill comes first: text must not wait for someone else's prompt.
-        outbox: list[_Delivery] = []
+        outbox: list[Delivery] = []
         while True:
             with self._cond:
                 while (not self._abort and not self._active and not self._prefilling and not self._waiting
@@ -521,7 +422,7 @@ class Engine:
         self._post(outbox)
         self._abort_all()
 
-    def _iterate(self, cancelled: list[_Job], outbox: list[_Delivery]) -> None:
+    def _iterate(self, cancelled: list[Job], outbox: list[Delivery]) -> None:
         for job in cancelled:
             self._cancel(job)
         now = time.monotonic()
@@ -533,7 +434,7 @@ class Engine:
         self._admit(now, outbox)
         self._step(outbox)
 
-    def _step(self, outbox: list[_Delivery]) -> None:
+    def _step(self, outbox: list[Delivery]) -> None:
         """Launch the next decode step for every active slot, then collect the one in flight, if any, and hand
         its ids to the stream loop: with ``overlap``, the device runs step N+1 while the host detokenizes and
         posts step N (the next step's fed tokens are already on the device). A job that ended with step N
@@ -562,7 +463,7 @@ class Engine:
             current, self._in_flight = self._in_flight, None
             self._collect(current, outbox)
 
-    def _speculate(self, outbox: list[_Delivery]) -> bool:
+    def _speculate(self, outbox: list[Delivery]) -> bool:
         """A verify step in place of a decode step, when a stream has a draft; False: decode as usual.
 
         Drafts need every stream's latest id on the host, so the step in flight is collected first: a verify
@@ -608,7 +509,7 @@ class Engine:
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
         return True
 
-    def _collect(self, in_flight: tuple[Launched, np.ndarray], outbox: list[_Delivery]) -> None:
+    def _collect(self, in_flight: tuple[Launched, np.ndarray], outbox: list[Delivery]) -> None:
         step, tenancy = in_flight
         try:
             ids = self._runner.collect(step)
@@ -624,7 +525,7 @@ class Engine:
             self._counts["steps"] += 1
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
 
-    def _fail_step(self, exc: Exception, size: int, outbox: list[_Delivery]) -> None:
+    def _fail_step(self, exc: Exception, size: int, outbox: list[Delivery]) -> None:
         """Every active request fails (their next ids may never come), and the step in flight is dropped."""
         log.error("decode step failed for %d requests", size, exc_info=exc)
         _free_cuda_cache()
@@ -632,7 +533,7 @@ class Engine:
         for job in list(self._active.values()):
             self._end(job, outbox, error=GenerationFailed(f"model step failed: {exc}"))
 
-    def _consume(self, slots: np.ndarray, ids: np.ndarray, outbox: list[_Delivery]) -> None:
+    def _consume(self, slots: np.ndarray, ids: np.ndarray, outbox: list[Delivery]) -> None:
         """Hand one token per slot to the stream loop (one call for the whole batch) and route its events."""
         if not slots.size:
             return
@@ -647,11 +548,11 @@ class Engine:
         for slot, text, reason in events:
             job = self._active[slot]
             if reason is None:
-                outbox.append(_Delivery(job.mailbox, text))
+                outbox.append(Delivery(job.mailbox, text))
             else:
                 self._end(job, outbox, reason=reason, text=text, table_done=True)
 
-    def _admit(self, now: float, outbox: list[_Delivery]) -> None:
+    def _admit(self, now: float, outbox: list[Delivery]) -> None:
         """Prefill waiting jobs into free slots, highest priority first, at most ``prefill_tokens`` prompt tokens
         per engine step so that running streams keep decoding: a longer prompt is prefilled in chunks over the
         next steps, and started chunks go before new prompts. Whole prompts admitted together share one
@@ -664,7 +565,7 @@ class Engine:
             if budget <= 0:
                 return
         chunked = hasattr(self._runner, "prefill_chunk")
-        whole: list[_Job] = []
+        whole: list[Job] = []
         while self._free_slots and budget > 0:
             # At a fresh step any prompt may start (whole, or its first chunk); later, only one that fits.
             room = budget if chunked and budget < full else math.inf
@@ -684,28 +585,21 @@ class Engine:
             else:
                 self._prefilling[job.slot] = job
                 budget -= self._prefill_part(job, budget, now, outbox)
-        for group in _prefill_groups(whole, getattr(self._runner, "prefill_batch_tokens", 0)):
+        for group in prefill_groups(whole, getattr(self._runner, "prefill_batch_tokens", 0)):
             self._prefill_whole(group, outbox)
 
-    def _pop_waiting(self, now: float, outbox: list[_Delivery], room: float) -> _Job | None:
+    def _pop_waiting(self, now: float, outbox: list[Delivery], room: float) -> Job | None:
         """The next waiting job to admit (counted as admitted), ending the expired ones on the way; None if the
         next one's prompt is longer than ``room`` (it keeps its place in the queue)."""
         with self._cond:
-            while self._waiting:
-                job = self._waiting[0]
-                if job.deadline is not None and now >= job.deadline:
-                    heapq.heappop(self._waiting)
-                    self._counts["completed"] += 1
-                    outbox.append(self._unserved(job, FINISH_DEADLINE))
-                    continue
-                if len(job.prompt_ids) > room:
-                    return None
-                heapq.heappop(self._waiting)
+            job, expired = self._waiting.pop_next(now, room)
+            self._counts["completed"] += len(expired)
+            if job is not None:
                 self._admitted += 1
-                return job
-        return None
+        outbox.extend(self._unserved(j, FINISH_DEADLINE) for j in expired)
+        return job
 
-    def _reserve(self, job: _Job) -> bool:
+    def _reserve(self, job: Job) -> bool:
         """Blocks for the job's prompt and its longest answer (reusing cached prompt blocks), pointed to by its
         slot; False, holding nothing, while too few are free."""
         cached = self._kv.admit(job, job.prompt_ids, len(job.prompt_ids) + job.sampling.max_new_tokens)
@@ -715,15 +609,15 @@ class Engine:
         job.cached = job.prefilled = cached
         return True
 
-    def _requeue(self, job: _Job) -> None:
+    def _requeue(self, job: Job) -> None:
         """Undo ``_pop_waiting`` and the slot taken for a job that must wait for KV blocks."""
         heapq.heappush(self._free_slots, job.slot)
         job.slot = -1
         with self._cond:
             self._admitted -= 1
-            heapq.heappush(self._waiting, job)
+            self._waiting.push(job)
 
-    def _prefill_whole(self, jobs: list[_Job], outbox: list[_Delivery]) -> None:
+    def _prefill_whole(self, jobs: list[Job], outbox: list[Delivery]) -> None:
         """Whole prompts: one batched forward when the runner has one; if it fails, one prompt at a time, so
         only a prompt that fails alone fails its request."""
         firsts = None
@@ -751,7 +645,7 @@ class Engine:
         self._post(outbox.copy())
         outbox.clear()
 
-    def _prefill_part(self, job: _Job, budget: int, now: float, outbox: list[_Delivery]) -> int:
+    def _prefill_part(self, job: Job, budget: int, now: float, outbox: list[Delivery]) -> int:
         """The next chunk (at most ``budget`` tokens) of a job's prompt; returns the tokens it took."""
         if job.deadline is not None and now >= job.deadline:
             self._end(job, outbox, reason=FINISH_DEADLINE, table_done=True)
@@ -772,12 +666,12 @@ class Engine:
             outbox.clear()
         return end - start
 
-    def _prefill_failed(self, job: _Job, exc: Exception, outbox: list[_Delivery]) -> None:
+    def _prefill_failed(self, job: Job, exc: Exception, outbox: list[Delivery]) -> None:
         log.error("prefill failed for %s", job.request_id, exc_info=exc)
         _free_cuda_cache()
         self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"), table_done=True)
 
-    def _start_stream(self, job: _Job, first: int, outbox: list[_Delivery]) -> None:
+    def _start_stream(self, job: Job, first: int, outbox: list[Delivery]) -> None:
         """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
         self._active[job.slot] = job
         if self._kv is not None:
@@ -792,20 +686,15 @@ class Engine:
             return
         self._consume(np.array([job.slot], dtype=np.int64), np.array([first], dtype=np.int64), outbox)
 
-    def _expire_waiting(self, now: float, outbox: list[_Delivery]) -> None:
+    def _expire_waiting(self, now: float, outbox: list[Delivery]) -> None:
         """While every slot is busy, queued requests past their deadline end now: their callers stop waiting and
         their queue places are freed for new arrivals."""
         with self._cond:
-            expired = [job for job in self._waiting if job.deadline is not None and now >= job.deadline]
-            if not expired:
-                return
-            self._waiting = [job for job in self._waiting if job.deadline is None or now < job.deadline]
-            heapq.heapify(self._waiting)
+            expired = self._waiting.pop_expired(now)
             self._counts["completed"] += len(expired)
-        for job in expired:
-            outbox.append(self._unserved(job, FINISH_DEADLINE))
+        outbox.extend(self._unserved(job, FINISH_DEADLINE) for job in expired)
 
-    def _cancel(self, job: _Job) -> None:
+    def _cancel(self, job: Job) -> None:
         """A job its consumer left after it was admitted (``generate`` frees a waiting one's place itself)."""
         if self._active.get(job.slot) is job or self._prefilling.get(job.slot) is job:
             self._table.release(job.slot)
@@ -813,7 +702,7 @@ class Engine:
             with self._cond:  # ended by generate's deadline timer: counted as the thread's own deadline is
                 self._counts["completed" if job.mailbox.expired else "cancelled"] += 1
 
-    def _end(self, job: _Job, outbox: list[_Delivery], *, reason: str | None = None, text: str = "",
+    def _end(self, job: Job, outbox: list[Delivery], *, reason: str | None = None, text: str = "",
              error: BaseException | None = None, table_done: bool = False) -> None:
         if not table_done:
             self._table.release(job.slot)
@@ -822,9 +711,9 @@ class Engine:
             self._counts["failed" if error is not None else "cancelled" if reason == FINISH_CANCELLED
                          else "completed"] += 1
         stats = None if error is not None else self._request_stats(job, reason)
-        outbox.append(_Delivery(job.mailbox, text, reason, error, stats))
+        outbox.append(Delivery(job.mailbox, text, reason, error, stats))
 
-    def _release_slot(self, job: _Job) -> None:
+    def _release_slot(self, job: Job) -> None:
         try:
             self._runner.release(job.slot)
         except Exception:  # noqa: BLE001 - a runner that cannot release still gets its slot reused by prefill
@@ -844,7 +733,7 @@ class Engine:
         with self._cond:
             self._admitted -= 1
 
-    def _request_stats(self, job: _Job, reason: str | None) -> RequestStats:
+    def _request_stats(self, job: Job, reason: str | None) -> RequestStats:
         """TTFT is filled in on the event loop, where the first text is handed over."""
         duration = time.monotonic() - job.mailbox.submitted_at
         tokens = job.tokens
@@ -853,122 +742,26 @@ class Engine:
                             tokens_per_s=tokens / duration if duration > 0 else 0.0,
                             finish_reason=reason or "")
 
-    def _unserved(self, job: _Job, reason: str) -> _Delivery:
+    def _unserved(self, job: Job, reason: str) -> Delivery:
         """The end of a request that never got a slot."""
-        return _Delivery(job.mailbox, "", reason, None, self._request_stats(job, reason))
+        return Delivery(job.mailbox, "", reason, None, self._request_stats(job, reason))
 
     def _abort_all(self) -> None:
-        outbox: list[_Delivery] = []
+        outbox: list[Delivery] = []
         for job in list(self._active.values()):
             self._end(job, outbox, reason=FINISH_CANCELLED, text=self._table.finish(job.slot, drop_incomplete=True),
                       table_done=True)
         for job in list(self._prefilling.values()):
             self._end(job, outbox, reason=FINISH_CANCELLED, table_done=True)
         with self._cond:
-            waiting, self._waiting = self._waiting, []
+            waiting = self._waiting.drain()
             self._counts["cancelled"] += len(waiting)
         for job in waiting:
             outbox.append(self._unserved(job, FINISH_CANCELLED))
         self._post(outbox)
 
-    def _post(self, outbox: list[_Delivery]) -> None:
-        """Queue deliveries for the event loop, waking it only if it has not been woken for earlier ones yet:
-        while it is busy, each step's deliveries join the pending batch instead of paying for another wake-up
-        (a self-pipe write, on which the model thread gives up the GIL)."""
-        if not outbox:
-            return
-        with self._posted_lock:
-            wake = not self._posted
-            self._posted.extend(outbox)
-        if not wake:
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._deliver_posted)
-        except RuntimeError:  # the loop is closed: nobody is left to read these
-            with self._posted_lock:
-                dropped, self._posted = len(self._posted), []
-            log.debug("event loop closed; dropped %d deliveries", dropped)
-
-    def _deliver_posted(self) -> None:
-        with self._posted_lock:
-            posted, self._posted = self._posted, []
-        _deliver(posted)
-
-
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _expire(mailbox: _Mailbox) -> None:
-    mailbox.expired = True
-    waiter, mailbox.waiter = mailbox.waiter, None
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
-
-
-def _deliver(outbox: list[_Delivery]) -> None:
-    now = time.monotonic()
-    for mailbox, text, reason, error, stats in outbox:
-        if text:
-            mailbox.parts.append(text)
-            if mailbox.first_text_at is None:
-                mailbox.first_text_at = now
-        if error is not None:
-            mailbox.error = error
-        elif reason is not None:
-            mailbox.finish_reason = reason
-            if stats is not None and mailbox.first_text_at is not None:
-                stats = dataclasses.replace(stats, ttft_s=mailbox.first_text_at - mailbox.submitted_at)
-            mailbox.stats = stats
-        waiter, mailbox.waiter = mailbox.waiter, None
-        if waiter is not None and not waiter.done():  # done: its consumer was cancelled while waiting
-            waiter.set_result(None)
-
-
-_MAX_PADDING = 1.5  # a batched prefill computes at most this many times its prompts' own tokens
-
-
-def _prefill_groups(jobs: list[_Job], max_tokens: int) -> list[list[_Job]]:
-    """Jobs in groups that are each one batched prefill, shortest prompts first: a group is padded to its
-    longest prompt, so only similar lengths share one (one 2,000-token prompt among 8 short ones would cost
-    8 x 2,000), and holds at most ``max_tokens`` padded tokens, the runner's saturation point: past it a batch
-    computes no faster than its prompts one after another, and only delays the first ones' first tokens."""
-    groups: list[list[_Job]] = []
-    tokens = 0
-    for job in sorted(jobs, key=lambda j: len(j.prompt_ids)):
-        n = len(job.prompt_ids)  # the longest so far: the group's padded length if it joins
-        padded = (len(groups[-1]) + 1) * n if groups else 0
-        if groups and padded <= _MAX_PADDING * (tokens + n) and padded <= max_tokens:
-            groups[-1].append(job)
-            tokens += n
-        else:
-            groups.append([job])
-            tokens = n
-    return groups
-
-
-def _special_token_texts(tokenizer: Any) -> list[str]:
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    return [token.content for token in added.values() if token.special and token.content]
-
-
-def _prompt_encoder(tokenizer: Any, add_special_tokens: bool = False):
-    """Encode prompts so that text such as "<|endoftext|>" stays text: clients must not inject control ids.
-    ``add_special_tokens``: what the tokenizer's post-processor adds around a text (a BOS), if anything."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return lambda text: tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
-    from tokenizers import Tokenizer
-
-    # A private copy: the flag would change how the shared tokenizer treats special tokens elsewhere.
-    encoder = Tokenizer.from_str(backend.to_str())
-    encoder.encode_special_tokens = True
-    return lambda text: encoder.encode(text, add_special_tokens=add_special_tokens).ids
+    def _post(self, outbox: list[Delivery]) -> None:
+        self._poster.post(outbox)
 
 
 def _free_cuda_cache() -> None:
