@@ -166,7 +166,7 @@ def test_gguf_goes_to_the_native_runner_and_hf_reads_it_too(llama_file) -> None:
     native = build_runner(options, max_batch=1, eos_id=1)
     assert isinstance(native, ModelRunner) and "gguf Q8_0" in native.description
     hf = build_runner(ModelOptions(**{**options.__dict__, "backend": "hf"}), max_batch=1, eos_id=1)
-    assert hf.backend == "hf"
+    assert hf.kind == "hf"
     from minercore.runtime.sampling import SlotParams
 
     ids = IDS[0, :12].tolist()

@@ -65,7 +65,7 @@ def native_runner(path: str, *, max_batch: int = 4, max_context: int = 128, comp
     options = ModelOptions(path=path, device="cpu", dtype="float32", max_context=max_context, compile=compile,
                            mode="generate")
     runner = build_runner(options, max_batch=max_batch, eos_id=VOCAB - 1)
-    assert isinstance(runner, ModelRunner) and runner.backend == "native"
+    assert isinstance(runner, ModelRunner) and runner.kind == "native"
     return runner
 
 
@@ -143,7 +143,7 @@ def test_unsupported_model_type_falls_back_to_hf_with_a_log_line(tmp_path, caplo
     assert options.backend == "native"
     with caplog.at_level(logging.WARNING, logger="minercore.runtime.build"):
         runner = build_runner(options, max_batch=2, eos_id=VOCAB - 1)
-    assert isinstance(runner, HFRunner) and runner.backend == "hf"
+    assert isinstance(runner, HFRunner) and runner.kind == "hf"
     assert "'gpt_neox' has no native implementation" in caplog.text and "hf backend" in caplog.text
     assert runner.prefill(0, [1, 2, 3], GREEDY) in range(VOCAB)
 

@@ -236,7 +236,7 @@ class Engine:
         """native or hf: the runner's kind, once built (a native path may fall back to hf)."""
         if self._runner is None:
             return "hf" if self.model_options.backend == "hf" else "native"
-        return getattr(self._runner, "backend", "native")
+        return getattr(self._runner, "kind", "native")
 
     @property
     def runner_description(self) -> str:

@@ -50,7 +50,7 @@ def _kv_bytes_per_slot(config: Any, max_context: int, dtype: torch.dtype) -> int
 class HFRunner:
     """A Hugging Face causal LM, one KV cache per slot."""
 
-    backend = "hf"
+    kind = "hf"  # the model.backend value this runner serves
     compiled = False
 
     def __init__(self, model: nn.Module, *, max_batch: int, max_context: int, eos_id: int,

@@ -47,10 +47,10 @@ from .sampling import (
     ContextOverflow,
     SlotParams,
     SlotState,
-    check_prompt,
     check_room,
     check_slot,
-    prefill_slot,
+    checked_prompt,
+    first_tokens,
     slot_tokens,
 )
 
@@ -257,7 +257,7 @@ class ModelRunner:
     would), whose blocks a slot uses only once ``assign_blocks`` names them (the engine's ``KVCacheManager``
     decides which)."""
 
-    backend = "native"
+    kind = "native"  # the model.backend value this runner serves
 
     def __init__(self, model: CachedLM, *, max_batch: int, max_context: int, eos_id: int,
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
@@ -437,12 +437,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> int:
-        first = prefill_slot(self.state, slot, prompt_ids, params, vocab_size=self.vocab_size, eos_id=self.eos_id,
-                             last_logits=lambda ids: self.model.prefill(ids[None], slot).float())
-        self._pos[slot] = len(prompt_ids)
-        self._live[slot] = True
-        self._kind[slot] = params.kind()
-        return first
+        return self._prefill_range(slot, prompt_ids, params, 0, None, 0)
 
     @torch.inference_mode()
     def prefill_batch(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
@@ -451,12 +446,9 @@ class ModelRunner:
         (one host sync). Errors as ``prefill``; nothing is written unless every request is valid."""
         if not len(slots) == len(prompts) == len(params) or not slots:
             raise ValueError("prefill_batch needs one prompt and one SlotParams per slot, and at least one slot")
-        for slot, p in zip(slots, params, strict=True):
-            check_slot(slot, self.max_batch)
-            p.validate()
+        ids = [self._checked(slot, prompt, p) for slot, prompt, p in zip(slots, prompts, params, strict=True)]
         if len(set(slots)) != len(slots):
             raise ValueError(f"prefill_batch: duplicate slots in {list(slots)}")
-        ids = [check_prompt(prompt, self.max_context, self.vocab_size) for prompt in prompts]
         lengths = [len(i) for i in ids]
         padded = torch.zeros((len(ids), max(lengths)), dtype=torch.int64)
         for row, prompt in enumerate(ids):
@@ -473,15 +465,24 @@ class ModelRunner:
         """Prompt positions [start, end) into ``slot``'s cache, after [0, start) (chunked prefill: callers go in
         order from ``cached``, the positions its blocks hold already: a prefix-cache hit). Returns None until
         ``end`` reaches the prompt's end, then its first new id."""
-        check_slot(slot, self.max_batch)
-        ids = check_prompt(prompt_ids, self.max_context, self.vocab_size)
+        return self._prefill_range(slot, prompt_ids, params, start, end, cached)
+
+    def _checked(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> Tensor:
+        return checked_prompt(slot, prompt_ids, params, max_batch=self.max_batch, max_context=self.max_context,
+                              vocab_size=self.vocab_size)
+
+    def _prefill_range(self, slot: int, prompt_ids: Sequence[int], params: SlotParams, start: int,
+                       end: int | None, cached: int) -> int | None:
+        """Prompt positions [start, end) (None: its end) into ``slot``'s cache; the slot's state is reset at the
+        first computed position. Returns the first new id once the prompt's end is reached, else None."""
+        ids = self._checked(slot, prompt_ids, params)
+        end = len(ids) if end is None else end
         if not 0 <= cached <= start < end <= len(ids):
             raise ValueError(f"prefill_chunk: need 0 <= cached <= start < end <= {len(ids)}, got {cached}, "
                              f"{start}, {end}")
         if cached and not self.kv_paged:
             raise ValueError("prefill_chunk: a cached prefix needs the paged KV cache")
         if start == cached:
-            params.validate()
             self._live[slot] = False
             self.state.start(slot, ids.to(self.device), params, self.eos_id)
         logits = self.model.prefill(ids[None, start:end].to(self.device), slot, start).float()
@@ -495,8 +496,7 @@ class ModelRunner:
                       params: Sequence[SlotParams]) -> list[int]:
         """Choose each prefilled slot's first id from its last prompt position's logits; the slots go live."""
         kinds = [p.kind() for p in params]
-        token = slot_tokens(logits, self.state, rows, last, max(kinds))
-        self.state.tokens[rows] = token
+        token = first_tokens(self.state, logits, rows, last, max(kinds))
         self._pos[slots] = lengths
         self._live[slots] = True
         self._kind[slots] = kinds

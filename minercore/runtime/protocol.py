@@ -39,6 +39,7 @@ class Runner(Protocol):
     dtype: torch.dtype
     compiled: bool
     description: str
+    kind: str  # the model.backend value it serves: native or hf
     kv_cache_bytes_per_slot: int  # K and V bytes one slot holds at max_context
 
     def warmup(self) -> float:

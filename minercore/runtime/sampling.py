@@ -201,24 +201,38 @@ def slot_tokens(logits: Tensor, state: SlotState, rows: slice | Tensor, pos: Ten
                          state.top_p[rows], state.seed[rows], kind)
 
 
+def checked_prompt(slot: int, prompt_ids: Sequence[int], params: SlotParams, *, max_batch: int, max_context: int,
+                   vocab_size: int) -> Tensor:
+    """The checks every prefill makes before it writes anything: the slot, the sampling parameters and the
+    prompt. Returns the prompt as (n,) ids on the host."""
+    check_slot(slot, max_batch)
+    params.validate()
+    return check_prompt(prompt_ids, max_context, vocab_size)
+
+
+def first_tokens(state: SlotState, logits: Tensor, rows: slice | Tensor, last: Tensor, kind: int) -> Tensor:
+    """Each prefilled row's first new id, chosen from its last prompt position's (b, V) float32 logits (at
+    positions ``last``) and fed to the row's next step."""
+    token = slot_tokens(logits, state, rows, last, kind)
+    state.tokens[rows] = token
+    return token
+
+
 def prefill_slot(state: SlotState, slot: int, prompt_ids: Sequence[int], params: SlotParams, *, vocab_size: int,
                  eos_id: int, last_logits: Callable[[Tensor], Tensor]) -> int:
-    """The prefill bookkeeping every runner shares around its own model call: check the slot, the parameters and
-    the prompt, reset the slot's state, choose the first new id and feed it to the slot's next step.
+    """A whole prompt's prefill around a runner's own model call: checks, the slot's state reset, the first
+    new id chosen and fed to the slot's next step.
 
     ``last_logits`` gets the prompt as (n,) ids on the state's device and returns the (1, V) float32 logits of
     its last position. Returns the first new id (the prefill's one host sync); the runner updates its own host
     mirrors (position, sampling kind) afterwards.
     """
     max_batch, max_context = state.targets.shape
-    check_slot(slot, max_batch)
-    params.validate()
-    ids = check_prompt(prompt_ids, max_context, vocab_size).to(state.targets.device)
+    ids = checked_prompt(slot, prompt_ids, params, max_batch=max_batch, max_context=max_context,
+                         vocab_size=vocab_size).to(state.targets.device)
     state.start(slot, ids, params, eos_id)
     last = torch.full((1,), ids.shape[0] - 1, dtype=torch.int64, device=ids.device)
-    token = slot_tokens(last_logits(ids), state, slice(slot, slot + 1), last, params.kind())
-    state.tokens[slot] = token[0]
-    return int(token.item())
+    return int(first_tokens(state, last_logits(ids), slice(slot, slot + 1), last, params.kind()).item())
 
 
 def _fold_seed(seed: int) -> int:
