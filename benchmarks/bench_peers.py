@@ -7,6 +7,7 @@ Each server runs as a subprocess on loopback; a round is ``streams`` concurrent 
 take it), so every answer has the same length. extra_info: ``server``, ``streams``, ``tokens_per_s`` (answer
 tokens of the round / its wall time), ``median_ttft_s``, ``rss_mb`` (the server's resident memory after the
 round) and, on minercore's entries, ``over_llama_cpp`` (its tokens/s over llama-server's at the same streams).
+``minercore-paged`` is the same server with the paged KV cache and a pool sized for the load.
 
 llama-server is found through ``LLAMA_SERVER`` (a path; ``../shared/notes/real-model.md`` says how to build
 it here). Without it its entries say so and measure nothing; minercore's are measured all the same.
@@ -41,7 +42,11 @@ TOPICS = ["the history of Paris", "how bridges carry load", "the water cycle", "
           "volcanoes", "the Roman roads", "honeybees", "tides", "the first computers", "coffee",
           "the Silk Road", "glaciers", "lighthouses", "the violin", "photosynthesis", "chess openings"]
 START_TIMEOUT_S = 900
+PAGED_POOL_GB = 0.25  # 16 x ~200 positions need 0.07 GiB in bfloat16: room to spare, a tenth of the static cache
 MEASURED: dict[tuple[str, int], float] = {}
+# Setup starts three servers; two of them compile their steps, which cold (no inductor cache) took over 7 minutes
+# on two cores.
+pytestmark = pytest.mark.timeout(3600)
 
 
 def free_port() -> int:
@@ -93,8 +98,15 @@ def servers(tmp_path_factory, gguf_path, timed):
         command = [sys.executable, "-m", "minercore", "serve", "--path", gguf_path, "--mode", "generate",
                    "--port", str(port), "--max-batch", "16", "--max-context", "2048", "--threads", str(THREADS),
                    "--log-level", "warning"]
-        found = {"minercore": running.enter_context(server(command if timed else [*command, "--compile", "off"],
-                                                           port, logs / "minercore.log"))}
+        if not timed:
+            command += ["--compile", "off"]
+        found = {"minercore": running.enter_context(server(command, port, logs / "minercore.log"))}
+        # The same with the paged KV cache, its pool sized for the round's 16 answers (prompts and 128 tokens)
+        # rather than 16 full contexts: the memory a server needs for this load.
+        port = free_port()
+        paged = [*command[:command.index("--port")], "--port", str(port),
+                 *command[command.index("--port") + 2:], "--kv-cache", "paged", "--kv-cache-gb", str(PAGED_POOL_GB)]
+        found["minercore-paged"] = running.enter_context(server(paged, port, logs / "minercore-paged.log"))
         binary = os.environ.get("LLAMA_SERVER")
         if binary and Path(binary).is_file():
             port = free_port()
@@ -131,7 +143,7 @@ async def round_of(base: str, streams: int, tokens: int) -> tuple[float, list[fl
 
 
 @pytest.mark.parametrize("streams", [1, 8, 16])
-@pytest.mark.parametrize("name", ["llama.cpp", "minercore"])
+@pytest.mark.parametrize("name", ["llama.cpp", "minercore", "minercore-paged"])
 def test_peers(benchmark, servers, timed, name, streams) -> None:
     benchmark.group = "peers"
     benchmark.extra_info.update(server=name, streams=streams, threads=THREADS)
@@ -152,5 +164,5 @@ def test_peers(benchmark, servers, timed, name, streams) -> None:
     rss = psutil.Process(process.pid).memory_info().rss
     benchmark.extra_info.update(tokens=streams * tokens, tokens_per_s=round(rate, 1),
                                 median_ttft_s=round(statistics.median(ttfts), 3), rss_mb=round(rss / 2**20))
-    if name == "minercore" and ("llama.cpp", streams) in MEASURED:
+    if name != "llama.cpp" and ("llama.cpp", streams) in MEASURED:
         benchmark.extra_info["over_llama_cpp"] = round(rate / MEASURED["llama.cpp", streams], 2)

@@ -5,7 +5,8 @@ State lives on the device in fixed-size per-slot buffers (last token, position, 
 targets) next to the model's static KV cache, so a step needs no host-to-device copy and exactly one host
 sync (reading the sampled ids). The step runs over a prefix of the cache rows (the batch bucket) and, with
 bucketed attention, a prefix of the positions (the context bucket), both powers of two, so a few short streams
-do not pay for ``max_batch`` x ``max_context``. ``_compile_steps`` is the one place torch.compile is applied.
+do not pay for ``max_batch`` x ``max_context``. The step functions and their compilation (the one place
+torch.compile is applied) are ``decode_steps``'s.
 
 A step is split in two so the host can work while the device runs: ``launch`` queues it (on CUDA it returns
 before the device is done; the sampled ids travel to pinned host memory on a side stream) and ``collect`` waits
@@ -22,7 +23,6 @@ for its ids. How a step reaches the device is the ``graphs`` choice:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -35,15 +35,22 @@ from torch import Tensor
 
 from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES
 from ..kv.paged import PagedSpec
-from ..models.base import CachedLM, verify_positions
+from ..models.base import CachedLM
 from ..models.quant import describe as describe_quant
+from .cuda_graphs import CapturedGraphs
+from .decode_steps import (
+    STATIC_STEPS,
+    STEPS,
+    VERIFY_STEPS,
+    compile_steps,
+    compile_verify_steps,
+    make_room_for,
+    raise_recompile_limit,
+)
 from .device import dtype_name
 from .protocol import Launched
 from .sampling import (
-    FILTER,
-    GREEDY,
     KINDS,
-    SAMPLE,
     ContextOverflow,
     SlotParams,
     SlotState,
@@ -51,7 +58,6 @@ from .sampling import (
     check_slot,
     checked_prompt,
     first_tokens,
-    slot_tokens,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,136 +83,6 @@ def pow2_buckets(floor: int, cap: int) -> list[int]:
     while buckets[-1] < cap:
         buckets.append(min(cap, buckets[-1] * 2))
     return buckets
-
-
-# ---- the native runner ----
-
-def _decode_step(model: CachedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
-    """Rows [0, b) fed their last token, attending over positions [0, ctx); returns (b,) next ids."""
-    # Rows outside the step (free, or live but not in this step) still compute; clamping keeps a stale
-    # position inside the tables. Their cache write lands where their own next real token will overwrite it.
-    pos = state.pos[:b].clamp(max=state.targets.shape[1] - 1)
-    logits = model.decode(state.tokens[:b], pos, ctx).float()
-    return slot_tokens(logits, state, slice(0, b), pos, kind)
-
-
-def _greedy_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
-    return _decode_step(model, state, b, ctx, GREEDY)
-
-
-def _sample_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
-    return _decode_step(model, state, b, ctx, SAMPLE)
-
-
-def _filter_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
-    return _decode_step(model, state, b, ctx, FILTER)
-
-
-_STEPS = (_greedy_step, _sample_step, _filter_step)  # indexed by kind
-
-
-def _static_step(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int, kind: int) -> None:
-    """The whole step on fixed buffers, so a CUDA graph can replay it with no work on the host: rows [0, b)
-    read their fed token and position from ``state``, the ids land in ``sampled[:b]``, and the active rows
-    advance (token and position) in place."""
-    ids = _decode_step(model, state, b, ctx, kind)
-    active = state.active[:b]
-    state.tokens[:b] = torch.where(active, ids, state.tokens[:b])
-    state.pos[:b] += active
-    sampled[:b] = ids
-
-
-def _static_greedy(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
-    _static_step(model, state, sampled, b, ctx, GREEDY)
-
-
-def _static_sample(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
-    _static_step(model, state, sampled, b, ctx, SAMPLE)
-
-
-def _static_filter(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
-    _static_step(model, state, sampled, b, ctx, FILTER)
-
-
-_STATIC_STEPS = (_static_greedy, _static_sample, _static_filter)  # indexed by kind
-
-
-def _verify_step(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int, ctx: int,
-                 kind: int) -> tuple[Tensor, Tensor]:
-    """Rows [0, b) fed their last token and their ``drafts`` ((b, k) ids, the first ``lengths[i]`` of row i
-    real) in one forward: (b, k + 1) ids chosen at each position, and how many of them each row emits (its
-    drafts up to the first the model disagrees with, plus the model's own id there). The ids are those plain
-    decoding would choose one step at a time: the same sampling rule at the same positions (the noise is keyed
-    by position). Active rows advance by what they emit; rejected positions stay in the cache unread, and are
-    overwritten when the stream reaches them."""
-    t = drafts.shape[1] + 1
-    pos = state.pos[:b].clamp(max=state.targets.shape[1] - 1)
-    tokens = torch.cat((state.tokens[:b, None], drafts), dim=1)
-    logits = model.verify(tokens, pos, ctx).float()
-    at = verify_positions(pos, t)
-    rows = torch.arange(b, device=pos.device).repeat_interleave(t)
-    chosen = slot_tokens(logits.view(b * t, -1), state, rows, at.reshape(-1), kind).view(b, t)
-    real = torch.arange(t - 1, device=pos.device) < lengths[:, None]
-    agreed = ((chosen[:, :-1] == drafts) & real).long().cumprod(dim=1).sum(dim=1)
-    active = state.active[:b]
-    state.tokens[:b] = torch.where(active, chosen.gather(1, agreed[:, None])[:, 0], state.tokens[:b])
-    emitted = agreed + 1
-    state.pos[:b] += torch.where(active, emitted, 0)
-    return chosen, emitted
-
-
-def _verify_greedy(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
-                   ctx: int) -> tuple[Tensor, Tensor]:
-    return _verify_step(model, state, drafts, lengths, b, ctx, GREEDY)
-
-
-def _verify_sample(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
-                   ctx: int) -> tuple[Tensor, Tensor]:
-    return _verify_step(model, state, drafts, lengths, b, ctx, SAMPLE)
-
-
-def _verify_filter(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
-                   ctx: int) -> tuple[Tensor, Tensor]:
-    return _verify_step(model, state, drafts, lengths, b, ctx, FILTER)
-
-
-_VERIFY_STEPS = (_verify_greedy, _verify_sample, _verify_filter)  # indexed by kind
-
-
-def _compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> tuple:
-    """The decode steps, compiled: the only torch.compile in minercore's native path.
-
-    ``graphs="manual"``: the static steps with ``dynamic=False`` and no CUDA graphs of inductor's own; one
-    graph per (batch bucket, context bucket) and kind, all compiled by ``warmup`` (the runner raises dynamo's
-    recompile limit to fit them) and then captured by hand on CUDA.
-
-    Otherwise ``dynamic=True``: one graph covers the batch and context buckets instead of one inductor compile
-    per pair; dynamo still specialises batch 1, so two graphs per sampling kind, both compiled by ``warmup``
-    (the cache's spare position keeps the full-context bucket in the dynamic graph). One function per kind
-    gives each its own dynamo cache and recompile limit. That cache is per function, not per runner, and
-    cache shapes are static: each further runner configuration (max_batch, max_context, dtype, model) in
-    the same process adds graphs to it, so each compiled runner raises the limit by what it may add
-    (``_make_room_for``). With ``graphs="torch"`` on CUDA, reduce-overhead records a CUDA
-    graph per distinct shape; the caller clones the output before the next replay.
-    """
-    # Where torch.compile takes the limit itself (2.13), dynamo applies it during each compile of these steps,
-    # on whichever thread compiles; older torch reads the config warmup raises on its own thread.
-    limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
-    if graphs == "manual":
-        return tuple(torch.compile(step, fullgraph=True, dynamic=False, **limit) for step in _STATIC_STEPS)
-    mode = "reduce-overhead" if device.type == "cuda" and graphs == "torch" else None
-    return tuple(torch.compile(step, fullgraph=True, dynamic=True, mode=mode, **limit) for step in _STEPS)
-
-
-def _compile_verify_steps(recompile_limit: int) -> tuple:
-    """The speculative verify steps, compiled with ``dynamic=True`` and no CUDA graphs of their own (their one
-    width, k + 1, is static; batch and context vary as in the decode steps); warmup runs their shapes. CUDA
-    only (see ``ModelRunner.__init__``)."""
-    limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
-    return tuple(torch.compile(step, fullgraph=True, dynamic=True, **limit) for step in _VERIFY_STEPS)
-
-
-_PER_CALL_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
 class _HostCopy:
@@ -306,7 +182,7 @@ class ModelRunner:
         self._kinds = tuple(kinds)  # the sampling kinds warmup prepares
         self._tree_graphs = compile and graphs == "torch" and device.type == "cuda"
         self._manual = graphs == "manual"
-        self._captured: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (b, ctx, kind) -> graph
+        self._captured = CapturedGraphs()  # graphs=manual on CUDA
         self._sampled = torch.zeros(max_batch, dtype=torch.int64, device=device)  # the static steps' output
         if self._tree_graphs:
             # Static addresses: CUDA graphs read the cache and slot state in place instead of copying them in.
@@ -316,17 +192,17 @@ class ModelRunner:
         if compile:
             # A static compile adds a graph per step shape; a dynamic one at most its batch-1 and context-extreme
             # specialisations (see warmup).
-            self._recompile_limit = _make_room_for(
+            self._recompile_limit = make_room_for(
                 len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
-            self._steps = _compile_steps(device, graphs, self._recompile_limit)
+            self._steps = compile_steps(device, graphs, self._recompile_limit)
         else:
-            self._steps = _STATIC_STEPS if self._manual else _STEPS
+            self._steps = STATIC_STEPS if self._manual else STEPS
         # On a CPU the verify steps run eagerly: compiling their three kinds took SmolLM2's warm-up from 67 s to
         # over 5 minutes on two cores, and even eager a verify step that emits a few ids beats as many compiled
         # decode steps (RESULTS.md, speculative). On CUDA a step's launches dominate: compiled.
         self._compiled_verify = compile and (device.type == "cuda" if compile_verify is None else compile_verify)
-        self._verify_steps = (_compile_verify_steps(self._recompile_limit) if self._compiled_verify
-                              else _VERIFY_STEPS)
+        self._verify_steps = (compile_verify_steps(self._recompile_limit) if self._compiled_verify
+                              else VERIFY_STEPS)
         # Drafts a verify step checks per row (0: the runner only decodes); its fixed width is this plus one.
         self.speculative_tokens = speculative_tokens
         self._drafts = torch.zeros((max_batch, max(1, speculative_tokens)), dtype=torch.int64, device=device)
@@ -399,7 +275,7 @@ class ModelRunner:
         otherwise) with no row active, so no slot state changes."""
         started = time.perf_counter()
         if self.compiled:
-            _raise_recompile_limit(self._recompile_limit)  # dynamo's config is per thread: set it where compiles run
+            raise_recompile_limit(self._recompile_limit)  # dynamo's config is per thread: set it where compiles run
         self._graph_thread = threading.get_ident()
         if self.device.type == "cuda":
             # Graph replays and stream waits use the calling thread's current device: make it this runner's.
@@ -408,14 +284,15 @@ class ModelRunner:
         if self._tree_graphs or self._manual:
             shapes = [(b, c) for b in self.batch_buckets for c in self.context_buckets]
         else:
-            # The compiled specialisations (see _compile_steps), and both context extremes in case this
+            # The compiled specialisations (see decode_steps.compile_steps), and both context extremes in case this
             # torch version specialises more; eager just touches its kernels.
             first = self.batch_buckets[0]
             second = next((b for b in self.batch_buckets if b > 1), first)
             shapes = sorted({(b, c) for b in (first, second)
                              for c in (self.context_buckets[0], self.context_buckets[-1])})
         if self._manual and self.device.type == "cuda":
-            self._capture(shapes)
+            self._captured.capture(self._steps, self.model, self.state, self._sampled, shapes, self._kinds,
+                                   self.device)
         else:
             # CUDA graph trees record a shape on its second call (the first is their own warm-up run).
             for _ in range(2 if self._tree_graphs else 1):
@@ -605,7 +482,7 @@ class ModelRunner:
     def _run_step(self, b: int, ctx: int, kind: int) -> Tensor:
         """Queue one step over rows [0, b); returns its (b,) ids on the device, valid until the next step."""
         if self._manual:
-            graph = self._captured.get((b, ctx, kind))
+            graph = self._captured.get(b, ctx, kind)
             if graph is not None:
                 graph.replay()
             else:
@@ -623,26 +500,6 @@ class ModelRunner:
         s.pos[:b] += active
         return ids
 
-    def _capture(self, shapes: list[tuple[int, int]]) -> None:
-        """Compile and warm every static step on a side stream (capture needs kernels already loaded and
-        autotuned), then capture each once, largest batch first, into one shared memory pool: only one graph
-        runs at a time, so they can share their intermediates' memory."""
-        self._captured.clear()
-        keys = [(b, ctx, kind) for kind in self._kinds for b, ctx in sorted(shapes, reverse=True)]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for b, ctx, kind in keys:
-                for _ in range(2):
-                    self._steps[kind](self.model, self.state, self._sampled, b, ctx)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        for b, ctx, kind in keys:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._steps[kind](self.model, self.state, self._sampled, b, ctx)
-            self._captured[(b, ctx, kind)] = graph
-
     def _set_active(self, active: np.ndarray) -> None:
         self._active = active
         host = torch.from_numpy(active)
@@ -651,29 +508,3 @@ class ModelRunner:
             # allocator keeps the pinned block until the copy has run.
             host = host.pin_memory()
         self.state.active.copy_(host, non_blocking=True)
-
-
-_graphs_compiled = 0  # graphs every compiled runner in this process may add to a step function's dynamo cache
-
-
-def _make_room_for(graphs: int) -> int:
-    """The recompile limit a new runner's steps need. Dynamo's cache is per step function, shared by every runner
-    in the process, and with ``fullgraph=True`` a step past its recompile limit (8 by default) fails instead of
-    falling back to eager: each runner adds what it may compile (as SGLang raises the limit for its per-batch-size
-    graphs), so a process building several runners (tests, benchmarks, a server reloading its model) keeps
-    compiling."""
-    global _graphs_compiled
-    _graphs_compiled += graphs
-    return _graphs_compiled + 8
-
-
-def _raise_recompile_limit(needed: int) -> None:
-    """On the calling thread: torch's dynamo config is thread-local (2.13), and the engine compiles on its model
-    thread, not on the thread that built the runner."""
-    config: Any = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), needed))
-            break
-    if hasattr(config, "accumulated_recompile_limit"):
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)

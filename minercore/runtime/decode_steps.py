@@ -1,0 +1,172 @@
+"""The step functions the native runner launches, and the one place torch.compile is applied to them.
+
+A decode step feeds every row of the batch bucket its last token and chooses the next; the static variant does
+the same on fixed buffers (so a CUDA graph captured by hand replays it with nothing on the host); a verify step
+checks speculative drafts in one forward. Each comes as one function per sampling kind, indexed by kind, so
+each has its own dynamo cache and recompile limit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..models.base import CachedLM, verify_positions
+from .sampling import FILTER, GREEDY, SAMPLE, SlotState, slot_tokens
+
+
+def decode_step(model: CachedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
+    """Rows [0, b) fed their last token, attending over positions [0, ctx); returns (b,) next ids."""
+    # Rows outside the step (free, or live but not in this step) still compute; clamping keeps a stale
+    # position inside the tables. Their cache write lands where their own next real token will overwrite it.
+    pos = state.pos[:b].clamp(max=state.targets.shape[1] - 1)
+    logits = model.decode(state.tokens[:b], pos, ctx).float()
+    return slot_tokens(logits, state, slice(0, b), pos, kind)
+
+
+def _greedy_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+    return decode_step(model, state, b, ctx, GREEDY)
+
+
+def _sample_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+    return decode_step(model, state, b, ctx, SAMPLE)
+
+
+def _filter_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
+    return decode_step(model, state, b, ctx, FILTER)
+
+
+STEPS = (_greedy_step, _sample_step, _filter_step)  # indexed by kind
+
+
+def _static_step(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int, kind: int) -> None:
+    """The whole step on fixed buffers, so a CUDA graph can replay it with no work on the host: rows [0, b)
+    read their fed token and position from ``state``, the ids land in ``sampled[:b]``, and the active rows
+    advance (token and position) in place."""
+    ids = decode_step(model, state, b, ctx, kind)
+    active = state.active[:b]
+    state.tokens[:b] = torch.where(active, ids, state.tokens[:b])
+    state.pos[:b] += active
+    sampled[:b] = ids
+
+
+def _static_greedy(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+    _static_step(model, state, sampled, b, ctx, GREEDY)
+
+
+def _static_sample(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+    _static_step(model, state, sampled, b, ctx, SAMPLE)
+
+
+def _static_filter(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int) -> None:
+    _static_step(model, state, sampled, b, ctx, FILTER)
+
+
+STATIC_STEPS = (_static_greedy, _static_sample, _static_filter)  # indexed by kind
+
+
+def _verify_step(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int, ctx: int,
+                 kind: int) -> tuple[Tensor, Tensor]:
+    """Rows [0, b) fed their last token and their ``drafts`` ((b, k) ids, the first ``lengths[i]`` of row i
+    real) in one forward: (b, k + 1) ids chosen at each position, and how many of them each row emits (its
+    drafts up to the first the model disagrees with, plus the model's own id there). The ids are those plain
+    decoding would choose one step at a time: the same sampling rule at the same positions (the noise is keyed
+    by position). Active rows advance by what they emit; rejected positions stay in the cache unread, and are
+    overwritten when the stream reaches them."""
+    t = drafts.shape[1] + 1
+    pos = state.pos[:b].clamp(max=state.targets.shape[1] - 1)
+    tokens = torch.cat((state.tokens[:b, None], drafts), dim=1)
+    logits = model.verify(tokens, pos, ctx).float()
+    at = verify_positions(pos, t)
+    rows = torch.arange(b, device=pos.device).repeat_interleave(t)
+    chosen = slot_tokens(logits.view(b * t, -1), state, rows, at.reshape(-1), kind).view(b, t)
+    real = torch.arange(t - 1, device=pos.device) < lengths[:, None]
+    agreed = ((chosen[:, :-1] == drafts) & real).long().cumprod(dim=1).sum(dim=1)
+    active = state.active[:b]
+    state.tokens[:b] = torch.where(active, chosen.gather(1, agreed[:, None])[:, 0], state.tokens[:b])
+    emitted = agreed + 1
+    state.pos[:b] += torch.where(active, emitted, 0)
+    return chosen, emitted
+
+
+def _verify_greedy(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
+                   ctx: int) -> tuple[Tensor, Tensor]:
+    return _verify_step(model, state, drafts, lengths, b, ctx, GREEDY)
+
+
+def _verify_sample(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
+                   ctx: int) -> tuple[Tensor, Tensor]:
+    return _verify_step(model, state, drafts, lengths, b, ctx, SAMPLE)
+
+
+def _verify_filter(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int,
+                   ctx: int) -> tuple[Tensor, Tensor]:
+    return _verify_step(model, state, drafts, lengths, b, ctx, FILTER)
+
+
+VERIFY_STEPS = (_verify_greedy, _verify_sample, _verify_filter)  # indexed by kind
+
+
+def compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> tuple:
+    """The decode steps, compiled: the only torch.compile in minercore's native path.
+
+    ``graphs="manual"``: the static steps with ``dynamic=False`` and no CUDA graphs of inductor's own; one
+    graph per (batch bucket, context bucket) and kind, all compiled by ``warmup`` (the runner raises dynamo's
+    recompile limit to fit them) and then captured by hand on CUDA.
+
+    Otherwise ``dynamic=True``: one graph covers the batch and context buckets instead of one inductor compile
+    per pair; dynamo still specialises batch 1, so two graphs per sampling kind, both compiled by ``warmup``
+    (the cache's spare position keeps the full-context bucket in the dynamic graph). One function per kind
+    gives each its own dynamo cache and recompile limit. That cache is per function, not per runner, and
+    cache shapes are static: each further runner configuration (max_batch, max_context, dtype, model) in
+    the same process adds graphs to it, so each compiled runner raises the limit by what it may add
+    (``make_room_for``). With ``graphs="torch"`` on CUDA, reduce-overhead records a CUDA
+    graph per distinct shape; the caller clones the output before the next replay.
+    """
+    # Where torch.compile takes the limit itself (2.13), dynamo applies it during each compile of these steps,
+    # on whichever thread compiles; older torch reads the config warmup raises on its own thread.
+    limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
+    if graphs == "manual":
+        return tuple(torch.compile(step, fullgraph=True, dynamic=False, **limit) for step in STATIC_STEPS)
+    mode = "reduce-overhead" if device.type == "cuda" and graphs == "torch" else None
+    return tuple(torch.compile(step, fullgraph=True, dynamic=True, mode=mode, **limit) for step in STEPS)
+
+
+def compile_verify_steps(recompile_limit: int) -> tuple:
+    """The speculative verify steps, compiled with ``dynamic=True`` and no CUDA graphs of their own (their one
+    width, k + 1, is static; batch and context vary as in the decode steps); warmup runs their shapes. CUDA
+    only (see ``ModelRunner.__init__``)."""
+    limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
+    return tuple(torch.compile(step, fullgraph=True, dynamic=True, **limit) for step in VERIFY_STEPS)
+
+
+_PER_CALL_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
+
+
+_graphs_compiled = 0  # graphs every compiled runner in this process may add to a step function's dynamo cache
+
+
+def make_room_for(graphs: int) -> int:
+    """The recompile limit a new runner's steps need. Dynamo's cache is per step function, shared by every runner
+    in the process, and with ``fullgraph=True`` a step past its recompile limit (8 by default) fails instead of
+    falling back to eager: each runner adds what it may compile (as SGLang raises the limit for its per-batch-size
+    graphs), so a process building several runners (tests, benchmarks, a server reloading its model) keeps
+    compiling."""
+    global _graphs_compiled
+    _graphs_compiled += graphs
+    return _graphs_compiled + 8
+
+
+def raise_recompile_limit(needed: int) -> None:
+    """On the calling thread: torch's dynamo config is thread-local (2.13), and the engine compiles on its model
+    thread, not on the thread that built the runner."""
+    config: Any = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), needed))
+            break
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)
