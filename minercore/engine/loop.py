@@ -118,8 +118,8 @@ class Engine:
         await ready
         # What is alive now (the model, the tokenizer, the token table, compiled code, the imported libraries)
         # lives as long as the engine. Frozen out of the collector, a full collection scans only what serving
-        # allocates: on two busy cores one took 0.65 s with the tiny model (2 ms frozen), a stall of the event
-        # loop and, with the GIL held, of the model thread, longer than the deadline margin.
+        # allocates. Unfrozen, one on two busy cores stalled the event loop and, with the GIL held, the model
+        # thread for longer than the deadline margin.
         gc.collect()
         gc.freeze()
 

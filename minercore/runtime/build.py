@@ -53,11 +53,9 @@ def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids
     raise ValueError(f"backend must be native (or simulated) or hf, got {options.backend!r}")
 
 
-# compile=auto on CPU: compiled. benchmarks/bench_decode.py (tiny preset, 2 cores, 128-token echo prompts,
-# median): 880 -> 1,020 tok/s with 1 stream and 3,430 -> 3,830 tok/s with 8, eager -> compiled. Sampling
-# gains more (8 streams at temperature 0.8: 1,500 -> 2,800 tok/s, the noise hash fuses into one loop). The
-# price is warmup: two graphs per sampling kind; echo ~8 s with a warm inductor cache, ~20 s cold; generate
-# (three kinds) ~30 s more.
+# compile=auto on CPU: compiled. It decodes faster than eager at every batch size measured, and sampling gains
+# most (the noise hash fuses into one loop; benchmarks/bench_decode.py, RESULTS.md). The price is warm-up: two
+# graphs per sampling kind.
 CPU_AUTO_COMPILE = True
 
 

@@ -197,9 +197,9 @@ class ModelRunner:
             self._steps = compile_steps(device, graphs, self._recompile_limit)
         else:
             self._steps = STATIC_STEPS if self._manual else STEPS
-        # On a CPU the verify steps run eagerly: compiling their three kinds took SmolLM2's warm-up from 67 s to
-        # over 5 minutes on two cores, and even eager a verify step that emits a few ids beats as many compiled
-        # decode steps (RESULTS.md, speculative). On CUDA a step's launches dominate: compiled.
+        # On a CPU the verify steps run eagerly: compiling their three kinds multiplies the warm-up, and even
+        # eager a verify step that emits a few ids beats as many compiled decode steps (RESULTS.md,
+        # speculative). On CUDA a step's launches dominate: compiled.
         self._compiled_verify = compile and (device.type == "cuda" if compile_verify is None else compile_verify)
         self._verify_steps = (compile_verify_steps(self._recompile_limit) if self._compiled_verify
                               else VERIFY_STEPS)
@@ -216,12 +216,11 @@ class ModelRunner:
         self._graph_thread: int | None = None  # the thread whose CUDA graph tree holds the warmed graphs
         # Prompt tokens one batched prefill may hold (the engine groups prompts up to it): past about this many,
         # a forward is compute-bound, so batching more only delays the first prompts' first tokens. On a CPU
-        # one 256-token prompt already is (benchmarks/bench_prefill.py: batched median TTFT 640 ms against 436
-        # ms one prompt at a time); a GPU has room for thousands.
+        # one 256-token prompt already is (RESULTS.md, prefill); a GPU has room for thousands.
         self.prefill_batch_tokens = 2048 if device.type == "cuda" else 256
         # Positions one verify step may compute (rows x (drafts + 1)): the engine narrows the drafts as the batch
         # grows and decodes plainly past it. Every row of a verify step computes its full width, drafts or not;
-        # on a CPU that is compute, and SmolLM2 at 8 streams of 9 positions ran at 0.7x plain decoding
+        # on a CPU that is compute, and wide verify steps at 8 streams lost to plain decoding
         # (RESULTS.md, speculative). A GPU step is bound by reading the weights until far wider.
         self.verify_tokens = 1024 if device.type == "cuda" else 16
         self.quantization = describe_quant(self.model)  # "none", or e.g. "int4 g32"
