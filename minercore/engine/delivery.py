@@ -99,7 +99,10 @@ def deliver(outbox: list[Delivery]) -> None:
             if stats is not None and mailbox.first_text_at is not None:
                 stats = dataclasses.replace(stats, ttft_s=mailbox.first_text_at - mailbox.submitted_at)
             mailbox.stats = stats
-        wake(mailbox)
+        # wake() inlined: this runs once per delivery, on the event loop every stream shares.
+        waiter, mailbox.waiter = mailbox.waiter, None
+        if waiter is not None and not waiter.done():  # done: its consumer was cancelled while waiting
+            waiter.set_result(None)
 
 
 def expire(mailbox: Mailbox) -> None:
@@ -110,7 +113,7 @@ def expire(mailbox: Mailbox) -> None:
 
 def wake(mailbox: Mailbox) -> None:
     waiter, mailbox.waiter = mailbox.waiter, None
-    if waiter is not None and not waiter.done():  # done: its consumer was cancelled while waiting
+    if waiter is not None and not waiter.done():
         waiter.set_result(None)
 
 
