@@ -130,12 +130,12 @@ def random_model(sizes: Sizes) -> GPT2LM:
 
 def build_runner(sizes: Sizes, dtype: torch.dtype, *, graphs: str, attention: str, compile: bool,
                  max_batch: int, max_context: int, batch_buckets: tuple[int, ...] | None = None,
-                 model: GPT2LM | None = None) -> ModelRunner:
+                 model: GPT2LM | None = None, compile_blocks: bool = False) -> ModelRunner:
     buckets = tuple(sorted({b for b in (batch_buckets or ()) if b <= max_batch} | {max_batch}))
     return ModelRunner(model or random_model(sizes), max_batch=max_batch, max_context=max_context,
                        eos_id=sizes.config.vocab_size - 1, device=sizes.device, dtype=dtype, compile=compile,
                        kinds=(GREEDY,), name=f"{sizes.preset} (random, seed {sizes.seed})", graphs=graphs,
-                       attention=attention, batch_buckets=buckets)
+                       attention=attention, batch_buckets=buckets, compile_blocks=compile_blocks)
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
@@ -179,7 +179,8 @@ def dynamo_counts() -> dict[str, int]:
 
 
 def variant_name(runner: ModelRunner) -> str:
-    return f"{runner.graphs}/{runner.attention}/{'compiled' if runner.compiled else 'eager'}"
+    compiled = "compiled blocks" if runner.compiled_blocks else "compiled" if runner.compiled else "eager"
+    return f"{runner.graphs}/{runner.attention}/{compiled}"
 
 
 def to_hf(model: GPT2LM, dtype: torch.dtype, device: torch.device):
@@ -516,14 +517,18 @@ def phase_hf(sizes: Sizes, out: Path, part: Part) -> None:
 
 
 def phase_variants(sizes: Sizes, out: Path, part: Part) -> None:
-    variants = [("manual", "flex", sizes.compile), ("manual", "masked", False), ("off", "bucketed", False)]
+    # (graphs, attention, compile, blocks). Compiled blocks (the CPU default) also run in the smoke test: one
+    # block compiles in seconds where a whole step takes minutes.
+    variants = [("manual", "flex", sizes.compile, False), ("manual", "masked", False, False),
+                ("off", "bucketed", False, False), ("off", "bucketed", True, True)]
     if sizes.compile:
-        variants.append(("manual", "bucketed", True))  # a static compile per batch x context bucket: slow
-    for graphs, attention, compile in variants:
-        with part.attempt(f"variant {graphs}/{attention}/{'compiled' if compile else 'eager'}"):
+        variants.append(("manual", "bucketed", True, False))  # a static compile per batch x context bucket: slow
+    for graphs, attention, compile, blocks in variants:
+        compiled = "compiled blocks" if blocks else "compiled" if compile else "eager"
+        with part.attempt(f"variant {graphs}/{attention}/{compiled}"):
             runner = build_runner(sizes, sizes.dtype, graphs=graphs, attention=attention, compile=compile,
                                   max_batch=max(sizes.batches), max_context=sizes.max_context,
-                                  batch_buckets=sizes.batches)
+                                  batch_buckets=sizes.batches, compile_blocks=blocks)
             _measure_with_graph_health(runner, sizes, part)
             if graphs == "manual" and not compile:
                 _decode_rows(runner, sizes, part, loop="synchronous")  # what launching ahead is worth

@@ -102,7 +102,8 @@ def test_hf_errors(gpt2_dir, tmp_path) -> None:
         runner.decode(np.array([1]))
     with pytest.raises(ValueError, match="missing: no such file or directory"):
         build_runner(ModelOptions(backend="hf", path=str(tmp_path / "missing")), max_batch=1, eos_id=EOS)
-    with pytest.raises(ValueError, match="eager"):
-        build_runner(ModelOptions(backend="hf", path=str(gpt2_dir), compile="on"), max_batch=1, eos_id=EOS)
+    for compile in ("on", "blocks"):
+        with pytest.raises(ValueError, match="eager"):
+            build_runner(ModelOptions(backend="hf", path=str(gpt2_dir), compile=compile), max_batch=1, eos_id=EOS)
     with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
         build_runner(ModelOptions(backend="hf", path=str(gpt2_dir), max_context=65), max_batch=1, eos_id=EOS)

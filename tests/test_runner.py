@@ -226,6 +226,42 @@ def test_compiled_matches_eager_without_recompiles_after_warmup() -> None:
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compile_blocks_option_builds_a_block_compiled_runner_without_graphs() -> None:
+    runner = build_runner(ModelOptions(device="cpu", compile="blocks", max_context=128), max_batch=2, eos_id=50256)
+    assert runner.compiled and "compiled blocks" in runner.description and "graphs off" in runner.description
+    assert all("step" in vars(block) for block in runner.model.blocks)
+
+
+def test_compiled_blocks_match_eager_with_one_graph_for_every_layer() -> None:
+    """compile_blocks: the layers share their block's graphs (two blocks compile what one does), the FILTER
+    sampler has its own, warmup compiles every specialisation, and the ids are the eager runner's."""
+    from torch._dynamo.utils import counters
+
+    eager = small_runner(max_context=128)
+    compiled = ModelRunner(GPT2LM.random(SMALL, 0), max_batch=4, max_context=128, eos_id=0, device=CPU,
+                           dtype=torch.float32, compile=True, kinds=(FILTER,), compile_blocks=True)
+    assert "compiled blocks" in compiled.description
+    before = counters["stats"]["unique_graphs"]
+    compiled.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs - before <= 4  # the block at batch 1 and above, the sampler at batch 1 and above
+    results = []
+    for runner in (eager, compiled):
+        out = [runner.prefill(0, prompt(50, 1), SlotParams(echo=False, temperature=0.9, top_k=10, top_p=0.9,
+                                                            seed=5)),
+               runner.prefill(1, prompt(70, 2), SlotParams(echo=False)),
+               runner.prefill(2, prompt(5, 3), SlotParams())]
+        for step in range(20):
+            slots = np.array([0, 1, 2] if step < 8 else [0])
+            out.extend(runner.decode(slots).tolist())
+            if step == 7:
+                runner.release(1)
+                runner.release(2)
+        results.append(out)
+    assert results[0] == results[1]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_build_runner_device_dtype_and_kv_bytes(caplog) -> None:
     runner = tiny_runner(max_batch=2, max_context=128, dtype="float32")
     assert isinstance(runner, ModelRunner)
@@ -347,6 +383,7 @@ def test_launched_steps_collect_in_order_with_one_step_of_lookahead() -> None:
     (dict(attention="flexible"), "attention"),
     (dict(graphs="torch", compile=False), "compile on"),
     (dict(batch_buckets=(1, 2)), "max_batch"),
+    (dict(graphs="manual", compile=True, compile_blocks=True), "graphs=off"),
 ])
 def test_model_runner_rejects_bad_graph_options(options, match) -> None:
     with pytest.raises(ValueError, match=match):

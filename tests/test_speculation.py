@@ -165,6 +165,30 @@ def test_verify_refuses_what_it_cannot_do() -> None:
         plain_runner.verify(np.array([0]), np.zeros((1, 1), dtype=np.int64), np.array([0]))
 
 
+def test_eager_verify_steps_through_compiled_blocks_match_plain_decoding() -> None:
+    """compile_blocks on the paged cache: a verify step's several positions run through the same compiled
+    blocks as a decode step (their own specialisation, compiled by warmup), and keep plain decoding's ids."""
+    from torch._dynamo.utils import counters
+
+    model = build_preset("llama-tiny", 0, CPU, torch.float32)
+    compiled = ModelRunner(model, max_batch=2, max_context=128, eos_id=0, device=CPU, dtype=torch.float32,
+                           compile=True, speculative_tokens=K, kinds=(0,), compile_blocks=True, kv_block_size=16)
+    compiled.assign_blocks(0, list(range(1, 9)))
+    compiled.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    expected = plain("llama-tiny", PARAMS["greedy"], 24)[0]
+    got = [compiled.prefill(0, PROMPTS[0], PARAMS["greedy"])]
+    while len(got) < 24:
+        right = expected[len(got):len(got) + K] if len(got) % 2 else []  # verify steps and plain ones in turn
+        drafts = np.array([right + [0] * (K - len(right))])
+        chosen, emitted = compiled.verify(np.array([0]), drafts, np.array([len(right)]))
+        assert emitted[0] == len(right) + 1
+        got.extend(int(i) for i in chosen[0, :emitted[0]])
+        got.extend(compiled.decode(np.array([0])).tolist())
+    assert got[:24] == expected[:24]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compiled_verify_steps_match_eager() -> None:
     model = build_preset("llama-tiny", 0, CPU, torch.float32)
     compiled = ModelRunner(model, max_batch=2, max_context=128, eos_id=0, device=CPU, dtype=torch.float32,

@@ -22,7 +22,7 @@ def cache_dir() -> Path:
 BACKENDS = ("native", "simulated", "hf", "upstream")
 NATIVE_BACKENDS = ("native", "simulated")
 MODES = ("echo", "generate")
-COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_CHOICES = ("auto", "on", "blocks", "off")
 GRAPH_CHOICES = ("auto", "torch", "manual", "off")  # runtime/native.py says what each means
 ATTENTION_CHOICES = ("auto", "bucketed", "masked", "flex")
 # models/presets.py's: GPT-2's, then the Llama family's (random weights; llama3-8b is Llama-3-8B's shape,

@@ -113,8 +113,10 @@ OPTIONS: tuple[Option, ...] = (
            help="gpt2 (bundled, offline) or a Hugging Face tokenizer name or directory; with {path}, that "
                 "directory's own tokenizer unless another is named."),
     Option("compile", ModelOptions, "model", choices=COMPILE_CHOICES,
-           help="torch.compile the decode step (auto: on; CUDA graphs on CUDA). Costs seconds of warm-up at "
-                "start-up."),
+           help="torch.compile the decode step. on compiles whole steps (the fastest steps; minutes of warm-up "
+                "on a CPU); blocks compiles one transformer block, which every layer shares, and the samplers "
+                "(warm-up in about a minute cold and seconds with torch's caches warm; a few ms more a step "
+                "at batch 1 on a CPU). auto: blocks on a CPU, on with CUDA graphs on CUDA."),
     Option("graphs", ModelOptions, "model", choices=GRAPH_CHOICES,
            help="Native backend on CUDA: how the compiled decode step is replayed. torch: torch.compile's own "
                 "CUDA graphs; manual: one CUDA graph per batch bucket, captured by hand around a static compile; "

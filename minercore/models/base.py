@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..kv.paged import CacheFactory
 from ..kv.static import KVCache
@@ -18,6 +18,8 @@ class CachedLM(Protocol):
 
     config: Any  # has vocab_size
     max_positions: int
+    blocks: nn.ModuleList  # the transformer blocks, each with a ``step`` the decode and verify forwards call
+
 
     def describe(self) -> str: ...
 

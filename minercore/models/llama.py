@@ -292,6 +292,11 @@ class LlamaLM(nn.Module):
         return model
 
     @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, named ``layers`` as in the checkpoints."""
+        return self.layers
+
+    @property
     def max_positions(self) -> int:
         return self.config.max_positions
 

@@ -62,7 +62,7 @@ CPU_AUTO_COMPILE = True
 def _resolve_compile(option: str, device: torch.device) -> bool:
     """``option`` is one of config.COMPILE_CHOICES (ModelOptions checks it)."""
     if option != "auto":
-        return option == "on"
+        return option in ("on", "blocks")
     return device.type == "cuda" or (device.type == "cpu" and CPU_AUTO_COMPILE)
 
 
@@ -72,10 +72,23 @@ def _resolve_compile(option: str, device: torch.device) -> bool:
 CUDA_AUTO_GRAPHS = "torch"
 
 
-def _resolve_graphs(option: str, device: torch.device, compile: bool) -> str:
-    """``option`` is one of config.GRAPH_CHOICES (ModelOptions checks it)."""
+# compile=auto on CPU compiles blocks, not whole steps: on SmolLM2 with the serving defaults here, ready in 97 s
+# cold and 9 s warm instead of 14 and 2.3 minutes, for the same step at batch 8 and 19% more at batch 1
+# (benchmarks/bench_startup.py, RESULTS.md). On CUDA whole steps, which CUDA graphs replay.
+CPU_AUTO_BLOCKS = True
+
+
+def _resolve_blocks(option: str, device: torch.device) -> bool:
+    """Whether a compiled runner compiles blocks (``option`` is one of config.COMPILE_CHOICES)."""
+    return option == "blocks" or (option == "auto" and device.type == "cpu" and CPU_AUTO_BLOCKS)
+
+
+def _resolve_graphs(option: str, device: torch.device, compile: str) -> str:
+    """``option`` is one of config.GRAPH_CHOICES, ``compile`` of config.COMPILE_CHOICES (ModelOptions checks
+    them). Compiled blocks have no graphs: CUDA graphs replay whole steps."""
     if option == "auto":
-        return CUDA_AUTO_GRAPHS if device.type == "cuda" and compile else "off"
+        whole = _resolve_compile(compile, device) and not _resolve_blocks(compile, device)
+        return CUDA_AUTO_GRAPHS if device.type == "cuda" and whole else "off"
     return option
 
 
@@ -115,9 +128,10 @@ def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
     model = quantize(model, options.quant, options.quant_group, device=device, dtype=dtype)
     max_context = context_for(options.max_context, model.max_positions)
     compile = _resolve_compile(options.compile, device)
-    graphs = _resolve_graphs(options.graphs, device, compile)
+    graphs = _resolve_graphs(options.graphs, device, options.compile)
     return ModelRunner(model, max_batch=max_batch, max_context=max_context, eos_id=eos_id, stop_ids=stop_ids,
                        device=device, dtype=dtype, compile=compile, kinds=_sampling_kinds(options.mode), name=name,
                        graphs=graphs, attention=_resolve_attention(options.attention, graphs),
+                       compile_blocks=compile and _resolve_blocks(options.compile, device),
                        speculative_tokens=speculative_tokens, kv_block_size=kv_block_size,
                        kv_cache_bytes=kv_cache_bytes)

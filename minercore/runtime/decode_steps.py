@@ -4,10 +4,18 @@ A decode step feeds every row of the batch bucket its last token and chooses the
 the same on fixed buffers (so a CUDA graph captured by hand replays it with nothing on the host); a verify step
 checks speculative drafts in one forward. Each comes as one function per sampling kind, indexed by kind, so
 each has its own dynamo cache and recompile limit.
+
+Two scopes of compilation. ``compile_steps`` compiles whole steps (one graph per step, which is also what CUDA
+graphs replay). ``compile_block_steps`` (``compile=blocks``) compiles one transformer block's step, which every
+layer shares, and the sampler per kind, and runs the glue between them eagerly: inductor's time grows with a
+graph's size, so one block compiles in a fraction of a whole 30-layer step (SmolLM2 on two CPU cores: about
+1.5 minutes cold against 13), and each block's call then costs dynamo's guards and wrappers once a layer
+instead of once a step (RESULTS.md, start-up).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -18,12 +26,18 @@ from ..models.base import CachedLM, verify_positions
 from .sampling import FILTER, GREEDY, SAMPLE, SlotState, slot_tokens
 
 
-def decode_step(model: CachedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
-    """Rows [0, b) fed their last token, attending over positions [0, ctx); returns (b,) next ids."""
+def step_logits(model: CachedLM, state: SlotState, b: int, ctx: int) -> tuple[Tensor, Tensor]:
+    """Rows [0, b) fed their last token, attending over positions [0, ctx): their (b, V) float32 logits and
+    the (b,) positions they were fed at."""
     # Rows outside the step (free, or live but not in this step) still compute; clamping keeps a stale
     # position inside the tables. Their cache write lands where their own next real token will overwrite it.
     pos = state.pos[:b].clamp(max=state.targets.shape[1] - 1)
-    logits = model.decode(state.tokens[:b], pos, ctx).float()
+    return model.decode(state.tokens[:b], pos, ctx).float(), pos
+
+
+def decode_step(model: CachedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
+    """Rows [0, b) fed their last token, attending over positions [0, ctx); returns (b,) next ids."""
+    logits, pos = step_logits(model, state, b, ctx)
     return slot_tokens(logits, state, slice(0, b), pos, kind)
 
 
@@ -40,6 +54,27 @@ def _filter_step(model: CachedLM, state: SlotState, b: int, ctx: int) -> Tensor:
 
 
 STEPS = (_greedy_step, _sample_step, _filter_step)  # indexed by kind
+
+
+def _choose_greedy(logits: Tensor, state: SlotState, b: int, pos: Tensor) -> Tensor:
+    return slot_tokens(logits, state, slice(0, b), pos, GREEDY)
+
+
+def _choose_sample(logits: Tensor, state: SlotState, b: int, pos: Tensor) -> Tensor:
+    return slot_tokens(logits, state, slice(0, b), pos, SAMPLE)
+
+
+def _choose_filter(logits: Tensor, state: SlotState, b: int, pos: Tensor) -> Tensor:
+    return slot_tokens(logits, state, slice(0, b), pos, FILTER)
+
+
+CHOOSERS = (_choose_greedy, _choose_sample, _choose_filter)  # indexed by kind
+
+
+def _block_step(model: CachedLM, state: SlotState, b: int, ctx: int, *, choose: Any) -> Tensor:
+    """``decode_step`` with the model's blocks compiled in place and ``choose`` (a compiled sampler) after."""
+    logits, pos = step_logits(model, state, b, ctx)
+    return choose(logits, state, b, pos)
 
 
 def _static_step(model: CachedLM, state: SlotState, sampled: Tensor, b: int, ctx: int, kind: int) -> None:
@@ -133,6 +168,22 @@ def compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> tu
         return tuple(torch.compile(step, fullgraph=True, dynamic=False, **limit) for step in STATIC_STEPS)
     mode = "reduce-overhead" if device.type == "cuda" and graphs == "torch" else None
     return tuple(torch.compile(step, fullgraph=True, dynamic=True, mode=mode, **limit) for step in STEPS)
+
+
+def compile_block_steps(model: CachedLM, recompile_limit: int) -> tuple:
+    """The decode steps with ``model``'s blocks and the samplers compiled (``dynamic=True``), the rest eager.
+
+    Every block's ``step`` is replaced in place by one compiled function of the same code: dynamo treats the
+    block's parameters and cache as inputs (inlined nn modules), so all layers share the graphs of their first,
+    batch 1 and larger batches (and a verify step's several positions, when the eager verify steps call the
+    blocks). The samplers are compiled apart, one per kind: eager, the sampled kinds' vocabulary passes cost
+    more than a block. Blocks already compiled (the model of an earlier runner) are left as they are."""
+    limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
+    for block in model.blocks:
+        if "step" not in vars(block):
+            block.step = torch.compile(block.step, fullgraph=True, dynamic=True, **limit)
+    return tuple(functools.partial(_block_step, choose=torch.compile(choose, fullgraph=True, dynamic=True, **limit))
+                 for choose in CHOOSERS)
 
 
 def compile_verify_steps(recompile_limit: int) -> tuple:

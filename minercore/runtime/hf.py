@@ -86,7 +86,7 @@ class HFRunner:
                      stop_ids: Sequence[int] = ()) -> HFRunner:
         if not options.path:
             raise ValueError("backend hf needs path = a local model directory or GGUF file")
-        if options.compile == "on":
+        if options.compile in ("on", "blocks"):
             raise ValueError("backend hf runs eager; use compile=auto or off")
         if options.quant not in ("auto", "none"):  # also a native path that fell back here (build_runner)
             raise ValueError(f"{options.path}: quant {options.quant} needs the native backend, and this model is "

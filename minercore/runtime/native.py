@@ -42,6 +42,7 @@ from .decode_steps import (
     STATIC_STEPS,
     STEPS,
     VERIFY_STEPS,
+    compile_block_steps,
     compile_steps,
     compile_verify_steps,
     make_room_for,
@@ -50,6 +51,7 @@ from .decode_steps import (
 from .device import dtype_name
 from .protocol import Launched
 from .sampling import (
+    KIND_NAMES,
     KINDS,
     ContextOverflow,
     SlotParams,
@@ -128,10 +130,11 @@ class ModelRunner:
     a step runs at (a step pads to the smallest one that holds its highest slot; default: powers of two up
     to ``max_batch``); a benchmark that only needs a few sizes saves their compiles and captures.
     ``speculative_tokens`` > 0 adds ``verify`` steps of that many drafts, compiled where ``compile_verify`` says
-    (default: with ``compile``, on CUDA only). ``kv_block_size`` > 0 keeps the keys and values in a paged pool
-    of blocks that size (``kv.paged``) holding ``kv_cache_bytes`` (0: as many positions as the static cache
-    would), whose blocks a slot uses only once ``assign_blocks`` names them (the engine's ``KVCacheManager``
-    decides which)."""
+    (default: with ``compile``, on CUDA only). ``compile_blocks`` compiles one block and the samplers instead of
+    whole steps (``decode_steps.compile_block_steps``; with ``graphs="off"`` only). ``kv_block_size`` > 0 keeps
+    the keys and values in a paged pool of blocks that size (``kv.paged``) holding ``kv_cache_bytes`` (0: as many
+    positions as the static cache would), whose blocks a slot uses only once ``assign_blocks`` names them (the
+    engine's ``KVCacheManager`` decides which)."""
 
     kind = "native"  # the model.backend value this runner serves
 
@@ -139,7 +142,8 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, compile: bool, kinds: Sequence[int] = KINDS,
                  name: str = "custom", graphs: str = "off", attention: str = "bucketed",
                  batch_buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = (),
-                 speculative_tokens: int = 0, compile_verify: bool | None = None, kv_block_size: int = 0,
+                 speculative_tokens: int = 0, compile_verify: bool | None = None,
+                 compile_blocks: bool = False, kv_block_size: int = 0,
                  kv_cache_bytes: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -189,12 +193,18 @@ class ModelRunner:
             for tensor in [*self.model.buffers(), *self.state.buffers(),
                            *([self.kv_paged.table] if self.kv_paged else [])]:
                 torch._dynamo.mark_static_address(tensor)
+        # Compiling one block and the samplers instead of whole steps (decode_steps) starts in a fraction of the
+        # time; hand-captured CUDA graphs replay whole static steps, so they never do.
+        if compile_blocks and graphs != "off":
+            raise ValueError(f"compiled blocks go with graphs=off: CUDA graphs ({graphs}) replay whole steps")
+        self.compiled_blocks = compile and compile_blocks
         if compile:
             # A static compile adds a graph per step shape; a dynamic one at most its batch-1 and context-extreme
-            # specialisations (see warmup).
+            # specialisations (see warmup), and compiled blocks as many again for the verify steps calling them.
             self._recompile_limit = make_room_for(
-                len(self.batch_buckets) * len(self.context_buckets) if self._manual else 4)
-            self._steps = compile_steps(device, graphs, self._recompile_limit)
+                len(self.batch_buckets) * len(self.context_buckets) if self._manual else 8)
+            self._steps = (compile_block_steps(self.model, self._recompile_limit) if self.compiled_blocks
+                           else compile_steps(device, graphs, self._recompile_limit))
         else:
             self._steps = STATIC_STEPS if self._manual else STEPS
         # On a CPU the verify steps run eagerly: compiling their three kinds multiplies the warm-up, and even
@@ -227,7 +237,8 @@ class ModelRunner:
         self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
                             f"weights {self.quantization}, "
-                            f"{'compiled' if compile else 'eager'}, graphs {graphs}, attention {attention}")
+                            f"{'compiled blocks' if self.compiled_blocks else 'compiled' if compile else 'eager'}, "
+                            f"graphs {graphs}, attention {attention}")
         if speculative_tokens:
             self.description += (f", speculative {speculative_tokens} "
                                  f"({'compiled' if self._compiled_verify else 'eager'} verify)")
@@ -285,10 +296,7 @@ class ModelRunner:
         else:
             # The compiled specialisations (see decode_steps.compile_steps), and both context extremes in case this
             # torch version specialises more; eager just touches its kernels.
-            first = self.batch_buckets[0]
-            second = next((b for b in self.batch_buckets if b > 1), first)
-            shapes = sorted({(b, c) for b in (first, second)
-                             for c in (self.context_buckets[0], self.context_buckets[-1])})
+            shapes = self._specialisations()
         if self._manual and self.device.type == "cuda":
             self._captured.capture(self._steps, self.model, self.state, self._sampled, shapes, self._kinds,
                                    self.device)
@@ -298,18 +306,26 @@ class ModelRunner:
                 for kind in self._kinds:
                     for b, ctx in shapes:
                         self._run_step(b, ctx, kind)
+                    self._log_progress(f"decode steps, sampling kind {KIND_NAMES[kind]}", started)
         if self.speculative_tokens:
-            shapes = self._verify_shapes() if self._compiled_verify else self._verify_shapes()[:1]
+            # Eager verify steps only touch their kernels, unless they call compiled blocks.
+            compiled = self._compiled_verify or self.compiled_blocks
+            shapes = self._specialisations() if compiled else self._specialisations()[:1]
             for kind in self._kinds:
                 for b, ctx in shapes:
                     self._verify_steps[kind](self.model, self.state, self._drafts[:b], self._draft_lengths[:b],
                                              b, ctx)
+                self._log_progress(f"verify steps, sampling kind {KIND_NAMES[kind]}", started)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
         logger.info("warmup: %d step shapes x %d sampling kinds in %.1f s (%s)", len(shapes), len(self._kinds),
                     seconds, self.description)
         return seconds
+
+    def _log_progress(self, done: str, started: float) -> None:
+        if self.compiled:  # compiles make warmup long enough to want news of it
+            logger.info("warmup: %s ready after %.1f s", done, time.perf_counter() - started)
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> int:
@@ -467,11 +483,14 @@ class ModelRunner:
 
     # -- internals --
 
-    def _verify_shapes(self) -> list[tuple[int, int]]:
-        """The verify shapes warmup runs: the compiled specialisations, as for the dynamic decode steps."""
+    def _specialisations(self) -> list[tuple[int, int]]:
+        """The (batch, context) shapes a dynamic compile may specialise on: batch 1 and above, each context
+        extreme. The widest context goes first: dynamo gives dimensions of equal size one symbol, so a first
+        compile at the 64-position bucket would tie it to the head size and recompile at the next bucket."""
         first = self.batch_buckets[0]
         second = next((b for b in self.batch_buckets if b > 1), first)
-        return sorted({(b, c) for b in (first, second) for c in (self.context_buckets[0], self.context_buckets[-1])})
+        contexts = dict.fromkeys((self.context_buckets[-1], self.context_buckets[0]))
+        return list(dict.fromkeys((b, c) for c in contexts for b in (second, first)))
 
     def _context_bucket(self, needed: int) -> int:
         if self.attention != "bucketed":

@@ -19,6 +19,7 @@ GREEDY = 0  # argmax (temperature 0, and every echo row)
 SAMPLE = 1  # + temperature and Gumbel noise
 FILTER = 2  # + top-k / top-p (a sort over the vocabulary)
 KINDS = (GREEDY, SAMPLE, FILTER)
+KIND_NAMES = ("greedy", "sample", "filter")  # indexed by kind
 
 
 @dataclass(frozen=True)
