@@ -200,6 +200,20 @@ def test_live_slots_left_out_of_a_step_keep_their_state() -> None:
     assert out_b == b + [0] * (len(out_b) - len(b))  # past EOS an echo row keeps returning EOS
 
 
+def _filter_run(runner: ModelRunner) -> list[int]:
+    """A sampled top-k/top-p row, a greedy one and an echo one at batch 4 for 8 steps, then the sampled row alone
+    (batch 1) for 12; contexts 64 and 128."""
+    out = [runner.prefill(0, prompt(50, 1), SlotParams(echo=False, temperature=0.9, top_k=10, top_p=0.9, seed=5)),
+           runner.prefill(1, prompt(70, 2), SlotParams(echo=False)),
+           runner.prefill(2, prompt(5, 3), SlotParams())]
+    for step in range(20):
+        out.extend(runner.decode(np.array([0, 1, 2] if step < 8 else [0])).tolist())
+        if step == 7:
+            runner.release(1)
+            runner.release(2)
+    return out
+
+
 def test_compiled_matches_eager_without_recompiles_after_warmup() -> None:
     """One compile-heavy test: the FILTER kind (sampling, top-k/p, greedy and echo rows all in its graph),
     its four specialisations compiled by warmup and nothing compiled while serving."""
@@ -209,20 +223,7 @@ def test_compiled_matches_eager_without_recompiles_after_warmup() -> None:
     assert compiled.compiled and "compiled" in compiled.description
     assert compiled.warmup() > 0
     graphs = counters["stats"]["unique_graphs"]
-    results = []
-    for runner in (eager, compiled):
-        out = [runner.prefill(0, prompt(50, 1), SlotParams(echo=False, temperature=0.9, top_k=10, top_p=0.9,
-                                                            seed=5)),
-               runner.prefill(1, prompt(70, 2), SlotParams(echo=False)),
-               runner.prefill(2, prompt(5, 3), SlotParams())]
-        for step in range(20):
-            slots = np.array([0, 1, 2] if step < 8 else [0])  # batch 4 then batch 1; contexts 64 and 128
-            out.extend(runner.decode(slots).tolist())
-            if step == 7:
-                runner.release(1)
-                runner.release(2)
-        results.append(out)
-    assert results[0] == results[1]
+    assert _filter_run(eager) == _filter_run(compiled)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -245,20 +246,7 @@ def test_compiled_blocks_match_eager_with_one_graph_for_every_layer() -> None:
     compiled.warmup()
     graphs = counters["stats"]["unique_graphs"]
     assert graphs - before <= 4  # the block at batch 1 and above, the sampler at batch 1 and above
-    results = []
-    for runner in (eager, compiled):
-        out = [runner.prefill(0, prompt(50, 1), SlotParams(echo=False, temperature=0.9, top_k=10, top_p=0.9,
-                                                            seed=5)),
-               runner.prefill(1, prompt(70, 2), SlotParams(echo=False)),
-               runner.prefill(2, prompt(5, 3), SlotParams())]
-        for step in range(20):
-            slots = np.array([0, 1, 2] if step < 8 else [0])
-            out.extend(runner.decode(slots).tolist())
-            if step == 7:
-                runner.release(1)
-                runner.release(2)
-        results.append(out)
-    assert results[0] == results[1]
+    assert _filter_run(eager) == _filter_run(compiled)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
