@@ -20,7 +20,6 @@ class CachedLM(Protocol):
     max_positions: int
     blocks: nn.ModuleList  # the transformer blocks, each with a ``step`` the decode and verify forwards call
 
-
     def describe(self) -> str: ...
 
     def setup_caches(self, max_batch: int, max_context: int, cache_factory: CacheFactory = KVCache) -> int:

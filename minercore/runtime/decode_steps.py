@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,7 +72,8 @@ def _choose_filter(logits: Tensor, state: SlotState, b: int, pos: Tensor) -> Ten
 CHOOSERS = (_choose_greedy, _choose_sample, _choose_filter)  # indexed by kind
 
 
-def _block_step(model: CachedLM, state: SlotState, b: int, ctx: int, *, choose: Any) -> Tensor:
+def _block_step(model: CachedLM, state: SlotState, b: int, ctx: int, *,
+                choose: Callable[[Tensor, SlotState, int, Tensor], Tensor]) -> Tensor:
     """``decode_step`` with the model's blocks compiled in place and ``choose`` (a compiled sampler) after."""
     logits, pos = step_logits(model, state, b, ctx)
     return choose(logits, state, b, pos)
