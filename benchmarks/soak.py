@@ -269,7 +269,19 @@ def run_soak(duration: float, streams: int, miner_args: list[str] | None = None)
         if child.returncode != 0:
             problems.append(f"the miner exited with {child.returncode}")
         summary["problems"] = problems
+        if problems:  # what the miner said about it: the log goes with the scratch directory
+            summary["miner_log"] = _notable_lines(log_file.read_text(errors="replace"))
         return summary
+
+
+def _notable_lines(log: str, keep: int = 40) -> list[str]:
+    """The miner log's warnings, errors and tracebacks (the last ``keep`` lines of them)."""
+    notable, in_traceback = [], False
+    for line in log.splitlines():
+        in_traceback = line.startswith("Traceback") or (in_traceback and line[:1] in (" ", "\t"))
+        if in_traceback or any(word in line for word in ("WARNING", "ERROR", "CRITICAL", "Error")):
+            notable.append(line[:400])
+    return notable[-keep:]
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -304,7 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.duration <= 0 or options.streams < 1:
         parser.error("--duration must be > 0 and --streams >= 1")
-    summary = run_soak(options.duration, options.streams, options.miner_args)
+    # bittensor 10's logger writes the callers' errors to standard output: while the soak runs, file descriptor 1
+    # points at standard error, so that what is printed after it is the summary alone.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        summary = run_soak(options.duration, options.streams, options.miner_args)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
     print(json.dumps(summary, indent=2, ensure_ascii=False) if options.json else markdown(summary))
     return 0 if not summary["problems"] else 1
 

@@ -359,3 +359,24 @@ async def test_a_bug_still_answers_in_openai_shape():
     assert response.status_code == 500
     assert response.json()["error"] == {"message": "internal error: RuntimeError", "type": "server_error",
                                          "param": None, "code": "internal_error"}
+
+
+async def test_an_idle_keep_alive_connection_outlives_the_clients_pools(base):
+    """A pooled connection reused after 6 s of idling still answers: the server closes idle connections only
+    after the clients' pools have dropped them (a server that closes first loses a request sent as it closes)."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"GET /health HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+    try:
+        for pause in (0.0, 6.0):  # uvicorn's own default closes an idle connection after 5 s
+            await asyncio.sleep(pause)
+            writer.write(request)
+            status = await asyncio.wait_for(reader.readline(), 10)
+            assert status.startswith(b"HTTP/1.1 200"), status
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+    finally:
+        writer.close()

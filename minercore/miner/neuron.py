@@ -28,6 +28,7 @@ import uvicorn
 from ..backends import Backend, build_backend
 from ..contract.config import served_model_name
 from ..serve.metrics import Metrics
+from ..serve.server import KEEP_ALIVE_S
 from . import config as miner_config
 from . import sdk
 from .app import MinerServer
@@ -223,6 +224,7 @@ class Miner:
         self.server = MinerServer(self.engine, self.policy, settings, metrics=self.metrics)
         self._http = _HttpServer(uvicorn.Config(self.server.build(), host=host or "0.0.0.0", port=config.axon.port,
                                                 log_level="warning", lifespan="off",
+                                                timeout_keep_alive=KEEP_ALIVE_S,
                                                 timeout_graceful_shutdown=_HTTP_DRAIN_S))
         self._http_task = asyncio.create_task(self._serve_http(), name="miner-http")
         deadline = asyncio.get_running_loop().time() + _LISTEN_TIMEOUT_S

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# An idle keep-alive connection stays open longer than clients keep one in their pools (aiohttp, under bittensor
+# 10's Dendrite: 15 s; httpx: 5 s), so the client is the side that closes it. With uvicorn's default, 5 s, a
+# request sent on a pooled connection as the server's idle timer fires is lost: the caller reads "Server
+# disconnected" though the miner never saw its request.
+KEEP_ALIVE_S = 75
+
 
 # ---- the app --------------------------------------------------------------------------------------------
 def create_app(backend: Backend, served_model_name: str, *, metrics: Metrics | None = None,
@@ -92,7 +98,7 @@ async def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
                                            timeout_graceful_shutdown=shutdown_grace))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -125,7 +131,8 @@ def serve(model: ModelOptions, options: EngineOptions, *, host: str = "127.0.0.1
     app = create_app(backend, served_model_name or default_served_name(model), metrics=metrics,
                      shutdown_grace=shutdown_grace)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
+                    timeout_graceful_shutdown=shutdown_grace)
     finally:
         if metrics is not None:
             metrics.stop_http()
