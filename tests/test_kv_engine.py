@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 from helpers import GPT2_EOS, MIXED, collect
@@ -213,3 +214,27 @@ async def test_the_real_model_answers_the_same_through_pages_and_the_prefix_cach
     assert results["paged"][:2] == results["static"][:2]
     assert results["paged"][0] == results["paged"][1]
     assert results["paged"][2].prefix_hit_blocks >= 3 * 4  # each later chat found its system blocks
+
+
+def test_a_released_slot_writes_nothing_into_blocks_it_no_longer_owns() -> None:
+    """Rows below the batch bucket compute in every step, free ones too: once a slot is released its table row
+    must name no block, or its stale position lands in the blocks of whoever holds them next."""
+    model = ModelOptions(preset="tiny", compile="off", device="cpu", dtype="float32", max_context=128)
+    runner = build_runner(model, max_batch=4, eos_id=GPT2_EOS, kv_block_size=BLOCK, kv_cache_bytes=1 << 22)
+    params = SlotParams(echo=False, min_new=100)
+    for slot, blocks in ((0, [1, 2]), (1, [3, 4]), (2, [5, 6])):
+        runner.assign_blocks(slot, blocks)
+        runner.prefill(slot, [(7 * slot + j) % 500 + 1 for j in range(20)], params)
+    for _ in range(3):
+        runner.decode(np.array([0, 1, 2]))
+    runner.release(1)  # its row would write position 23 next: block 4, offset 7
+    runner.assign_blocks(3, [3, 4])
+    runner.prefill(3, list(range(100, 130)), params)
+    pools = [block.attn.cache for block in runner.model.blocks]
+    before = [(cache.k[3:5].clone(), cache.v[3:5].clone()) for cache in pools]
+    for _ in range(2):
+        runner.decode(np.array([0, 2, 3]))  # batch bucket 4: row 1 computes too
+    for cache, (k, v) in zip(pools, before, strict=True):
+        # slot 3's prompt, positions [0, 30): block 3 whole and block 4's first 14 positions, as prefilled
+        assert torch.equal(cache.k[3], k[0]) and torch.equal(cache.k[4, :, :14], k[1, :, :14])
+        assert torch.equal(cache.v[3], v[0]) and torch.equal(cache.v[4, :, :14], v[1, :, :14])

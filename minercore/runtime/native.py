@@ -480,6 +480,10 @@ class ModelRunner:
     def release(self, slot: int) -> None:
         check_slot(slot, self.max_batch)
         self._live[slot] = False
+        if self.kv_paged:
+            # Free rows below a step's batch bucket still compute and write at their stale position: pointed
+            # at the null block, this one writes nothing into blocks the pool gives to other streams.
+            self.kv_paged.set_blocks(slot, [])
 
     # -- internals --
 
