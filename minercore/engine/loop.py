@@ -7,6 +7,7 @@ finish reason. Errors reach only the request they concern, as ``minercore.genera
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import dataclasses
 import gc
@@ -101,6 +102,10 @@ class Engine:
         self.stream_loop = streamloop.IMPLEMENTATION
         self._drafter: Drafter | None = None
         self._kv: KVCacheManager | None = None  # paged KV: which blocks each admitted job holds
+        # Paged KV, model thread only: decoding streams whose blocks were taken for others, by admission order;
+        # each keeps its slot, its stream loop state and its drafts, and is prefilled again to continue.
+        self._preempted: list[Job] = []
+        self._admissions = itertools.count()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,6 +176,15 @@ class Engine:
         # loop for its current job, and its tenancy, advanced each time a job leaves it.
         self._slot_tokens = np.zeros(self.options.max_batch, dtype=np.int64)
         self._tenancy = np.zeros(self.options.max_batch, dtype=np.int64)
+        if self._kv is not None:
+            # Per slot: the ids handed to the stream loop (what a preempted stream is prefilled again with),
+            # its prompt's length, and the positions its blocks hold.
+            self._outputs = np.zeros((self.options.max_batch, self._runner.max_context), dtype=np.int64)
+            self._prompt_len = np.zeros(self.options.max_batch, dtype=np.int64)
+            self._kv_room = np.zeros(self.options.max_batch, dtype=np.int64)
+            # Positions a step may write past a stream's ids handed over so far: the step in flight's, the
+            # next step's, and a verify step's drafts.
+            self._kv_ahead = 2 + self._speculative_tokens()
         table = token_bytes_table(self._tokenizer)
         # Models often pad their vocabulary past the tokenizer's (e.g. to a multiple of 64): ids the tokenizer
         # does not know decode to nothing, as tokenizer.decode would skip them, instead of failing the step.
@@ -333,7 +347,7 @@ class Engine:
         if room < 1:
             raise InvalidRequest(f"prompt is {len(prompt_ids)} tokens; the model's context is "
                                  f"{self._runner.max_context} tokens")
-        if self._kv is not None:  # the paged pool holds a whole answer per request: at most what it holds alone
+        if self._kv is not None:  # an answer is at most what the pool holds for one stream alone
             held = self._kv.max_positions - len(prompt_ids)
             if held < 1:
                 raise InvalidRequest(f"prompt is {len(prompt_ids)} tokens; the KV cache holds at most "
@@ -390,7 +404,8 @@ class Engine:
                            accepted_tokens=drafter.accepted if drafter else 0,
                            **({"kv_blocks_used": kv.blocks_used, "kv_blocks_free": kv.blocks_free,
                                "kv_blocks_cached": kv.blocks_cached, "prefix_hit_blocks": kv.hits,
-                               "prefix_miss_blocks": kv.misses, "kv_evictions": kv.evictions} if kv else {}))
+                               "prefix_miss_blocks": kv.misses, "kv_evictions": kv.evictions,
+                               "kv_preemptions": kv.preemptions} if kv else {}))
 
     # ---- the model thread ---------------------------------------------------------------------------
     def _model_thread(self, ready: asyncio.Future) -> None:
@@ -402,7 +417,7 @@ class Engine:
         while True:
             with self._cond:
                 while (not self._abort and not self._active and not self._prefilling and not self._waiting
-                       and not self._cancelled and self._in_flight is None):
+                       and not self._cancelled and not self._preempted and self._in_flight is None):
                     self._cond.wait()
                 if self._abort:
                     break
@@ -426,7 +441,8 @@ class Engine:
         for job in cancelled:
             self._cancel(job)
         now = time.monotonic()
-        for job in [j for j in self._active.values() if j.deadline is not None and now >= j.deadline]:
+        for job in [j for j in (*self._active.values(), *self._preempted) if j.deadline is not None
+                    and now >= j.deadline]:
             self._end(job, outbox, reason=FINISH_DEADLINE, text=self._table.finish(job.slot, drop_incomplete=True),
                       table_done=True)
         if not self._free_slots:
@@ -444,6 +460,8 @@ class Engine:
         The deliveries so far (step N-1's text among them) are posted only once step N+1 is launched: waking the
         event loop hands it the GIL, and the model thread waits to get it back while the loop runs consumers.
         Posted before the launch, that wait would idle the device; posted after, it overlaps the device's step."""
+        if self._kv is not None and self._active:
+            self._grow()
         if self._drafter is not None and self._active and self._speculate(outbox):
             return
         launched = None
@@ -541,6 +559,8 @@ class Engine:
             self._drafter.extend(slots, ids)
         if self._other_stops is not None:
             ids = np.where(np.isin(ids, self._other_stops), self._eos_id, ids)
+        if self._kv is not None:
+            self._outputs[slots, self._slot_tokens[slots]] = ids
         events = self._table.step(slots, ids)
         self._slot_tokens[slots] += 1
         with self._cond:
@@ -563,6 +583,10 @@ class Engine:
         for job in list(self._prefilling.values()):
             budget -= self._prefill_part(job, budget, now, outbox)
             if budget <= 0:
+                return
+        if self._preempted:
+            budget = self._resume(budget, now, outbox)
+            if self._preempted or budget <= 0:  # preempted streams go back before new requests come in
                 return
         chunked = hasattr(self._runner, "prefill_chunk")
         whole: list[Job] = []
@@ -600,14 +624,79 @@ class Engine:
         return job
 
     def _reserve(self, job: Job) -> bool:
-        """Blocks for the job's prompt and its longest answer (reusing cached prompt blocks), pointed to by its
-        slot; False, holding nothing, while too few are free."""
-        cached = self._kv.admit(job, job.prompt_ids, len(job.prompt_ids) + job.sampling.max_new_tokens)
+        """Blocks for the job's prompt and its first steps (reusing cached prompt blocks), pointed to by its
+        slot; False, holding nothing, while too few are free. Its answer takes blocks as it grows (``_grow``)."""
+        cached = self._kv.admit(job, job.prompt_ids, self._kv_positions(len(job.prompt_ids)))
         if cached is None:
             return False
-        self._runner.assign_blocks(job.slot, self._kv.block_table(job))
+        job.admission = next(self._admissions)
         job.cached = job.prefilled = cached
+        self._prompt_len[job.slot] = len(job.prompt_ids)
+        self._assign_blocks(job)
         return True
+
+    def _kv_positions(self, held: int) -> int:
+        """Positions to hold for a stream with ``held`` ids: room for its next steps, within what one stream
+        may hold (``_submit`` cuts every answer to that)."""
+        return min(held + self._kv_ahead, self._kv.max_positions)
+
+    def _assign_blocks(self, job: Job) -> None:
+        table = self._kv.block_table(job)
+        self._runner.assign_blocks(job.slot, table)
+        self._kv_room[job.slot] = len(table) * self._kv.block_size
+
+    def _grow(self) -> None:
+        """Blocks for every decoding stream's next step, earliest admitted first. Where the pool runs out, the
+        most recently admitted decoding stream is preempted (``_preempt``), until the stream fits or is the
+        one preempted: a stream admitted alone always fits, since every answer is cut to what the pool holds."""
+        slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
+        held = self._prompt_len[slots] + self._slot_tokens[slots]
+        short = slots[np.minimum(held + self._kv_ahead, self._kv.max_positions) > self._kv_room[slots]]
+        if not short.size:  # the common step: a stream crosses into a new block once every block_size ids
+            return
+        for job in sorted((self._active[slot] for slot in short.tolist()), key=lambda j: j.admission):
+            if self._active.get(job.slot) is not job:  # preempted for an earlier stream's room
+                continue
+            wanted = self._kv_positions(len(job.prompt_ids) + int(self._slot_tokens[job.slot]))
+            while not self._kv.append_slot(job, wanted):
+                victim = max(self._active.values(), key=lambda j: j.admission)
+                self._preempt(victim)
+                if victim is job:
+                    break
+            else:
+                self._assign_blocks(job)
+
+    def _preempt(self, job: Job) -> None:
+        """Free a decoding stream's blocks for others. It keeps its slot, its stream loop state and its drafts,
+        and once blocks are free again (``_resume``) its prompt and output so far are prefilled again, from the
+        prefix cache where its blocks are still there, and it continues exactly where it stopped."""
+        slot = job.slot
+        handed = int(self._slot_tokens[slot])
+        # Positions [0, prompt + handed - 1) are written by finished steps: cached, they make resumption cheap.
+        self._kv.commit(job, job.prompt_ids + self._outputs[slot, :handed - 1].tolist())
+        self._runner.release(slot)
+        self._kv.preempt(job)
+        self._kv_room[slot] = 0
+        del self._active[slot]
+        self._tenancy[slot] += 1  # its id from the step in flight is dropped: resumption computes it again
+        bisect.insort(self._preempted, job, key=lambda j: j.admission)
+
+    def _resume(self, budget: int, now: float, outbox: list[Delivery]) -> int:
+        """Preempted streams back into their blocks, earliest admitted first, while blocks are free; returns
+        what is left of the step's prefill budget."""
+        while self._preempted and budget > 0:
+            job = self._preempted[0]
+            ids = job.prompt_ids + self._outputs[job.slot, :self._slot_tokens[job.slot]].tolist()
+            cached = self._kv.admit(job, ids, self._kv_positions(len(ids)))
+            if cached is None:
+                break
+            del self._preempted[0]
+            job.resume = ids
+            job.cached = job.prefilled = cached
+            self._assign_blocks(job)
+            self._prefilling[job.slot] = job
+            budget -= self._prefill_part(job, budget, now, outbox)
+        return budget
 
     def _requeue(self, job: Job) -> None:
         """Undo ``_pop_waiting`` and the slot taken for a job that must wait for KV blocks."""
@@ -648,13 +737,16 @@ class Engine:
     def _prefill_part(self, job: Job, budget: int, now: float, outbox: list[Delivery]) -> int:
         """The next chunk (at most ``budget`` tokens) of a job's prompt; returns the tokens it took."""
         if job.deadline is not None and now >= job.deadline:
-            self._end(job, outbox, reason=FINISH_DEADLINE, table_done=True)
+            self._end(job, outbox, reason=FINISH_DEADLINE, text=self._finish_text(job), table_done=True)
             return 0
+        ids = job.prompt_ids if job.resume is None else job.resume
         start = job.prefilled
-        end = min(len(job.prompt_ids), start + budget)
+        end = min(len(ids), start + budget)
+        extra = {"cached": job.cached} if job.cached else {}  # keywords the hf runner does not take
+        if job.resume is not None:
+            extra["prompt_len"] = len(job.prompt_ids)
         try:
-            first = self._runner.prefill_chunk(job.slot, job.prompt_ids, job.slot_params, start, end,
-                                               **({"cached": job.cached} if job.cached else {}))
+            first = self._runner.prefill_chunk(job.slot, ids, job.slot_params, start, end, **extra)
         except Exception as exc:  # noqa: BLE001 - only this request fails
             self._prefill_failed(job, exc, outbox)
             return end - start
@@ -669,21 +761,30 @@ class Engine:
     def _prefill_failed(self, job: Job, exc: Exception, outbox: list[Delivery]) -> None:
         log.error("prefill failed for %s", job.request_id, exc_info=exc)
         _free_cuda_cache()
-        self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"), table_done=True)
+        self._end(job, outbox, error=GenerationFailed(f"prefill failed: {exc}"), table_done=job.resume is None)
+
+    def _finish_text(self, job: Job) -> str:
+        """The text the stream loop still holds for a job ending before its next step: none before its first
+        step, a resumed stream's held-back text otherwise."""
+        return "" if job.resume is None else self._table.finish(job.slot, drop_incomplete=True)
 
     def _start_stream(self, job: Job, first: int, outbox: list[Delivery]) -> None:
         """The job's prompt is in its slot: it joins the decode steps, its first token goes to the stream loop."""
         self._active[job.slot] = job
-        if self._kv is not None:
-            self._kv.commit(job, job.prompt_ids)  # its full prompt blocks are written: findable by later prompts
-        if self._drafter is not None:
-            self._drafter.start(job.slot, job.prompt_ids, job.sampling.max_new_tokens)
-        try:
-            self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
-                            include_stop=job.sampling.include_stop, strip_first_space=self._strip_first_space)
-        except Exception as exc:  # noqa: BLE001 - only this request fails
-            self._prefill_failed(job, exc, outbox)
-            return
+        if job.resume is not None:  # a preempted stream: its stream loop and drafts carry on from where it was
+            self._kv.commit(job, job.resume)
+            job.resume = None
+        else:
+            if self._kv is not None:
+                self._kv.commit(job, job.prompt_ids)  # its full prompt blocks are written: findable by later prompts
+            if self._drafter is not None:
+                self._drafter.start(job.slot, job.prompt_ids, job.sampling.max_new_tokens)
+            try:
+                self._table.add(job.slot, max_new_tokens=job.sampling.max_new_tokens, stop=job.sampling.stop,
+                                include_stop=job.sampling.include_stop, strip_first_space=self._strip_first_space)
+            except Exception as exc:  # noqa: BLE001 - only this request fails
+                self._prefill_failed(job, exc, outbox)
+                return
         self._consume(np.array([job.slot], dtype=np.int64), np.array([first], dtype=np.int64), outbox)
 
     def _expire_waiting(self, now: float, outbox: list[Delivery]) -> None:
@@ -696,7 +797,8 @@ class Engine:
 
     def _cancel(self, job: Job) -> None:
         """A job its consumer left after it was admitted (``generate`` frees a waiting one's place itself)."""
-        if self._active.get(job.slot) is job or self._prefilling.get(job.slot) is job:
+        if (self._active.get(job.slot) is job or self._prefilling.get(job.slot) is job
+                or job in self._preempted):
             self._table.release(job.slot)
             self._release_slot(job)
             with self._cond:  # ended by generate's deadline timer: counted as the thread's own deadline is
@@ -723,9 +825,12 @@ class Engine:
             # since they are no prompt's cached blocks, and steps run in order, so a later owner's writes and
             # reads of them come after it.
             self._kv.release(job)
-        # A job ends while decoding, while its prompt is prefilled in chunks, or in a failed prefill (in neither).
+        # A job ends while decoding, while its prompt is prefilled in chunks, preempted, or in a failed prefill
+        # (in none of them).
         self._active.pop(job.slot, None)
         self._prefilling.pop(job.slot, None)
+        if job in self._preempted:
+            self._preempted.remove(job)
         job.tokens = int(self._slot_tokens[job.slot])
         self._slot_tokens[job.slot] = 0
         self._tenancy[job.slot] += 1
@@ -748,11 +853,11 @@ class Engine:
 
     def _abort_all(self) -> None:
         outbox: list[Delivery] = []
-        for job in list(self._active.values()):
+        for job in [*self._active.values(), *self._preempted]:
             self._end(job, outbox, reason=FINISH_CANCELLED, text=self._table.finish(job.slot, drop_incomplete=True),
                       table_done=True)
         for job in list(self._prefilling.values()):
-            self._end(job, outbox, reason=FINISH_CANCELLED, table_done=True)
+            self._end(job, outbox, reason=FINISH_CANCELLED, text=self._finish_text(job), table_done=True)
         with self._cond:
             waiting = self._waiting.drain()
             self._counts["cancelled"] += len(waiting)

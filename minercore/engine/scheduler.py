@@ -20,7 +20,7 @@ class Job:
     """A request as the model thread sees it. Fields after ``mailbox`` belong to the model thread only."""
 
     __slots__ = ("request_id", "prompt_ids", "slot_params", "sampling", "deadline", "priority", "seq",
-                 "mailbox", "slot", "tokens", "prefilled", "cached")
+                 "mailbox", "slot", "tokens", "prefilled", "cached", "admission", "resume")
 
     def __init__(self, request_id: str, prompt_ids: list[int], slot_params: SlotParams, sampling: SamplingParams,
                  deadline: float | None, priority: float, seq: int, mailbox: Mailbox) -> None:
@@ -36,6 +36,8 @@ class Job:
         self.tokens = 0  # ids handed to the stream loop for this job, set when it leaves its slot
         self.prefilled = 0  # prompt tokens in its slot's cache so far (chunked prefill)
         self.cached = 0  # of those, the leading ones found in the prefix cache (paged KV)
+        self.admission = 0  # admission order (paged KV): the most recently admitted stream is preempted first
+        self.resume: list[int] | None = None  # a preempted stream's prompt and output so far, while prefilled again
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

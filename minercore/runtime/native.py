@@ -353,18 +353,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_chunk(self, slot: int, prompt_ids: Sequence[int], params: SlotParams, start: int,
-                      end: int, cached: int = 0) -> int | None:
+                      end: int, cached: int = 0, prompt_len: int | None = None) -> int | None:
         """Prompt positions [start, end) into ``slot``'s cache, after [0, start) (chunked prefill: callers go in
         order from ``cached``, the positions its blocks hold already: a prefix-cache hit). Returns None until
-        ``end`` reaches the prompt's end, then its first new id."""
-        return self._prefill_range(slot, prompt_ids, params, start, end, cached)
+        ``end`` reaches the prompt's end, then its first new id.
+
+        ``prompt_len``: only the first ``prompt_len`` ids are the request's prompt, the rest its own output so
+        far (a preempted stream resumed): echo targets and ``min_new`` count outputs from there, so the id
+        returned is the one the stream would have chosen next."""
+        return self._prefill_range(slot, prompt_ids, params, start, end, cached, prompt_len)
 
     def _checked(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> Tensor:
         return checked_prompt(slot, prompt_ids, params, max_batch=self.max_batch, max_context=self.max_context,
                               vocab_size=self.vocab_size)
 
     def _prefill_range(self, slot: int, prompt_ids: Sequence[int], params: SlotParams, start: int,
-                       end: int | None, cached: int) -> int | None:
+                       end: int | None, cached: int, prompt_len: int | None = None) -> int | None:
         """Prompt positions [start, end) (None: its end) into ``slot``'s cache; the slot's state is reset at the
         first computed position. Returns the first new id once the prompt's end is reached, else None."""
         ids = self._checked(slot, prompt_ids, params)
@@ -374,9 +378,13 @@ class ModelRunner:
                              f"{start}, {end}")
         if cached and not self.kv_paged:
             raise ValueError("prefill_chunk: a cached prefix needs the paged KV cache")
+        if prompt_len is not None and not 1 <= prompt_len <= len(ids):
+            raise ValueError(f"prefill_chunk: prompt_len must be in [1, {len(ids)}], got {prompt_len}")
         if start == cached:
             self._live[slot] = False
-            self.state.start(slot, ids.to(self.device), params, self.eos_id)
+            self.state.start(slot, ids[:prompt_len].to(self.device), params, self.eos_id)
+            if prompt_len is not None:
+                self.state.pos[slot] = len(ids)  # the first new id is fed after the output so far
         logits = self.model.prefill(ids[None, start:end].to(self.device), slot, start).float()
         if end < len(ids):
             return None
