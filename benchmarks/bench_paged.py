@@ -7,6 +7,10 @@ SmolLM2-135M-Instruct from its GGUF at the serving defaults (in-process, greedy)
   (how many are) and ``prefix_hit_blocks``.
 - ``test_streams[static|paged]``: 16 concurrent chats of 64-token answers; ``tokens_per_s`` (tokens over the
   round's wall time, median over rounds), for ``paged`` ``over_static``, ``identical`` and ``same_answers``.
+- ``test_many_chats[static|paged|small-pool]``: 256 short chat requests at once into 16 slots, 32-token answers;
+  ``small-pool`` is the paged cache with a pool of ``SMALL_POOL_POSITIONS`` (about two thirds of what 16 whole
+  answers need), where streams are preempted and resumed. ``answered`` (requests that finished), ``preemptions``,
+  ``tokens_per_s``, and for the paged kinds ``same_answers`` as the static cache's.
 
 Both engines report the KV memory they hold (``kv_bytes``): the static cache's is every slot at ``max_context``;
 the paged pool is ``--engine.kv_cache_gb`` (here 0.5). Untimed (the test suite's single pass) the prompts are
@@ -31,6 +35,8 @@ from minercore.engine import Engine
 pytestmark = pytest.mark.timeout(1800)
 KINDS = ("static", "paged")
 POOL_GB = 0.5
+SMALL_POOL_POSITIONS = 1024
+MANY = 256
 STREAMS = 16
 ROUNDS = 3
 SYSTEM_SENTENCE = ("You answer questions for the operators of a small hydroelectric plant on a mountain river; "
@@ -55,11 +61,15 @@ def engines(request):
     timed = request.config.getoption("benchmark_only")
     loop = asyncio.new_event_loop()
     built = {}
+    model = ModelOptions(path=path, mode="generate", compile="auto" if timed else "off")
     for kind in KINDS:
-        engine = Engine(ModelOptions(path=path, mode="generate", compile="auto" if timed else "off"),
-                        EngineOptions(max_batch=STREAMS, kv_cache=kind, kv_cache_gb=POOL_GB))
-        loop.run_until_complete(engine.start())
-        built[kind] = engine
+        built[kind] = Engine(model, EngineOptions(max_batch=STREAMS, kv_cache=kind, kv_cache_gb=POOL_GB))
+        loop.run_until_complete(built[kind].start())
+    runner = built["paged"]._runner  # the small pool's size in GiB from its bytes a position
+    per_position = runner.kv_pool_bytes / ((runner.kv_paged.num_blocks - 1) * runner.kv_paged.block_size)
+    gb = SMALL_POOL_POSITIONS * per_position / 2**30
+    built["small-pool"] = Engine(model, EngineOptions(max_batch=STREAMS, kv_cache="paged", kv_cache_gb=gb))
+    loop.run_until_complete(built["small-pool"].start())
     yield built, loop
     for engine in built.values():
         loop.run_until_complete(engine.shutdown(grace=0))
@@ -154,3 +164,42 @@ def test_streams(benchmark, request, engines, kind):
                                     same_answers=sum(a == b for a, b in zip(texts, static["texts"], strict=True)))
         print(f"\n{STREAMS} streams paged: {rate:.0f} tok/s, x{rate / static['tokens_per_s']:.2f} of static, "
               f"identical {texts == static['texts']}", file=sys.stderr)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "small-pool"])
+def test_many_chats(benchmark, request, engines, kind):
+    built, loop = engines
+    engine = built[kind]
+    timed = request.config.getoption("benchmark_only")
+    count, tokens = (MANY, 32) if timed else (24, 8)
+    chats = [[{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} Question {i}."}] for i in range(count)]
+    results: list[str | None] = []
+
+    async def one(chat: list[dict]) -> str | None:
+        try:
+            return (await answer(engine, chat, tokens))[0]
+        except Exception as exc:  # noqa: BLE001 - counted as not answered, and said
+            print(f"\nnot answered: {exc!r}", file=sys.stderr)
+            return None
+
+    async def run() -> None:
+        results[:] = await asyncio.gather(*(one(chat) for chat in chats))
+
+    before = engine.stats()
+    started = time.perf_counter()
+    benchmark.group = "paged"
+    benchmark.pedantic(lambda: loop.run_until_complete(run()), rounds=1, iterations=1)
+    wall = time.perf_counter() - started
+    stats = engine.stats()
+    answered = sum(text is not None for text in results)
+    MEASURED["many", kind] = {"texts": list(results)}
+    benchmark.extra_info.update(kind=kind, requests=count, answered=answered, tokens_per_answer=tokens,
+                                tokens_per_s=(stats.tokens - before.tokens) / wall,
+                                preemptions=stats.kv_preemptions - before.kv_preemptions, kv_bytes=kv_bytes(engine))
+    static = MEASURED.get(("many", "static"))
+    if kind != "static" and static is not None:
+        benchmark.extra_info["same_answers"] = sum(a == b for a, b in zip(results, static["texts"], strict=True))
+    print(f"\n{count} chats, {kind}: {answered} answered, {benchmark.extra_info['tokens_per_s']:.0f} tok/s, "
+          f"{benchmark.extra_info['preemptions']} preemptions, same answers as static: "
+          f"{benchmark.extra_info.get('same_answers', '-')}", file=sys.stderr)
+    assert answered == count
