@@ -179,12 +179,12 @@ class Engine:
         if self._kv is not None:
             # Per slot: the ids handed to the stream loop (what a preempted stream is prefilled again with),
             # its prompt's length, and the positions its blocks hold.
-            self._outputs = np.zeros((self.options.max_batch, self._runner.max_context), dtype=np.int64)
+            self._outputs = np.zeros((self.options.max_batch, self._kv.max_positions), dtype=np.int32)
             self._prompt_len = np.zeros(self.options.max_batch, dtype=np.int64)
             self._kv_room = np.zeros(self.options.max_batch, dtype=np.int64)
-            # Positions a step may write past a stream's ids handed over so far: the step in flight's, the
-            # next step's, and a verify step's drafts.
-            self._kv_ahead = 2 + self._speculative_tokens()
+            # Positions a step may write past a stream's prompt and ids handed over so far: the next step's
+            # (the step in flight writes the last handed id's) and a verify step's drafts.
+            self._kv_ahead = 1 + self._speculative_tokens()
         table = token_bytes_table(self._tokenizer)
         # Models often pad their vocabulary past the tokenizer's (e.g. to a multiple of 64): ids the tokenizer
         # does not know decode to nothing, as tokenizer.decode would skip them, instead of failing the step.
@@ -586,7 +586,10 @@ class Engine:
                 return
         if self._preempted:
             budget = self._resume(budget, now, outbox)
-            if self._preempted or budget <= 0:  # preempted streams go back before new requests come in
+            if self._preempted:  # they go back before new requests come in; those past their deadline end now
+                self._expire_waiting(now, outbox)
+                return
+            if budget <= 0:
                 return
         chunked = hasattr(self._runner, "prefill_chunk")
         whole: list[Job] = []
@@ -626,7 +629,8 @@ class Engine:
     def _reserve(self, job: Job) -> bool:
         """Blocks for the job's prompt and its first steps (reusing cached prompt blocks), pointed to by its
         slot; False, holding nothing, while too few are free. Its answer takes blocks as it grows (``_grow``)."""
-        cached = self._kv.admit(job, job.prompt_ids, self._kv_positions(len(job.prompt_ids)))
+        # The prefill hands its first id over at once: counted here, it needs no block of its own at _grow.
+        cached = self._kv.admit(job, job.prompt_ids, self._kv_positions(len(job.prompt_ids) + 1))
         if cached is None:
             return False
         job.admission = next(self._admissions)
@@ -687,14 +691,14 @@ class Engine:
         while self._preempted and budget > 0:
             job = self._preempted[0]
             ids = job.prompt_ids + self._outputs[job.slot, :self._slot_tokens[job.slot]].tolist()
-            cached = self._kv.admit(job, ids, self._kv_positions(len(ids)))
+            cached = self._kv.admit(job, ids, self._kv_positions(len(ids) + 1))
             if cached is None:
                 break
             del self._preempted[0]
             job.resume = ids
             job.cached = job.prefilled = cached
-            self._assign_blocks(job)
             self._prefilling[job.slot] = job
+            self._assign_blocks(job)
             budget -= self._prefill_part(job, budget, now, outbox)
         return budget
 

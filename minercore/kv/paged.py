@@ -135,4 +135,9 @@ class PagedSpec:
             raise ValueError(f"block ids must lie in [0, {self.num_blocks}), got {list(blocks)}")
         row = torch.full((self.max_blocks_per_slot,), NULL_BLOCK, dtype=torch.int64)
         row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-        self.table[slot].copy_(row)
+        if self.table.is_cuda:
+            # Pinned and asynchronous, queued behind the step in flight (which still reads the old row): a
+            # pageable copy would make the host wait for that step. The caching host allocator keeps the
+            # pinned row until the copy has run.
+            row = row.pin_memory()
+        self.table[slot].copy_(row, non_blocking=True)
