@@ -9,7 +9,11 @@ capacity and its decode speed against the static cache.
   same memory;
 - ``decode``: tokens/s of plain greedy decode steps at 64 and 256 streams (256-token prompts, max_context 1,024)
   with the static cache and with the paged one (blocks scattered over the pool), eager on both sides, and
-  ``agreement`` (the paged ids against the static ones: 1.0 in exact arithmetic).
+  ``agreement`` (the paged ids against the static ones: 1.0 in exact arithmetic);
+- ``resume``: a stream of a 1,024-token prompt preempted after 32 decode steps and resumed as the engine does
+  (``prefill_chunk`` with ``prompt_len``): the time to recompute all its positions, and from its blocks kept in
+  the prefix cache (all but the last, partial one), and whether each resumption's next id is the one
+  uninterrupted decoding chose.
 
 ``smoke``: the tiny Llama shape on the CPU, small batches, a 64 MiB pool: proves the phase still runs.
 """
@@ -105,6 +109,40 @@ def decode(model: LlamaLM, device: torch.device, dtype: torch.dtype, batch: int,
     return rate, ids
 
 
+def resume(model: LlamaLM, device: torch.device, dtype: torch.dtype, prompt: int, steps: int,
+           max_context: int) -> dict[str, Any]:
+    runner = runner_for(model, device, dtype, max_batch=1, max_context=max_context)
+    manager = KVCacheManager(BlockPool(runner.kv_paged.num_blocks, BLOCK), runner.kv_paged.max_blocks_per_slot)
+    params, slots = SlotParams(echo=False), np.zeros(1, dtype=np.int64)
+    prompt_ids = np.random.default_rng(1).integers(0, runner.vocab_size - 1, prompt).tolist()
+    manager.admit(0, prompt_ids, prompt + steps + 2)
+    runner.assign_blocks(0, manager.block_table(0))
+    handed = [runner.prefill(0, prompt_ids, params)]
+    for _ in range(steps):
+        handed.append(int(runner.decode(slots)[0]))
+    expected = int(runner.decode(slots)[0])  # the step in flight at preemption: its id is computed again
+    ids = prompt_ids + handed
+    manager.commit(0, ids[:-1])  # what finished steps wrote
+    runner.release(0)
+    manager.preempt(0)
+    cached = manager.admit(0, ids, len(ids) + 1)
+    runner.assign_blocks(0, manager.block_table(0))
+    result: dict[str, Any] = {"positions": len(ids), "cached_positions": cached}
+    for name, start in (("full", 0), ("cached", cached)):
+        times, firsts = [], []
+        for _ in range(2):  # the first of each kind pays its first-call costs
+            sync(device)
+            started = time.perf_counter()
+            firsts.append(runner.prefill_chunk(0, ids, params, start, len(ids), start, prompt_len=prompt))
+            sync(device)
+            times.append(time.perf_counter() - started)
+        result[f"resume_{name}_ms"] = round(1e3 * times[-1], 2)
+        result[f"same_next_id_{name}"] = all(first == expected for first in firsts)
+    del runner
+    model.setup_caches(1, 1)
+    return result
+
+
 def run(out: Path, smoke: bool) -> dict[str, Any]:
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -123,8 +161,9 @@ def run(out: Path, smoke: bool) -> dict[str, Any]:
             rows.append({"batch": batch, "tokens_per_s_static": round(static_rate, 1),
                          "tokens_per_s_paged": round(paged_rate, 1), "over_static": round(paged_rate / static_rate, 3),
                          "agreement": round(agree, 4)})
+        resumed = resume(model, device, dtype, 40, 8, 128) if smoke else resume(model, device, dtype, 1024, 32, 2048)
     return {"model": f"{'llama-tiny' if smoke else 'llama3-8b'} (random), {str(dtype).removeprefix('torch.')}, eager",
-            "block_size": BLOCK, "capacity": room, "decode": rows}
+            "block_size": BLOCK, "capacity": room, "decode": rows, "resume": resumed}
 
 
 if __name__ == "__main__":
