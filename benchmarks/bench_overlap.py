@@ -48,7 +48,7 @@ class StandInDevice:
     """A runner whose steps run on a simulated device: ``device_step_us`` each, back to back when queued."""
 
     compiled = False
-    kv_cache_bytes_per_slot = 0
+    kv_cache_bytes_per_slot = weights_bytes = kv_bytes = 0
 
     def __init__(self, max_batch: int, vocab_size: int, eos_id: int, ids: list[int], device_step_us: float) -> None:
         self.max_batch, self.max_context, self.vocab_size, self.eos_id = max_batch, 1 << 20, vocab_size, eos_id

@@ -5,14 +5,19 @@ on two cores ``--threads 2`` streamed 21 tok/s at one stream against 33 with the
 one after the other in one run.
 
 Each server runs as a subprocess on loopback; a round is ``streams`` concurrent streamed chat completions of
-"write a long essay about ..." prompts, greedy, ``max_tokens`` tokens each with ``ignore_eos`` (both servers
-take it), so every answer has the same length. extra_info: ``server``, ``streams``, ``tokens_per_s`` (answer
+"write a long essay about ..." prompts, greedy, ``max_tokens`` tokens each with ``ignore_eos`` (every server
+takes it), so every answer has the same length. extra_info: ``server``, ``streams``, ``tokens_per_s`` (answer
 tokens of the round / its wall time), ``median_ttft_s``, ``rss_mb`` (the server's resident memory after the
-round) and, on minercore's entries, ``over_llama_cpp`` (its tokens/s over llama-server's at the same streams).
-``minercore-paged`` is the same server with the paged KV cache and a pool sized for the load.
+round), ``rss_ready_mb`` (once it first answered /health); on minercore's, ``weights_mb``, ``kv_cache_mb`` and
+``ready_over_weights_and_kv_mb`` (what it held ready beyond its weights and KV cache, from its /health), and
+``over_llama_cpp`` and ``over_transformers`` (its tokens/s over the peer's at the same streams).
+``minercore`` serves with its defaults (the paged KV cache, its pool sized by default); ``minercore-static``
+is the same server with the static cache, every slot holding its full context. ``transformers`` is
+``peer_transformers.py``: ``generate`` with a ``TextIteratorStreamer`` in a thread per request, on the same
+GGUF (dequantized by transformers), in minercore's dtype.
 
 llama-server is found through ``LLAMA_SERVER`` (a path; ``../shared/notes/real-model.md`` says how to build
-it here). Without it its entries say so and measure nothing; minercore's are measured all the same.
+it here). Without it its entries say so and measure nothing; the others are measured all the same.
 
 Timed (``--benchmark-only``): 128 tokens an answer and minercore as it serves by default (compiled). Untimed
 (the test suite's one pass): 8 tokens and no compilation, so that the suite checks the benchmark runs.
@@ -44,10 +49,9 @@ TOPICS = ["the history of Paris", "how bridges carry load", "the water cycle", "
           "volcanoes", "the Roman roads", "honeybees", "tides", "the first computers", "coffee",
           "the Silk Road", "glaciers", "lighthouses", "the violin", "photosynthesis", "chess openings"]
 START_TIMEOUT_S = 900
-PAGED_POOL_GB = 0.25  # 16 x ~200 positions need 0.07 GiB in bfloat16: room to spare, a tenth of the static cache
 MEASURED: dict[tuple[str, int], float] = {}
-# Setup starts three servers; two of them compile their steps, which cold (no inductor cache) took over 7 minutes
-# on two cores.
+# Setup starts four servers; minercore's two compile their steps, which cold (no inductor cache) took over 7
+# minutes on two cores.
 pytestmark = pytest.mark.timeout(3600)
 
 
@@ -59,7 +63,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(command: list[str], port: int, log: Path):
-    """Start a server, wait for its /health to answer 200; yield (base URL, process); SIGTERM it after."""
+    """Start a server, wait for its /health to answer 200; yield (base URL, process, its resident bytes once
+    ready); SIGTERM it after."""
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -72,7 +77,7 @@ def server(command: list[str], port: int, log: Path):
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                     break
             time.sleep(0.5)
-        yield base, process
+        yield base, process, psutil.Process(process.pid).memory_info().rss
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -102,12 +107,14 @@ def servers(tmp_path_factory, gguf_path, timed):
         if not timed:
             command += ["--compile", "off"]
         found = {"minercore": running.enter_context(server(command, port, logs / "minercore.log"))}
-        # The same with the paged KV cache, its pool sized for the round's 16 answers (prompts and 128 tokens)
-        # rather than 16 full contexts: the memory a server needs for this load.
         port = free_port()
-        paged = [*command[:command.index("--port")], "--port", str(port),
-                 *command[command.index("--port") + 2:], "--kv-cache", "paged", "--kv-cache-gb", str(PAGED_POOL_GB)]
-        found["minercore-paged"] = running.enter_context(server(paged, port, logs / "minercore-paged.log"))
+        static = [*command[:command.index("--port")], "--port", str(port),
+                  *command[command.index("--port") + 2:], "--kv-cache", "static"]
+        found["minercore-static"] = running.enter_context(server(static, port, logs / "minercore-static.log"))
+        port = free_port()
+        found["transformers"] = running.enter_context(server(
+            [sys.executable, str(ROOT / "benchmarks" / "peer_transformers.py"), gguf_path, str(port)], port,
+            logs / "transformers.log"))
         binary = os.environ.get("LLAMA_SERVER")
         if binary and Path(binary).is_file():
             port = free_port()
@@ -144,16 +151,16 @@ async def round_of(base: str, streams: int, tokens: int) -> tuple[float, list[fl
 
 
 @pytest.mark.parametrize("streams", [1, 8, 16])
-@pytest.mark.parametrize("name", ["llama.cpp", "minercore", "minercore-paged"])
+@pytest.mark.parametrize("name", ["llama.cpp", "transformers", "minercore", "minercore-static"])
 def test_peers(benchmark, servers, timed, name, streams) -> None:
     benchmark.group = "peers"
     benchmark.extra_info.update(server=name, streams=streams,
-                                threads=THREADS if name == "llama.cpp" else "serving default")
+                                threads=THREADS if name in ("llama.cpp", "transformers") else "serving default")
     if name not in servers:
         benchmark.extra_info["status"] = "llama-server not installed (set LLAMA_SERVER): nothing measured"
         print(f"\npeers: {benchmark.extra_info['status']}")
         return
-    base, process = servers[name]
+    base, process, rss_ready = servers[name]
     tokens = 128 if timed else 8
     if timed:
         asyncio.run(round_of(base, streams, tokens))  # warm-up: this batch size's first steps
@@ -165,6 +172,17 @@ def test_peers(benchmark, servers, timed, name, streams) -> None:
     MEASURED[name, streams] = rate
     rss = psutil.Process(process.pid).memory_info().rss
     benchmark.extra_info.update(tokens=streams * tokens, tokens_per_s=round(rate, 1),
-                                median_ttft_s=round(statistics.median(ttfts), 3), rss_mb=round(rss / 2**20))
-    if name != "llama.cpp" and ("llama.cpp", streams) in MEASURED:
-        benchmark.extra_info["over_llama_cpp"] = round(rate / MEASURED["llama.cpp", streams], 2)
+                                median_ttft_s=round(statistics.median(ttfts), 3), rss_mb=round(rss / 2**20),
+                                rss_ready_mb=round(rss_ready / 2**20))
+    if name.startswith("minercore"):
+        # What the server holds by design: its weights and its KV cache (the paged pool, or every slot's full
+        # context); the rest of its resident memory is the runtime's (torch, compiled code, buffers).
+        serving = httpx.get(f"{base}/health", timeout=10).json()["serving"]
+        held = serving["weights_bytes"] + serving["kv_cache_bytes"]
+        benchmark.extra_info.update(weights_mb=round(serving["weights_bytes"] / 2**20),
+                                    kv_cache_mb=round(serving["kv_cache_bytes"] / 2**20),
+                                    ready_over_weights_and_kv_mb=round((rss_ready - held) / 2**20))
+    if name.startswith("minercore"):
+        for peer in ("llama.cpp", "transformers"):
+            if (peer, streams) in MEASURED:
+                benchmark.extra_info[f"over_{peer.replace('.', '_')}"] = round(rate / MEASURED[peer, streams], 2)

@@ -4,9 +4,10 @@ capacity and its decode speed against the static cache.
 ``run(out, smoke)`` returns the phase's results (``benchmarks/gpu_check.py`` calls it; it also runs alone:
 ``python benchmarks/gpu_paged.py [--smoke]``):
 
-- ``capacity``: a pool of 85% of the memory free after the weights, allocated (so it is known to fit), and how
-  many 1,024- and 4,096-token streams it holds, against the static cache's slots of 4,096 positions each in the
-  same memory;
+- ``capacity``: the pool the engine sizes by default on CUDA (``runtime.device.auto_kv_pool_bytes``: the memory
+  free after the weights, up to 90% of the device's in use), allocated (so it is known to fit), and how many
+  1,024- and 4,096-token streams it holds, against the static cache's slots of 4,096 positions each in the same
+  memory;
 - ``decode``: tokens/s of plain greedy decode steps at 64 and 256 streams (256-token prompts, max_context 1,024)
   with the static cache and with the paged one (blocks scattered over the pool), eager on both sides, and
   ``agreement`` (the paged ids against the static ones: 1.0 in exact arithmetic);
@@ -38,7 +39,7 @@ from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
 BLOCK = 16
-POOL_SHARE = 0.85
+SMOKE_POOL_BYTES = 64 << 20
 
 
 def sync(device: torch.device) -> None:
@@ -53,16 +54,13 @@ def runner_for(model: LlamaLM, device: torch.device, dtype: torch.dtype, max_bat
                        kv_block_size=BLOCK if paged else 0, kv_cache_bytes=pool_bytes)
 
 
-def free_bytes(device: torch.device, smoke: bool) -> int:
-    if smoke or device.type != "cuda":
-        return 64 << 20
-    gc.collect()
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(device)[0]
-
-
 def capacity(model: LlamaLM, device: torch.device, dtype: torch.dtype, smoke: bool) -> dict[str, Any]:
-    pool = int(POOL_SHARE * free_bytes(device, smoke))
+    pool = 0  # the engine's default on CUDA
+    if smoke or device.type != "cuda":
+        pool = SMOKE_POOL_BYTES
+    else:
+        gc.collect()
+        torch.cuda.empty_cache()
     max_context = 128 if smoke else 4096
     runner = runner_for(model, device, dtype, max_batch=256, max_context=max_context, pool_bytes=pool)
     positions = runner.kv_pool_bytes // runner.kv_bytes_per_position

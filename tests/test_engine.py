@@ -39,12 +39,17 @@ async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, str 
 
 @contextlib.asynccontextmanager
 async def running(runner_wrapper=None, **engine_options):
-    engine = Engine(ModelOptions(preset="tiny", compile="off", max_context=2048), EngineOptions(**engine_options))
+    """The tiny model's engine; ``runner_wrapper`` wraps the runner the engine would build (64 slots unless
+    ``max_batch`` says, its KV cache as the options say)."""
+    engine = Engine(ModelOptions(preset="tiny", compile="off", max_context=2048),
+                    EngineOptions(**{"max_batch": 64, **engine_options}))
     if runner_wrapper is not None:
         from minercore.runtime.build import build_runner
 
+        paged = engine.options.kv_cache == "paged"
         engine._runner = runner_wrapper(build_runner(engine.model_options, max_batch=engine.options.max_batch,
-                                                     eos_id=50256))
+                                                     eos_id=50256,
+                                                     kv_block_size=engine.options.kv_block_size if paged else 0))
     await engine.start()
     try:
         yield engine

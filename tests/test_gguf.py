@@ -253,9 +253,12 @@ async def run_engine(path, mode: str, request: GenerationRequest) -> tuple[Engin
 def test_echo_through_the_files_own_tokenizer_is_byte_exact(servable) -> None:
     engine, text, reason = asyncio.run(run_engine(servable, "echo", GenerationRequest(prompt=MIXED)))
     assert text == MIXED and reason == "eos"
-    assert engine.serving == {"backend": "native", "format": "gguf", "architecture": "llama",
-                              "checkpoint_quantization": "Q4_0", "quantization": "int4 g32", "dtype": "float32",
-                              "device": "cpu"}
+    serving = engine.serving
+    weights = serving.pop("weights_bytes")
+    assert serving == {"backend": "native", "format": "gguf", "architecture": "llama",
+                       "checkpoint_quantization": "Q4_0", "quantization": "int4 g32", "dtype": "float32",
+                       "device": "cpu", "kv_cache": "paged", "kv_cache_bytes": serving["kv_cache_bytes"]}
+    assert weights > 0 and serving["kv_cache_bytes"] > 0
 
 
 def test_chat_uses_the_files_template_and_stop_id(servable) -> None:

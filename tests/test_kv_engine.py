@@ -216,14 +216,37 @@ def test_a_cached_prefix_needs_the_paged_cache() -> None:
 
 
 def test_the_kv_options_are_parsed_and_checked() -> None:
+    _, defaults = miner_config.core_options(miner_config.build_config(["--offline"]))
+    assert (defaults.kv_cache, defaults.kv_cache_gb, defaults.kv_memory_fraction, defaults.max_batch) == (
+        "paged", 0.0, 0.9, 0)
     _, options = miner_config.core_options(miner_config.build_config([
-        "--offline", "--engine.kv_cache", "paged", "--engine.kv_block_size", "32", "--engine.kv_cache_gb", "0.5",
-        "--engine.prefix_cache", "off"]))
-    assert (options.kv_cache, options.kv_block_size, options.kv_cache_gb, options.prefix_cache) == (
-        "paged", 32, 0.5, False)
-    for bad in ({"kv_cache": "vram"}, {"kv_block_size": 0}, {"kv_cache_gb": -1.0}, {"kv_cache_gb": float("nan")}):
+        "--offline", "--engine.kv_cache", "static", "--engine.kv_block_size", "32", "--engine.kv_cache_gb", "0.5",
+        "--engine.prefix_cache", "off", "--engine.kv_memory_fraction", "0.75"]))
+    assert (options.kv_cache, options.kv_block_size, options.kv_cache_gb, options.prefix_cache,
+            options.kv_memory_fraction) == ("static", 32, 0.5, False, 0.75)
+    for bad in ({"kv_cache": "vram"}, {"kv_block_size": 0}, {"kv_cache_gb": -1.0}, {"kv_cache_gb": float("nan")},
+                {"kv_memory_fraction": 0.0}, {"kv_memory_fraction": 1.5}, {"max_batch": -1}):
         with pytest.raises(ValueError):
             EngineOptions(**bad)
+
+
+async def test_the_default_engine_on_a_cpu_pages_its_kv_over_64_slots() -> None:
+    """No KV or batch options: 64 slots over a paged pool of their full contexts (the tiny model's need less than
+    the CPU's 1 GiB), prefix caching on, answering as the static cache does."""
+    model = ModelOptions(preset="tiny", compile="off", device="cpu", dtype="float32", max_context=256,
+                         mode="generate")
+    running = Engine(model)
+    await running.start()
+    try:
+        runner = running._runner
+        assert running.options.max_batch == runner.max_batch == 64
+        assert 64 * 257 - BLOCK < runner.kv_pool_bytes // runner.kv_bytes_per_position <= 64 * 257
+        request = GenerationRequest(prompt_ids=list(range(1, 40)), sampling=SamplingParams(max_new_tokens=12))
+        text = await collect(running, request)
+        assert running.stats().kv_blocks_used == 0 and running.stats().kv_blocks_cached >= 2
+    finally:
+        await running.shutdown(grace=0)
+    assert text == (await answers("static", [request]))[0][0]
 
 
 async def test_the_prefix_cache_reaches_the_metrics() -> None:

@@ -137,7 +137,7 @@ def test_offline_accepts_anyone_unless_an_allow_list_is_given():
 
 
 @pytest.mark.parametrize("args", [
-    ["--no-such-option"], ["--model.preset", "huge"], ["--stream.framing", "sse"], ["--engine.max_batch", "0"],
+    ["--no-such-option"], ["--model.preset", "huge"], ["--stream.framing", "sse"], ["--engine.max_batch", "-1"],
     ["--blacklist.rate_limit", "-1"], ["--blacklist.rate_window", "0"], ["--neuron.shutdown_grace", "nan"],
     ["--axon.port", "many"],
 ])

@@ -59,8 +59,8 @@ def test_the_same_values_reach_the_same_dataclasses():
               "upstream_model": "m", "upstream_api_key_env": "KEY", "device": "cpu", "dtype": "bfloat16",
               "threads": "3", "max_batch": "8", "max_queue": "0", "max_new_tokens": "99", "max_prompt_chars": "1000",
               "overlap": "off", "flush_tokens": "3", "flush_ms": "12.5", "prefill_tokens": "256",
-              "speculative": "off", "speculative_tokens": "3", "kv_cache": "paged", "kv_block_size": "32",
-              "kv_cache_gb": "1.5", "prefix_cache": "off"}
+              "speculative": "off", "speculative_tokens": "3", "kv_cache": "static", "kv_block_size": "32",
+              "kv_cache_gb": "1.5", "prefix_cache": "off", "kv_memory_fraction": "0.5"}
     assert set(values) == {option.name for option in OPTIONS}
     by_name = {option.name: option for option in OPTIONS}
     serve = serve_options(*[a for name, v in values.items() for a in (by_name[name].serve_flag, v)])
@@ -78,9 +78,9 @@ def test_the_same_values_reach_the_same_dataclasses():
 
 
 @pytest.mark.parametrize("name, value", [
-    ("max_batch", "0"), ("max_queue", "-1"), ("max_new_tokens", "0"), ("max_prompt_chars", "0"),
+    ("max_batch", "-1"), ("max_queue", "-1"), ("max_new_tokens", "0"), ("max_prompt_chars", "0"),
     ("max_context", "0"), ("flush_tokens", "0"), ("prefill_tokens", "0"), ("flush_ms", "-1"), ("flush_ms", "nan"),
-    ("seed", "x"), ("threads", "-1"),
+    ("seed", "x"), ("threads", "-1"), ("kv_memory_fraction", "0"), ("kv_memory_fraction", "1.1"),
     ("backend", "vllm"), ("mode", "chat"), ("compile", "maybe"), ("preset", "huge"), ("dtype", "int8"),
     ("graphs", "cuda"), ("attention", "paged"), ("overlap", "yes"),
 ])

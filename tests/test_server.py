@@ -194,9 +194,11 @@ async def test_models_and_health(base, api):
         health = (await http.get("/health")).json()
     assert health["status"] == "ok" and health["model"] == NAME and "tiny" in health["runner"]
     assert health["backend"] == "native"
+    memory = {key: health["serving"].pop(key) for key in ("weights_bytes", "kv_cache_bytes")}
     assert health["serving"] == {"backend": "native", "format": "random (tiny preset)", "architecture": "gpt2",
                                  "checkpoint_quantization": "none", "quantization": "none",
-                                 "dtype": dtype_name(select("cpu", "auto")[1]), "device": "cpu"}
+                                 "dtype": dtype_name(select("cpu", "auto")[1]), "device": "cpu", "kv_cache": "paged"}
+    assert 0 < memory["weights_bytes"] < 2**27 and 0 < memory["kv_cache_bytes"] <= 2**30
     assert set(health["stats"]) >= {"active", "queued", "completed", "tokens", "tokens_per_s"}
     models = await api.models.list()
     assert [m.id for m in models.data] == [NAME]

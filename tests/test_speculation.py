@@ -209,9 +209,11 @@ def test_compiled_verify_steps_match_eager() -> None:
 async def started(speculative: str, mode: str = "echo", verify_tokens: int = 64, **options) -> Engine:
     """The tiny model's engine; ``verify_tokens`` wide enough for every stream of these tests to draft."""
     model = ModelOptions(preset="tiny", compile="off", device="cpu", max_context=2048, mode=mode)
-    engine_options = EngineOptions(speculative=speculative, speculative_tokens=K, **options)
+    engine_options = EngineOptions(**{"max_batch": 64, **options}, speculative=speculative, speculative_tokens=K)
+    paged = engine_options.kv_cache == "paged"
     runner = build_runner(model, max_batch=engine_options.max_batch, eos_id=GPT2_EOS,
-                          speculative_tokens=K if speculative == "ngram" else 0)
+                          speculative_tokens=K if speculative == "ngram" else 0,
+                          kv_block_size=engine_options.kv_block_size if paged else 0)
     runner.verify_tokens = verify_tokens
     engine = Engine(model, engine_options, runner=runner)
     await engine.start()

@@ -106,6 +106,9 @@ def test_options_are_checked(monkeypatch):
     assert build_backend(ModelOptions(backend="hf", path="/m"), EngineOptions()).backend_name == "hf"
     assert "h:1/v1" in UpstreamBackend(upstream("http://user:pw@h:1")).runner_description
     assert "pw" not in UpstreamBackend(upstream("http://user:pw@h:1")).runner_description
+    # max_batch 0 (the default): as many open streams as a GPU server batches; a number given is kept
+    assert UpstreamBackend(upstream("http://h:1")).options.max_batch == 256
+    assert UpstreamBackend(upstream("http://h:1"), EngineOptions(max_batch=8)).options.max_batch == 8
 
 
 # ---- against minercore serve (the real engine) ---------------------------------------------------------

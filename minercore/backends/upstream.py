@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import heapq
 import itertools
 import json
@@ -133,6 +134,10 @@ class TextCoalescer:
         return text
 
 
+# max_batch 0: streams open to the upstream at once, what one GPU server batches (runtime.device's CUDA default).
+UPSTREAM_AUTO_MAX_BATCH = 256
+
+
 class UpstreamBackend:
     """``Engine``'s interface (start, generate, stats, shutdown, runner_description, warmup_seconds,
     stream_loop) backed by an OpenAI-compatible server at ``model.upstream_url``.
@@ -150,6 +155,8 @@ class UpstreamBackend:
             raise ValueError("the upstream backend needs upstream_url (e.g. http://gpu-box:8000/v1)")
         self.model_options = model
         self.options = options or EngineOptions()
+        if not self.options.max_batch:
+            self.options = dataclasses.replace(self.options, max_batch=UPSTREAM_AUTO_MAX_BATCH)
         self._base = _api_base(model.upstream_url)
         self._safe_base = _without_credentials(self._base)
         self._model = model.upstream_model

@@ -111,7 +111,7 @@ class ModelOptions:
 
 @dataclass
 class EngineOptions:
-    max_batch: int = 64
+    max_batch: int = 0  # 0: 256 on CUDA, 64 elsewhere (runtime.device.auto_max_batch)
     max_queue: int = 256
     flush_tokens: int = 16  # after a stream's first text, flush once this many tokens are pending...
     flush_ms: float = 50.0  # ...or this long after its last flush
@@ -123,10 +123,13 @@ class EngineOptions:
     overlap: bool = True  # launch decode step N+1 before detokenizing and posting step N
     speculative: str = "ngram"  # off | ngram: several tokens per forward where a stream repeats what it has seen
     speculative_tokens: int = 8  # drafts checked per forward (each forward then yields 1 to this + 1 tokens)
-    # static: every slot holds max_context positions; paged: a pool of blocks handed out as requests need them
-    kv_cache: str = "static"
+    # paged: a pool of blocks handed out as requests need them; static: every slot holds max_context positions
+    kv_cache: str = "paged"
     kv_block_size: int = 16  # positions per block of the paged cache
-    kv_cache_gb: float = 0.0  # the paged pool's size (0: as many positions as the static cache holds)
+    # The paged pool's size; 0: on CUDA the memory free after the weights down to leaving (1 - kv_memory_fraction)
+    # of the device's unused, on a CPU 1 GiB; either way at most every slot's full context.
+    kv_cache_gb: float = 0.0
+    kv_memory_fraction: float = 0.9
     prefix_cache: bool = True  # paged: a prompt's leading full blocks seen before are reused, not recomputed
 
     def __post_init__(self) -> None:
@@ -134,8 +137,12 @@ class EngineOptions:
             raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {self.kv_cache!r}")
         if not 1 <= self.kv_block_size <= 1024:
             raise ValueError(f"kv_block_size must be in [1, 1024], got {self.kv_block_size!r}")
+        if self.max_batch < 0:
+            raise ValueError(f"max_batch must be >= 0 (0: by device), got {self.max_batch!r}")
         if not self.kv_cache_gb >= 0:  # also refuses NaN
-            raise ValueError(f"kv_cache_gb must be >= 0 (0: the static cache's size), got {self.kv_cache_gb!r}")
+            raise ValueError(f"kv_cache_gb must be >= 0 (0: sized by device), got {self.kv_cache_gb!r}")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction!r}")
         if self.speculative not in SPECULATIVE_CHOICES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_CHOICES)}, "
                              f"got {self.speculative!r}")

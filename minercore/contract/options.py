@@ -50,6 +50,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def on_off(text: str) -> bool:
     if text not in ("on", "off"):
         raise argparse.ArgumentTypeError(f"must be on or off, got {text!r}")
@@ -151,7 +158,8 @@ OPTIONS: tuple[Option, ...] = (
            help="On a CPU: torch's intra-op threads. 0: the usable cores minus one (at least 1), leaving a core to "
                 "the event loop that streams every answer and holds every deadline; the startup log and "
                 "'minercore info' say how many. Other devices keep torch's own default unless this is given."),
-    Option("max_batch", EngineOptions, "engine", type=positive_int, help="Streams decoded together in one batch."),
+    Option("max_batch", EngineOptions, "engine", type=non_negative_int,
+           help="Streams decoded together in one batch (0: 256 on CUDA, 64 on other devices)."),
     Option("max_queue", EngineOptions, "engine", type=non_negative_int,
            help="Requests that may wait for a free slot; past it requests are refused at once as overloaded."),
     Option("max_new_tokens", EngineOptions, "engine", type=positive_int,
@@ -172,15 +180,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("speculative_tokens", EngineOptions, "engine", type=positive_int,
            help="Drafts checked per forward with {speculative} ngram (1-16)."),
     Option("kv_cache", EngineOptions, "engine", choices=KV_CACHE_CHOICES,
-           help="Native backend: static gives every slot max_context positions of keys and values up front; "
-                "paged keeps them in a pool of {kv_block_size}-position blocks ({kv_cache_gb}) that a request "
-                "takes as it is admitted (its prompt plus its longest answer) and returns when it ends, so memory "
-                "follows the requests and a request waits for blocks rather than failing."),
+           help="Native backend: paged keeps keys and values in a pool of {kv_block_size}-position blocks "
+                "({kv_cache_gb}): a request is admitted when its prompt's blocks are free, takes more as its "
+                "answer grows and returns them when it ends; when the pool runs out the most recently admitted "
+                "stream is preempted and later resumed exactly where it stopped. static gives every slot "
+                "max_context positions up front (the reference the paged cache is tested against)."),
     Option("kv_block_size", EngineOptions, "engine", type=positive_int,
            help="Positions per block of the {kv_cache} paged pool."),
     Option("kv_cache_gb", EngineOptions, "engine", type=non_negative_float,
-           help="GiB of keys and values in the {kv_cache} paged pool (0: as many positions as the static "
-                "cache holds)."),
+           help="GiB of keys and values in the {kv_cache} paged pool. 0: on CUDA what is free once the weights "
+                "are loaded, up to {kv_memory_fraction} of the device's memory in use; 1 GiB elsewhere; either way "
+                "at most what every slot at its full context needs."),
+    Option("kv_memory_fraction", EngineOptions, "engine", type=fraction,
+           help="CUDA, with {kv_cache_gb} 0: the share of the device's memory minercore may fill, weights and "
+                "KV pool together (as vLLM's gpu_memory_utilization); the rest is left for activations and "
+                "CUDA graphs."),
     Option("prefix_cache", EngineOptions, "engine", type=on_off,
            help="With {kv_cache} paged: full blocks of prompts stay cached after their request ends (evicted "
                 "least recently used when the pool needs room), and a prompt starting with them prefills only "

@@ -157,6 +157,8 @@ class Engine:
         self._eos_id = eos_id
         self._other_stops = (np.array(stops[1:], dtype=np.int64)
                              if options.mode == "generate" and len(stops) > 1 else None)
+        if not self.options.max_batch:
+            self.options = dataclasses.replace(self.options, max_batch=self._auto_max_batch())
         if self._runner is None:
             from ..runtime.build import build_runner
 
@@ -165,7 +167,8 @@ class Engine:
                                         stop_ids=stops if options.mode == "generate" else (eos_id,),
                                         speculative_tokens=self._speculative_tokens(),
                                         kv_block_size=self.options.kv_block_size if paged else 0,
-                                        kv_cache_bytes=int(self.options.kv_cache_gb * 2**30) if paged else 0)
+                                        kv_cache_bytes=int(self.options.kv_cache_gb * 2**30) if paged else 0,
+                                        kv_memory_fraction=self.options.kv_memory_fraction)
         if self._runner.max_batch < self.options.max_batch:
             raise ValueError(f"runner holds {self._runner.max_batch} slots, engine wants {self.options.max_batch}")
         self._free_slots = list(range(self.options.max_batch))
@@ -197,6 +200,14 @@ class Engine:
             table, self.options.max_batch, eos_id=eos_id,
             flush_tokens=self.options.flush_tokens, flush_ms=self.options.flush_ms)
 
+    def _auto_max_batch(self) -> int:
+        """max_batch 0: a given runner's slots, else as many as suit the device the model goes on."""
+        if self._runner is not None:
+            return self._runner.max_batch
+        from ..runtime.device import auto_max_batch, select_device
+
+        return auto_max_batch(select_device(self.model_options.device))
+
     def _speculative_tokens(self) -> int:
         return self.options.speculative_tokens if self.options.speculative == "ngram" else 0
 
@@ -218,7 +229,7 @@ class Engine:
             return None
         spec = getattr(self._runner, "kv_paged", None)
         if spec is None:
-            log.warning("kv_cache paged: the %s runner keeps its own KV cache; using it", self.backend_name)
+            log.info("kv_cache paged: the %s runner keeps its own KV cache; using it", self.backend_name)
             return None
         return KVCacheManager(BlockPool(spec.num_blocks, spec.block_size), spec.max_blocks_per_slot,
                               prefix_caching=self.options.prefix_cache)
@@ -259,7 +270,8 @@ class Engine:
     @property
     def serving(self) -> dict[str, Any]:
         """Backend, checkpoint format and architecture, the weights' quantization (as served, and as the file
-        stores them) and the dtype."""
+        stores them), the dtype, the device, and once built the KV cache's kind and the memory the weights and
+        the KV cache hold."""
         options, checkpoint, runner = self.model_options, self.checkpoint, self._runner
         if checkpoint is not None:
             facts = {"format": checkpoint.format, "architecture": checkpoint.architecture,
@@ -271,8 +283,12 @@ class Engine:
                      "architecture": "llama" if options.preset in LLAMA_PRESET_NAMES else "gpt2",
                      "checkpoint_quantization": "none"}
         dtype = str(runner.dtype).removeprefix("torch.") if runner is not None else None
+        memory = ({"weights_bytes": runner.weights_bytes, "kv_cache_bytes": runner.kv_bytes}
+                  if runner is not None else {})
         return {"backend": self.backend_name, **facts, "quantization": getattr(runner, "quantization", "none"),
-                "dtype": dtype, "device": str(runner.device) if runner is not None else None}
+                "dtype": dtype, "device": str(runner.device) if runner is not None else None,
+                "kv_cache": "paged" if self._kv is not None else "static" if runner is not None else None,
+                **memory}
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop admitting; let running and queued requests finish within ``grace`` s, then cancel the rest."""

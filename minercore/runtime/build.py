@@ -25,12 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids: Sequence[int] = (),
-                 speculative_tokens: int = 0, kv_block_size: int = 0, kv_cache_bytes: int = 0) -> Runner:
+                 speculative_tokens: int = 0, kv_block_size: int = 0, kv_cache_bytes: int = 0,
+                 kv_memory_fraction: float = 0.9) -> Runner:
     """The runner for ``options.backend``: ``native`` (alias ``simulated``: GPT-2 and the Llama family, compiled,
     one batched decode loop) or ``hf`` (any causal LM directory, eager). ``stop_ids`` (default: ``eos_id``) are
     the ids a row's ``SlotParams.min_new`` keeps from being sampled; ``speculative_tokens`` gives a native runner
     verify steps of that many drafts (hf has none: its engine decodes one token a step), ``kv_block_size`` > 0
-    a paged KV pool of ``kv_cache_bytes`` (hf keeps transformers' own cache). A native ``path`` of an
+    a paged KV pool of ``kv_cache_bytes`` (0: sized by ``device.auto_kv_pool_bytes`` with ``kv_memory_fraction``;
+    hf keeps transformers' own cache). A native ``path`` of an
     architecture without a native implementation goes to hf, with a log line."""
     # Before any model work: torch's thread pool takes its size when a thread first runs a parallel op.
     configure_threads(select_device(options.device), options.threads)
@@ -45,7 +47,7 @@ def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids
     if backend in NATIVE_BACKENDS:
         return build_model_runner(options, max_batch=max_batch, eos_id=eos_id, stop_ids=stop_ids,
                                   speculative_tokens=speculative_tokens, kv_block_size=kv_block_size,
-                                  kv_cache_bytes=kv_cache_bytes)
+                                  kv_cache_bytes=kv_cache_bytes, kv_memory_fraction=kv_memory_fraction)
     if backend == "hf":
         from .hf import HFRunner
 
@@ -122,7 +124,7 @@ def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtyp
 
 def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
                        stop_ids: Sequence[int] = (), speculative_tokens: int = 0, kv_block_size: int = 0,
-                       kv_cache_bytes: int = 0) -> ModelRunner:
+                       kv_cache_bytes: int = 0, kv_memory_fraction: float = 0.9) -> ModelRunner:
     device, dtype = select(options.device, options.dtype)
     model, name = _native_model(options, device, dtype)
     model = quantize(model, options.quant, options.quant_group, device=device, dtype=dtype)
@@ -134,4 +136,4 @@ def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
                        graphs=graphs, attention=_resolve_attention(options.attention, graphs),
                        compile_blocks=compile and _resolve_blocks(options.compile, device),
                        speculative_tokens=speculative_tokens, kv_block_size=kv_block_size,
-                       kv_cache_bytes=kv_cache_bytes)
+                       kv_cache_bytes=kv_cache_bytes, kv_memory_fraction=kv_memory_fraction)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..contract.config import ModelOptions, context_for
-from .device import dtype_name, select
+from .device import dtype_name, select, tensor_bytes
 from .protocol import Launched
 from .sampling import SlotParams, SlotState, check_room, check_slot, prefill_slot, slot_tokens
 
@@ -73,6 +73,8 @@ class HFRunner:
         self.state = SlotState(max_batch, max_context, device, stop_ids or (eos_id,))
         # Grown on demand by each slot's DynamicCache; this is its size at max_context.
         self.kv_cache_bytes_per_slot = _kv_bytes_per_slot(model.config, max_context, dtype)
+        self.kv_bytes = self.kv_cache_bytes_per_slot * max_batch
+        self.weights_bytes = tensor_bytes(self.model)
         self._past: dict[int, Any] = {}  # slot -> its past_key_values
         self._pos = np.zeros(max_batch, dtype=np.int64)
         self._kind = np.zeros(max_batch, dtype=np.int8)

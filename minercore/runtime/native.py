@@ -48,7 +48,7 @@ from .decode_steps import (
     make_room_for,
     raise_recompile_limit,
 )
-from .device import dtype_name
+from .device import auto_kv_pool_bytes, dtype_name, tensor_bytes
 from .protocol import Launched
 from .sampling import (
     KIND_NAMES,
@@ -132,9 +132,9 @@ class ModelRunner:
     ``speculative_tokens`` > 0 adds ``verify`` steps of that many drafts, compiled where ``compile_verify`` says
     (default: with ``compile``, on CUDA only). ``compile_blocks`` compiles one block and the samplers instead of
     whole steps (``decode_steps.compile_block_steps``; with ``graphs="off"`` only). ``kv_block_size`` > 0 keeps
-    the keys and values in a paged pool of blocks that size (``kv.paged``) holding ``kv_cache_bytes`` (0: as many
-    positions as the static cache would), whose blocks a slot uses only once ``assign_blocks`` names them (the
-    engine's ``KVCacheManager`` decides which)."""
+    the keys and values in a paged pool of blocks that size (``kv.paged``) holding ``kv_cache_bytes`` (0:
+    ``device.auto_kv_pool_bytes`` with ``kv_memory_fraction``), whose blocks a slot uses only once
+    ``assign_blocks`` names them (the engine's ``KVCacheManager`` decides which)."""
 
     kind = "native"  # the model.backend value this runner serves
 
@@ -144,7 +144,7 @@ class ModelRunner:
                  batch_buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = (),
                  speculative_tokens: int = 0, compile_verify: bool | None = None,
                  compile_blocks: bool = False, kv_block_size: int = 0,
-                 kv_cache_bytes: int = 0) -> None:
+                 kv_cache_bytes: int = 0, kv_memory_fraction: float = 0.9) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_context < 2:
@@ -161,6 +161,8 @@ class ModelRunner:
             raise ValueError(f"speculative_tokens must be >= 0 (0: no verify steps), got {speculative_tokens}")
         if kv_block_size < 0 or kv_cache_bytes < 0:
             raise ValueError(f"kv_block_size and kv_cache_bytes must be >= 0, got {kv_block_size}, {kv_cache_bytes}")
+        if not 0 < kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
         buckets = sorted(set(batch_buckets or pow2_buckets(1, max_batch)))
         if buckets[0] < 1 or buckets[-1] != max_batch:
             raise ValueError(f"batch_buckets must be >= 1 and end at max_batch {max_batch}, got {batch_buckets}")
@@ -179,9 +181,12 @@ class ModelRunner:
                 raise ValueError(f"attention=flex: {type(model).__name__} has no FlexAttention decode")
             model.flex_attention = True
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.kv_paged = self._paged_spec(kv_block_size, kv_cache_bytes) if kv_block_size else None
+        self.weights_bytes = tensor_bytes(self.model)  # before setup_caches adds the cache's buffers
+        self.kv_paged = (self._paged_spec(kv_block_size, kv_cache_bytes, kv_memory_fraction) if kv_block_size
+                         else None)
         self.kv_cache_bytes_per_slot = self.model.setup_caches(
             max_batch, max_context, *([self.kv_paged.layer_cache] if self.kv_paged else []))
+        self.kv_bytes = self.kv_pool_bytes if self.kv_paged else self.kv_cache_bytes_per_slot * max_batch
         self.state = SlotState(max_batch, max_context, device, stop_ids or (eos_id,))
         self._kinds = tuple(kinds)  # the sampling kinds warmup prepares
         self._tree_graphs = compile and graphs == "torch" and device.type == "cuda"
@@ -246,14 +251,15 @@ class ModelRunner:
             self.description += (f", paged KV {self.kv_paged.num_blocks} blocks of {kv_block_size} "
                                  f"({self.kv_pool_bytes / 2**30:.2f} GiB)")
 
-    def _paged_spec(self, block_size: int, pool_bytes: int) -> PagedSpec:
-        """The pool and block table: ``pool_bytes`` of blocks (0: the static cache's positions), at least one
-        block besides the null block; a table row per slot covering every position the model asks for."""
+    def _paged_spec(self, block_size: int, pool_bytes: int, memory_fraction: float) -> PagedSpec:
+        """The pool and block table: ``pool_bytes`` of blocks (0: ``auto_kv_pool_bytes``, at most the static
+        cache's positions), at least one block besides the null block; a table row per slot covering every
+        position the model asks for."""
         # Bytes a position costs over all layers: what a one-slot, two-position static cache holds, halved.
         per_position = self.model.setup_caches(1, 1) // 2
         positions = self.max_context + 1  # the models' spare position (see GPT2LM.setup_caches)
         if not pool_bytes:
-            pool_bytes = self.max_batch * positions * per_position
+            pool_bytes = auto_kv_pool_bytes(self.device, self.max_batch * positions * per_position, memory_fraction)
         num_blocks = max(2, pool_bytes // (block_size * per_position) + 1)  # + the null block
         self.kv_bytes_per_position = per_position
         self.kv_pool_bytes = (num_blocks - 1) * block_size * per_position

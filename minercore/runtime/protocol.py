@@ -41,6 +41,8 @@ class Runner(Protocol):
     description: str
     kind: str  # the model.backend value it serves: native or hf
     kv_cache_bytes_per_slot: int  # K and V bytes one slot holds at max_context
+    weights_bytes: int  # the model's parameters and buffers, KV cache aside
+    kv_bytes: int  # the KV memory it holds at most: the paged pool, or every slot at max_context
 
     def warmup(self) -> float:
         """Compile / warm every shape serving uses; returns (and logs) the seconds it took."""
