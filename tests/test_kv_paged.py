@@ -5,6 +5,7 @@ table edits seen by a compiled step."""
 
 from __future__ import annotations
 
+import psutil
 import pytest
 import torch
 from torch import Tensor
@@ -12,7 +13,7 @@ from torch._dynamo.testing import CompileCounter
 
 from minercore.kv.block_pool import NULL_BLOCK, BlockPool
 from minercore.kv.manager import KVCacheManager
-from minercore.kv.paged import PagedKVCache, PagedSpec
+from minercore.kv.paged import PagedKVCache, PagedSpec, pool_zeros
 from minercore.kv.static import KVCache
 from minercore.models.presets import build_preset
 
@@ -215,3 +216,17 @@ def test_a_released_slots_blocks_show_nothing_of_it_to_the_next_owner() -> None:
     for got, written, last in ((keys, new[0], step[0]), (values, new[1], step[1])):
         assert torch.equal(got[0, :, :10], written[0])
         assert torch.equal(got[0, :, 10], last[1, :, 0])
+
+
+def test_a_cpu_pool_is_zero_and_resident_only_where_blocks_were_written() -> None:
+    """256 MiB of pool: reading it gives zeros, and the process's resident memory grows by what the written
+    blocks hold, not by the pool's size."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    pool = pool_zeros((16384, 4, 16, 64), torch.float32, torch.device("cpu"))  # 16 KiB a block
+    assert pool.nbytes == 256 << 20 and pool.is_contiguous()
+    pool[7] = 1.0
+    pool[1000:1064] = 2.0  # 1 MiB
+    grown = process.memory_info().rss - before
+    assert grown < 32 << 20, grown
+    assert float(pool[7].sum()) == 4 * 16 * 64 and float(pool[8:1000].abs().sum()) == 0.0

@@ -15,6 +15,8 @@ position beyond a row's own length (the paged counterpart of the static cache's 
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +25,16 @@ from torch import Tensor, nn
 
 from .block_pool import NULL_BLOCK
 from .static import KVCache
+
+
+def pool_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zeroed pool tensor. On a CPU it is backed by an anonymous mapping, whose pages the OS provides zeroed
+    when first written: the process's resident memory grows with the blocks streams have used, as llama.cpp's
+    does, instead of taking the whole pool at start-up. (A device's memory is reserved up front either way.)"""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 class PagedKVCache(nn.Module):
@@ -37,8 +49,8 @@ class PagedKVCache(nn.Module):
         # and every layer must read the one table the caller edits.
         self.table = table
         shape = (num_blocks, n_head, block_size, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", pool_zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("v", pool_zeros(shape, dtype, device), persistent=False)
 
     @property
     def bytes_per_token(self) -> int:
