@@ -154,8 +154,8 @@ async def round_of(base: str, streams: int, tokens: int) -> tuple[float, list[fl
 @pytest.mark.parametrize("name", ["llama.cpp", "transformers", "minercore", "minercore-static"])
 def test_peers(benchmark, servers, timed, name, streams) -> None:
     benchmark.group = "peers"
-    benchmark.extra_info.update(server=name, streams=streams,
-                                threads=THREADS if name in ("llama.cpp", "transformers") else "serving default")
+    threads = {"llama.cpp": THREADS, "transformers": "torch default"}.get(name, "serving default")
+    benchmark.extra_info.update(server=name, streams=streams, threads=threads)
     if name not in servers:
         benchmark.extra_info["status"] = "llama-server not installed (set LLAMA_SERVER): nothing measured"
         print(f"\npeers: {benchmark.extra_info['status']}")

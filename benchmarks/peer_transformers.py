@@ -53,7 +53,15 @@ def handler_for(model, tokenizer) -> type[BaseHTTPRequestHandler]:
             if body.get("ignore_eos"):
                 kwargs["min_new_tokens"] = tokens
             output: list[torch.Tensor] = []
-            worker = threading.Thread(target=lambda: output.append(model.generate(**kwargs)), daemon=True)
+
+            def generate() -> None:
+                try:
+                    output.append(model.generate(**kwargs))
+                except Exception:
+                    streamer.end()  # a failed generate still ends the stream (short, so "stop")
+                    raise
+
+            worker = threading.Thread(target=generate, daemon=True)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()

@@ -128,26 +128,33 @@ def test_configure_threads_sets_torchs_pool():
         torch.set_num_threads(before)
 
 
-def test_auto_max_batch_is_by_device():
-    assert dev.auto_max_batch(torch.device("cuda", 0)) == 256
-    assert dev.auto_max_batch(torch.device("cpu")) == 64
+def test_auto_max_batch_is_256_only_on_cuda_with_the_paged_cache():
+    assert dev.auto_max_batch(torch.device("cuda", 0), paged=True) == 256
+    assert dev.auto_max_batch(torch.device("cuda", 0), paged=False) == 64  # every slot's full context up front
+    assert dev.auto_max_batch(torch.device("cpu"), paged=True) == 64
 
 
 def test_the_auto_kv_pool_on_a_cpu_is_a_gibibyte_at_most_what_the_slots_need():
     cpu = torch.device("cpu")
-    assert dev.auto_kv_pool_bytes(cpu, 10 << 30, 0.9) == 1 << 30
-    assert dev.auto_kv_pool_bytes(cpu, 5 << 20, 0.9) == 5 << 20
+    assert dev.auto_kv_pool_bytes(cpu, 10 << 30, 0.9, 1 << 20) == 1 << 30
+    assert dev.auto_kv_pool_bytes(cpu, 5 << 20, 0.9, 1 << 20) == 5 << 20
 
 
-def test_the_auto_kv_pool_on_cuda_is_what_the_weights_leave_up_to_the_fraction(fake_cuda):
+def test_the_auto_kv_pool_on_cuda_is_what_the_weights_leave_up_to_the_fraction(fake_cuda, monkeypatch):
     """80 GiB devices: with 60 GiB free (20 GiB of weights) and fraction 0.9, 8 GiB stay unused: 52 GiB of pool,
-    capped at what every slot needs; with 2 GiB free nothing is left, a clear error."""
+    capped at what every slot needs, measured after the allocator's cache is given back; with 2 GiB free
+    nothing is left, and with room for less than one full-context stream, a clear error."""
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     gpu = torch.device("cuda", 1)
-    assert dev.auto_kv_pool_bytes(gpu, 1 << 40, 0.9) == (60 << 30) - int(0.1 * (80 << 30))
-    assert dev.auto_kv_pool_bytes(gpu, 3 << 30, 0.9) == 3 << 30
-    assert dev.auto_kv_pool_bytes(gpu, 1 << 40, 1.0) == 60 << 30
+    assert dev.auto_kv_pool_bytes(gpu, 1 << 40, 0.9, 1 << 30) == (60 << 30) - int(0.1 * (80 << 30))
+    assert emptied
+    assert dev.auto_kv_pool_bytes(gpu, 3 << 30, 0.9, 1 << 30) == 3 << 30
+    assert dev.auto_kv_pool_bytes(gpu, 1 << 40, 1.0, 1 << 30) == 60 << 30
     with pytest.raises(DeviceError, match=r"no memory left for the KV cache.*raise kv_memory_fraction"):
-        dev.auto_kv_pool_bytes(torch.device("cuda", 0), 1 << 40, 0.9)
+        dev.auto_kv_pool_bytes(torch.device("cuda", 0), 1 << 40, 0.9, 1 << 30)
+    with pytest.raises(DeviceError, match=r"short of one stream's 60.00 GiB"):
+        dev.auto_kv_pool_bytes(gpu, 1 << 40, 0.9, 60 << 30)
 
 
 def test_tensor_bytes_counts_a_shared_storage_once():

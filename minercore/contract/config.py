@@ -111,7 +111,7 @@ class ModelOptions:
 
 @dataclass
 class EngineOptions:
-    max_batch: int = 0  # 0: 256 on CUDA, 64 elsewhere (runtime.device.auto_max_batch)
+    max_batch: int = 0  # 0: 256 on CUDA with the paged cache, else 64 (runtime.device.auto_max_batch)
     max_queue: int = 256
     flush_tokens: int = 16  # after a stream's first text, flush once this many tokens are pending...
     flush_ms: float = 50.0  # ...or this long after its last flush

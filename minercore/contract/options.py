@@ -159,7 +159,7 @@ OPTIONS: tuple[Option, ...] = (
                 "the event loop that streams every answer and holds every deadline; the startup log and "
                 "'minercore info' say how many. Other devices keep torch's own default unless this is given."),
     Option("max_batch", EngineOptions, "engine", type=non_negative_int,
-           help="Streams decoded together in one batch (0: 256 on CUDA, 64 on other devices)."),
+           help="Streams decoded together in one batch (0: 256 on CUDA with the paged KV cache, else 64)."),
     Option("max_queue", EngineOptions, "engine", type=non_negative_int,
            help="Requests that may wait for a free slot; past it requests are refused at once as overloaded."),
     Option("max_new_tokens", EngineOptions, "engine", type=positive_int,

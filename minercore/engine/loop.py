@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..contract.config import LLAMA_PRESET_NAMES, EngineOptions, ModelOptions
+from ..contract.config import LLAMA_PRESET_NAMES, NATIVE_BACKENDS, EngineOptions, ModelOptions
 from ..contract.generation import (
     FINISH_CANCELLED,
     FINISH_DEADLINE,
@@ -201,12 +201,13 @@ class Engine:
             flush_tokens=self.options.flush_tokens, flush_ms=self.options.flush_ms)
 
     def _auto_max_batch(self) -> int:
-        """max_batch 0: a given runner's slots, else as many as suit the device the model goes on."""
+        """max_batch 0: a given runner's slots, else as many as suit the device and the KV cache."""
         if self._runner is not None:
             return self._runner.max_batch
         from ..runtime.device import auto_max_batch, select_device
 
-        return auto_max_batch(select_device(self.model_options.device))
+        paged = self.options.kv_cache == "paged" and self.model_options.backend in NATIVE_BACKENDS
+        return auto_max_batch(select_device(self.model_options.device), paged)
 
     def _speculative_tokens(self) -> int:
         return self.options.speculative_tokens if self.options.speculative == "ngram" else 0
@@ -287,7 +288,8 @@ class Engine:
                   if runner is not None else {})
         return {"backend": self.backend_name, **facts, "quantization": getattr(runner, "quantization", "none"),
                 "dtype": dtype, "device": str(runner.device) if runner is not None else None,
-                "kv_cache": "paged" if self._kv is not None else "static" if runner is not None else None,
+                "kv_cache": None if runner is None else "paged" if self._kv is not None else (
+                    "static" if runner.kind == "native" else "transformers"),
                 **memory}
 
     async def shutdown(self, grace: float = 5.0) -> None:

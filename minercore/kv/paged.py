@@ -33,7 +33,8 @@ def pool_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     does, instead of taking the whole pool at start-up. (A device's memory is reserved up front either way.)"""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+    # Private: a page read before it is written maps the shared zero page instead of allocating one.
+    mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(mapping, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 
@@ -157,32 +158,38 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # Streams decoded together when max_batch is 0 (auto). A GPU's step at batch 1 to a few hundred costs about the
-# same (reading the weights; notes/gpu.md), so it serves as many as validators send; on a CPU a step's cost
-# grows with the batch and 64 already holds more streams than two cores can answer at speed.
+# same (reading the weights; notes/gpu.md), so the paged cache, whose memory follows the tokens in use, serves as
+# many as validators send; a cache that reserves every slot's full context up front (static, or transformers'
+# own, growing per request) keeps 64, as does a CPU, whose step's cost grows with the batch.
 CUDA_AUTO_MAX_BATCH = 256
-CPU_AUTO_MAX_BATCH = 64
+AUTO_MAX_BATCH = 64
 # The paged pool when kv_cache_gb is 0 (auto): on a CPU a fixed size that fits a small machine beside the model
 # (SmolLM2 in bfloat16: 46,000 positions); on CUDA what is free once the weights are loaded, down to leaving
 # (1 - kv_memory_fraction) of the device's memory for activations, CUDA graphs and the allocator's slack.
 CPU_AUTO_KV_BYTES = 2**30
 
 
-def auto_max_batch(device: torch.device) -> int:
-    return CUDA_AUTO_MAX_BATCH if device.type == "cuda" else CPU_AUTO_MAX_BATCH
+def auto_max_batch(device: torch.device, paged: bool) -> int:
+    """``max_batch`` 0 on ``device``; ``paged``: the native runner's paged KV cache holds the streams."""
+    return CUDA_AUTO_MAX_BATCH if device.type == "cuda" and paged else AUTO_MAX_BATCH
 
 
-def auto_kv_pool_bytes(device: torch.device, needed: int, memory_fraction: float) -> int:
+def auto_kv_pool_bytes(device: torch.device, needed: int, memory_fraction: float, stream: int) -> int:
     """The paged pool's bytes when none were asked for: at most ``needed`` (every slot at its full context, the
-    most the streams can use at once); on CUDA the memory free now (weights loaded) less the share of the
-    device's memory ``memory_fraction`` leaves unused, on a CPU ``CPU_AUTO_KV_BYTES``. Raises ``DeviceError``
-    where a CUDA device has no room left for a pool."""
+    most the streams can use at once); on CUDA the memory free now (weights loaded, the allocator's cache given
+    back) less the share of the device's memory ``memory_fraction`` leaves unused, on a CPU
+    ``CPU_AUTO_KV_BYTES``. Raises ``DeviceError`` where a CUDA device has no room for one stream at its full
+    context (``stream`` bytes): every longer request would otherwise be refused."""
     if device.type != "cuda":
         return min(needed, CPU_AUTO_KV_BYTES)
+    gc.collect()
+    torch.cuda.empty_cache()  # memory freed while loading the weights is the pool's too
     free, total = torch.cuda.mem_get_info(device)
     room = int(free - (1.0 - memory_fraction) * total)
-    if room <= 0:
+    if room < stream:
         raise DeviceError(f"{device}: no memory left for the KV cache ({free / 2**30:.1f} of {total / 2**30:.1f} GiB "
                           f"free with the weights loaded, and kv_memory_fraction {memory_fraction} leaves "
-                          f"{1 - memory_fraction:.0%} of it unused): raise kv_memory_fraction, quantize the "
-                          f"weights or set kv_cache_gb")
+                          f"{1 - memory_fraction:.0%} of it unused, short of one stream's {stream / 2**30:.2f} "
+                          f"GiB): raise kv_memory_fraction, quantize the weights, lower max_context or set "
+                          f"kv_cache_gb")
     return min(needed, room)

@@ -259,7 +259,8 @@ class ModelRunner:
         per_position = self.model.setup_caches(1, 1) // 2
         positions = self.max_context + 1  # the models' spare position (see GPT2LM.setup_caches)
         if not pool_bytes:
-            pool_bytes = auto_kv_pool_bytes(self.device, self.max_batch * positions * per_position, memory_fraction)
+            pool_bytes = auto_kv_pool_bytes(self.device, self.max_batch * positions * per_position, memory_fraction,
+                                            positions * per_position)
         num_blocks = max(2, pool_bytes // (block_size * per_position) + 1)  # + the null block
         self.kv_bytes_per_position = per_position
         self.kv_pool_bytes = (num_blocks - 1) * block_size * per_position
