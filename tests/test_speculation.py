@@ -13,7 +13,7 @@ from helpers import GPT2_EOS, MIXED, collect
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.engine.speculation import Drafter, verify_width
+from minercore.engine.speculation import Drafter, StepCosts, verify_width
 from minercore.models.presets import build_preset
 from minercore.runtime.build import build_runner
 from minercore.runtime.native import ModelRunner
@@ -96,6 +96,35 @@ def test_an_echo_drafts_its_prompt_then_eos() -> None:
         d.extend(np.array([0]), np.array([output]))
     drafts, lengths = d.propose(np.array([0]))
     assert drafts[0, :2].tolist() == [10, 99] and lengths[0] == 2
+
+
+def test_expected_ids_count_the_drafting_slots_by_their_acceptance() -> None:
+    d = drafter()
+    for slot in (0, 1):
+        d.start(slot, [1, 2, 1, 2, 1, 2], max_new_tokens=32)
+    slots = np.array([0, 1])
+    assert d.expected_ids(slots, 4) == 2 + 2 * 4 * 0.5  # a new stream: half its draft, until it verifies
+    drafts, lengths = d.propose(slots)
+    d.record(slots, lengths, lengths + 1)  # both accept every draft
+    assert d.expected_ids(slots, 4) == pytest.approx(2 + 2 * 4 * (0.5 + 0.3 * 0.5))
+    drafts, lengths = d.propose(slots)
+    d.record(slots, lengths, np.array([lengths[0] + 1, 1]))  # slot 1 accepts nothing and backs off
+    assert not d.wants(np.array([1]))
+    assert d.expected_ids(slots, 4) == pytest.approx(2 + 4 * (0.65 + 0.3 * 0.35))
+
+
+def test_a_verify_step_is_taken_when_its_measured_cost_pays() -> None:
+    costs = StepCosts(recheck_after=3)
+    assert costs.pays(4, 4.0)  # never timed at 4 rows: tried once
+    costs.record_verify(4, 0.030)
+    assert not costs.pays(4, 12.0)  # the plain step's cost is not known yet: decode plainly first
+    costs.record_plain(4, 0.010)
+    # 4 ids in 10 ms against a verify step's 30 ms: it pays with more than 12 ids, not with fewer.
+    assert costs.pays(4, 13.0)
+    assert [costs.pays(4, 11.0) for _ in range(4)] == [False, False, False, True]  # then checked again
+    assert costs.declined_steps == 3
+    costs.record_verify(4, 0.010)  # running means: a cheaper verify step moves it a fifth of the way
+    assert costs.pays(4, 11.0) and not costs.pays(4, 4.0)
 
 
 # ---- the runner's verify step ----------------------------------------------------------------------------------
@@ -280,6 +309,28 @@ async def test_past_the_verify_budget_streams_decode_plainly_and_exactly() -> No
         assert engine.stats().verify_steps == 0
     finally:
         await engine.shutdown(grace=0)
+
+
+async def test_streams_decode_plainly_and_exactly_where_verify_steps_cost_more_than_they_bring() -> None:
+    """A verify step measured at many plain steps' cost is declined (only checked again now and then), and the
+    text is the same; measured cheap, the same echo verifies."""
+    prompts = [f"{i} " + " ".join(MIXED) for i in range(3)]
+    for expensive in (True, False):
+        engine = await started("ngram", max_batch=8)
+        try:
+            for rows in range(1, 9):
+                engine._step_costs.record_plain(rows, 0.001)
+                engine._step_costs.record_verify(rows, 1.0 if expensive else 0.001)
+            results = await asyncio.gather(*(collect(engine, GenerationRequest(prompt=p)) for p in prompts))
+            assert [text for text, _ in results] == prompts
+            stats = engine.stats()
+            if expensive:
+                assert stats.verify_declined > 0
+                assert stats.verify_steps <= stats.verify_declined // engine._step_costs.recheck_after + 1
+            else:
+                assert stats.tokens > 3 * stats.steps  # most forwards emitted K + 1 ids
+        finally:
+            await engine.shutdown(grace=0)
 
 
 async def test_cancellation_and_deadlines_while_speculating_free_the_slot() -> None:

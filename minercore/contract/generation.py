@@ -123,10 +123,12 @@ class EngineStats:
     tokens: int
     steps_per_s: float  # over the recent window of steps
     tokens_per_s: float
-    # Speculative decoding (engine/speculation.py): steps that checked drafts, draft ids checked, and accepted.
+    # Speculative decoding (engine/speculation.py): steps that checked drafts, draft ids checked, and accepted;
+    # steps decoded plainly although streams had drafts, since by its measured cost a verify step would not pay.
     verify_steps: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    verify_declined: int = 0
     # Paged KV (kv/): blocks held by requests, free (cached ones included) and cached with no holder; prompt
     # blocks found in the prefix cache and computed instead; cached blocks evicted for room; streams preempted.
     kv_blocks_used: int = 0

@@ -44,7 +44,7 @@ from ..text import streamloop
 from .delivery import Delivery, Mailbox, Poster, expire, settle
 from .prompts import PromptPreparer
 from .scheduler import Job, WaitQueue, prefill_groups
-from .speculation import Drafter, verify_width
+from .speculation import Drafter, StepCosts, verify_width
 
 if TYPE_CHECKING:
     from ..models.loading import Checkpoint
@@ -101,6 +101,7 @@ class Engine:
         self.warmup_seconds = 0.0
         self.stream_loop = streamloop.IMPLEMENTATION
         self._drafter: Drafter | None = None
+        self._step_costs = StepCosts()
         self._kv: KVCacheManager | None = None  # paged KV: which blocks each admitted job holds
         # Paged KV, model thread only: decoding streams whose blocks were taken for others, by admission order;
         # each keeps its slot, its stream loop state and its drafts, and is prefilled again to continue.
@@ -420,6 +421,7 @@ class Engine:
                            verify_steps=drafter.verify_steps if drafter else 0,
                            draft_tokens=drafter.drafted if drafter else 0,
                            accepted_tokens=drafter.accepted if drafter else 0,
+                           verify_declined=self._step_costs.declined_steps if drafter else 0,
                            **({"kv_blocks_used": kv.blocks_used, "kv_blocks_free": kv.blocks_free,
                                "kv_blocks_cached": kv.blocks_cached, "prefix_hit_blocks": kv.hits,
                                "prefix_miss_blocks": kv.misses, "kv_evictions": kv.evictions,
@@ -483,6 +485,7 @@ class Engine:
         if self._drafter is not None and self._active and self._speculate(outbox):
             return
         launched = None
+        start = time.perf_counter()
         if self._active:
             slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
             try:
@@ -496,8 +499,12 @@ class Engine:
         if previous is not None:
             self._collect(previous, outbox)
         if not self.options.overlap and self._in_flight is not None:
-            current, self._in_flight = self._in_flight, None
-            self._collect(current, outbox)
+            previous, self._in_flight = self._in_flight, None
+            self._collect(previous, outbox)
+        if launched is not None and previous is not None:
+            # A step's cost as speculation weighs it: with the overlap, launching the next step and waiting
+            # for the previous one, which in a steady state is one step of the device's time.
+            self._step_costs.record_plain(len(launched[1]), time.perf_counter() - start)
 
     def _speculate(self, outbox: list[Delivery]) -> bool:
         """A verify step in place of a decode step, when a stream has a draft; False: decode as usual.
@@ -508,9 +515,11 @@ class Engine:
         added, so that a step computes at most the runner's ``verify_tokens`` positions; past that, and
         wherever no stream drafts, the step is a plain decode step."""
         slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
-        # Too many streams for a verify step to pay, or none drafting: a plain step.
+        # Too many streams for a verify step to fit the budget, none drafting, or too few of the drafts likely
+        # accepted for the step's measured cost: a plain step.
         width = verify_width(self._drafter.k, self._runner.verify_tokens, slots.size)
-        if width < 1 or not self._drafter.wants(slots):
+        if (width < 1 or not self._drafter.wants(slots)
+                or not self._step_costs.pays(slots.size, self._drafter.expected_ids(slots, width))):
             self._drafter.skip(slots)
             return False
         if self._in_flight is not None:
@@ -526,6 +535,7 @@ class Engine:
             return False
         self._post(outbox)  # the text so far need not wait for this step
         outbox.clear()
+        start = time.perf_counter()
         try:
             chosen, emitted = self._runner.verify(slots, drafts, lengths)
         except Exception as exc:  # noqa: BLE001 - as a decode step's failure: the step's requests fail
@@ -540,6 +550,7 @@ class Engine:
                 keep &= np.fromiter((slot in self._active for slot in slots.tolist()), dtype=bool,
                                     count=slots.size)
             self._consume(slots[keep], chosen[keep, j], outbox)
+        self._step_costs.record_verify(slots.size, time.perf_counter() - start)
         with self._cond:
             self._counts["steps"] += 1
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))

@@ -7,7 +7,10 @@ transformers' prompt lookup); an echo stream's draft is its prompt's next ids, w
 runner checks a draft in one forward and keeps exactly the ids plain decoding would give, so a draft can only
 cost time, never change text: a stream whose drafts find nothing or keep failing stops drafting for a number
 of steps that doubles with each failure (up to ``_MAX_BACKOFF_STEPS``), and runs meanwhile on the plain,
-overlapped decode steps.
+overlapped decode steps. Whether a verify step pays at all is measured (``StepCosts``): a verify forward over
+k + 1 positions a row costs about one plain step where reading the weights dominates (a GPU at small batch),
+but several where the products' work grows with the positions (a CPU), and it gives up the launch/collect
+overlap; each stream's acceptance rate says how many ids it would bring.
 
 Host-side numpy, one row per slot: the lookup is a few vectorised comparisons per stream per step.
 """
@@ -19,6 +22,9 @@ import numpy as np
 MIN_MATCH = 2  # a shorter suffix matches too often by chance in prose
 MAX_MATCH = 4
 _MAX_BACKOFF_STEPS = 32
+# A new stream's expected share of its draft accepted, until its own verify steps say otherwise.
+_PRIOR_ACCEPTANCE = 0.5
+_ACCEPTANCE_WEIGHT = 0.3  # of the latest verify step in a stream's running acceptance rate
 
 
 def verify_width(k: int, verify_tokens: int, streams: int) -> int:
@@ -45,6 +51,7 @@ class Drafter:
         self._max_new = np.zeros(max_batch, dtype=np.int64)
         self._misses = np.zeros(max_batch, dtype=np.int64)  # drafts in a row that gained nothing
         self._wait = np.zeros(max_batch, dtype=np.int64)  # steps left before the slot drafts again
+        self._acceptance = np.zeros(max_batch)  # running share of the slot's drafts accepted
         self.verify_steps = 0
         self.drafted = 0  # draft ids checked
         self.accepted = 0  # of them, the ones the model agreed with
@@ -55,6 +62,7 @@ class Drafter:
         self._length[slot] = self._prompt[slot] = n
         self._max_new[slot] = max_new_tokens
         self._misses[slot] = self._wait[slot] = 0
+        self._acceptance[slot] = _PRIOR_ACCEPTANCE
 
     def extend(self, slots: np.ndarray, ids: np.ndarray) -> None:
         """One new output id for each of ``slots``."""
@@ -66,6 +74,12 @@ class Drafter:
     def wants(self, slots: np.ndarray) -> bool:
         """Whether any of ``slots`` would draft this step (else the step is a plain one: see ``skip``)."""
         return bool((self._wait[slots] == 0).any())
+
+    def expected_ids(self, slots: np.ndarray, width: int) -> float:
+        """The ids a verify step of ``width`` drafts a row would emit for ``slots``, by each drafting slot's
+        acceptance so far (a plain step emits ``slots.size``)."""
+        drafting = slots[self._wait[slots] == 0]
+        return slots.size + width * float(self._acceptance[drafting].sum())
 
     def skip(self, slots: np.ndarray) -> None:
         """A step without drafts: the waiting slots count it."""
@@ -102,6 +116,9 @@ class Drafter:
         accepted = emitted - 1
         self.drafted += int(lengths.sum())
         self.accepted += int(accepted.sum())
+        rows = slots[drafted]
+        self._acceptance[rows] += _ACCEPTANCE_WEIGHT * (accepted[drafted] / lengths[drafted]
+                                                        - self._acceptance[rows])
         for slot in slots[drafted & (accepted == 0)].tolist():
             self._back_off(slot)
         self._misses[slots[drafted & (accepted > 0)]] = 0
@@ -137,3 +154,44 @@ class Drafter:
             return history[:0]
         start = int(best[-1]) + 1
         return history[start:start + self.k]
+
+
+class StepCosts:
+    """Whether a verify step pays: the running mean wall time of plain and of verify steps by their number of
+    rows, as the engine runs them, against the ids each emits (a plain step one a row; a verify step what the
+    rows' acceptance predicts).
+
+    A row count whose verify step was never timed is tried once; one whose plain step was not is decoded plainly
+    first. A verify step judged not to pay is tried again after ``recheck_after`` such judgements, since the
+    streams' acceptance only moves when they verify."""
+
+    WEIGHT = 0.2  # of the latest step in a running mean
+
+    def __init__(self, recheck_after: int = 32) -> None:
+        self.recheck_after = recheck_after
+        self._plain: dict[int, float] = {}
+        self._verify: dict[int, float] = {}
+        self._declined = 0
+        self.declined_steps = 0  # verify steps not taken because they would not pay
+
+    def pays(self, rows: int, expected_ids: float) -> bool:
+        verify, plain = self._verify.get(rows), self._plain.get(rows)
+        if verify is None:
+            return True
+        if plain is None:
+            return False
+        if expected_ids / verify > rows / plain or self._declined >= self.recheck_after:
+            self._declined = 0
+            return True
+        self._declined += 1
+        self.declined_steps += 1
+        return False
+
+    def record_plain(self, rows: int, seconds: float) -> None:
+        self._plain[rows] = self._mean(self._plain.get(rows), seconds)
+
+    def record_verify(self, rows: int, seconds: float) -> None:
+        self._verify[rows] = self._mean(self._verify.get(rows), seconds)
+
+    def _mean(self, mean: float | None, seconds: float) -> float:
+        return seconds if mean is None else mean + self.WEIGHT * (seconds - mean)
