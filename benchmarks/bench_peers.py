@@ -1,8 +1,6 @@
 """Group ``peers``: ``minercore serve`` against llama.cpp's ``llama-server`` on the same GGUF (the embedded
-SmolLM2-135M-Instruct, Q4_1), the same machine (llama-server with every usable core as its threads; minercore
-at its serving default, one intra-op thread fewer, since the event loop and the model thread need the rest:
-on two cores ``--threads 2`` streamed 21 tok/s at one stream against 33 with the default), the same requests,
-one after the other in one run.
+SmolLM2-135M-Instruct, Q4_1), the same machine (each with every usable core as its threads: llama-server's
+``-t``, minercore's serving default), the same requests, one after the other in one run.
 
 Each server runs as a subprocess on loopback; a round is ``streams`` concurrent streamed chat completions of
 "write a long essay about ..." prompts, greedy, ``max_tokens`` tokens each with ``ignore_eos`` (every server

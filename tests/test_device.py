@@ -107,8 +107,8 @@ def test_cpuinfo_flags_are_read_from_the_flags_line():
     assert all(flag and not any(c.isspace() for c in flag) for flag in flags)  # one word each (empty off Linux)
 
 
-@pytest.mark.parametrize("cores, requested, threads", [(4, 0, 3), (2, 0, 1), (1, 0, 1), (4, 6, 6), (2, 2, 2)])
-def test_cpu_serving_leaves_the_event_loop_a_core_unless_told(monkeypatch, cores, requested, threads):
+@pytest.mark.parametrize("cores, requested, threads", [(4, 0, 4), (2, 0, 2), (1, 0, 1), (4, 6, 6), (2, 1, 1)])
+def test_cpu_serving_takes_every_usable_core_unless_told(monkeypatch, cores, requested, threads):
     monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert dev.cpu_threads(requested) == threads
     assert dev.serving_threads(torch.device("cpu"), requested) == threads

@@ -74,8 +74,8 @@ class ModelOptions:
     tokenizer: str = "gpt2"  # gpt2 (bundled) or a Hugging Face tokenizer name/directory
     device: str = "auto"
     dtype: str = "auto"
-    # torch's intra-op threads on a CPU; 0: one fewer than the usable cores (at least 1), so that the event loop
-    # streaming every answer keeps a core (runtime.device.cpu_threads). Other devices keep torch's default.
+    # torch's intra-op threads on a CPU; 0: every usable core (runtime.device.cpu_threads). Other devices keep
+    # torch's default.
     threads: int = 0
     quant: str = "auto"  # native: weight-only quantization of the linear layers, auto | none | int8 | int4
     quant_group: int = 32  # int4: inputs per (scale, zero) group, one of QUANT_GROUPS
@@ -97,7 +97,7 @@ class ModelOptions:
         if self.preset not in PRESET_NAMES:
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join(PRESET_NAMES)}")
         if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: the usable cores minus one), got {self.threads!r}")
+            raise ValueError(f"threads must be >= 0 (0: every usable core), got {self.threads!r}")
         if self.quant not in QUANT_CHOICES:
             raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
         if self.quant_group not in QUANT_GROUPS:

@@ -155,9 +155,9 @@ OPTIONS: tuple[Option, ...] = (
            help="auto: bfloat16 on recent CUDA GPUs, float16 on older ones, bfloat16 on a CPU that computes it "
                 "natively (AVX-512 BF16 or AMX), float32 elsewhere."),
     Option("threads", ModelOptions, "model", type=non_negative_int,
-           help="On a CPU: torch's intra-op threads. 0: the usable cores minus one (at least 1), leaving a core to "
-                "the event loop that streams every answer and holds every deadline; the startup log and "
-                "'minercore info' say how many. Other devices keep torch's own default unless this is given."),
+           help="On a CPU: torch's intra-op threads. 0: every usable core (its CPU affinity), as llama.cpp "
+                "serves; the startup log and 'minercore info' say how many. Other devices keep torch's own "
+                "default unless this is given."),
     Option("max_batch", EngineOptions, "engine", type=non_negative_int,
            help="Streams decoded together in one batch (0: 256 on CUDA with the paged KV cache, else 64)."),
     Option("max_queue", EngineOptions, "engine", type=non_negative_int,

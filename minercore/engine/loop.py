@@ -115,13 +115,16 @@ class Engine:
             return
         self._loop = asyncio.get_running_loop()
         self._poster = Poster(self._loop)
-        await asyncio.to_thread(self._build)
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         ready = self._loop.create_future()
-        self._thread = threading.Thread(target=self._model_thread, args=(ready,), name="minercore-model",
-                                        daemon=True)
-        self._thread.start()
-        await ready
+        thread = threading.Thread(target=self._model_thread, args=(ready,), name="minercore-model", daemon=True)
+        thread.start()
+        try:
+            await ready
+        except BaseException:
+            await asyncio.to_thread(thread.join)
+            raise
+        self._thread = thread
         # What is alive now (the model, the tokenizer, the token table, compiled code, the imported libraries)
         # lives as long as the engine. Frozen out of the collector, a full collection scans only what serving
         # allocates. Unfrozen, one on two busy cores stalled the event loop and, with the GIL held, the model
@@ -237,8 +240,13 @@ class Engine:
                               prefix_caching=self.options.prefix_cache)
 
     def _warm_up(self, ready: asyncio.Future) -> bool:
-        """On the model thread: CUDA graphs belong to the thread that records them."""
+        """On the model thread, the build as well as the warm-up: CUDA graphs belong to the thread that records
+        them, and on a CPU each thread that runs a parallel torch op keeps its own OpenMP workers; a second
+        set (the build's, on another thread) outnumbers the cores, and then OpenMP wakes the model thread's
+        workers from sleep for every kernel instead of keeping them spinning between kernels: a decode step
+        took 2.2 times as long with two threads (RESULTS.md)."""
         try:
+            self._build()
             self.warmup_seconds = self._runner.warmup()
         except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
             self._stopped = True

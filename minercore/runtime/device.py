@@ -115,12 +115,12 @@ def usable_cores() -> int:
 
 
 def cpu_threads(requested: int = 0) -> int:
-    """torch's intra-op threads for serving on a CPU: ``requested``, or with 0 the usable cores minus one (at
-    least 1). The remaining core is the event loop's: it streams every answer and holds every deadline, and it
-    otherwise competes with every intra-op thread for the CPU. On the tiny model at 2 cores one thread also
-    decodes faster than two (benchmarks/RESULTS.md, "Deadlines under contention"); a larger model on many cores
-    gives up one core in N."""
-    return requested if requested > 0 else max(1, usable_cores() - 1)
+    """torch's intra-op threads for serving on a CPU: ``requested``, or with 0 every usable core, as llama.cpp
+    serves. The event loop that streams every answer and holds every deadline takes its turns on them: it
+    needs little CPU, and OpenMP's threads yield theirs between kernels once they have spun a while. (One core
+    fewer was measured faster only while the model was built on a second thread, whose own OpenMP workers made
+    the model thread's sleep between kernels: benchmarks/RESULTS.md.)"""
+    return requested if requested > 0 else usable_cores()
 
 
 def serving_threads(device: torch.device, requested: int = 0) -> int:
