@@ -53,27 +53,52 @@ OPEN = ["Write a short story about a robot who learns to paint.", "Describe a bu
 MEASURED: dict[tuple, dict] = {}
 
 
+class Engines:
+    """One engine at a time (``static``, ``paged`` or ``small-pool``), started on demand: several alive in one
+    process would each keep their model thread's OpenMP workers, more than the cores, which slows them all
+    (RESULTS.md)."""
+
+    def __init__(self, model: ModelOptions) -> None:
+        self.model = model
+        self.loop = asyncio.new_event_loop()
+        self.kind: str | None = None
+        self.engine: Engine | None = None
+        self._bytes_a_position: float | None = None  # the paged pool's, which sizes the small pool
+
+    def get(self, kind: str) -> Engine:
+        if kind != self.kind:
+            gb = POOL_GB
+            if kind == "small-pool":
+                if self._bytes_a_position is None:
+                    self.get("paged")
+                gb = SMALL_POOL_POSITIONS * self._bytes_a_position / 2**30
+            self.close()
+            engine = Engine(self.model, EngineOptions(max_batch=STREAMS, kv_cache="static" if kind == "static"
+                                                      else "paged", kv_cache_gb=gb))
+            self.loop.run_until_complete(engine.start())
+            if kind == "paged":
+                runner = engine._runner
+                self._bytes_a_position = runner.kv_pool_bytes / ((runner.kv_paged.num_blocks - 1)
+                                                                 * runner.kv_paged.block_size)
+            self.engine, self.kind = engine, kind
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.loop.run_until_complete(self.engine.shutdown(grace=0))
+            self.engine = self.kind = None
+
+
 @pytest.fixture(scope="module")
 def engines(request):
     from minercore.models.loading import embedded
 
-    path = embedded.resolve("smollm2-135m-instruct")
     timed = request.config.getoption("benchmark_only")
-    loop = asyncio.new_event_loop()
-    built = {}
-    model = ModelOptions(path=path, mode="generate", compile="auto" if timed else "off")
-    for kind in KINDS:
-        built[kind] = Engine(model, EngineOptions(max_batch=STREAMS, kv_cache=kind, kv_cache_gb=POOL_GB))
-        loop.run_until_complete(built[kind].start())
-    runner = built["paged"]._runner  # the small pool's size in GiB from its bytes a position
-    per_position = runner.kv_pool_bytes / ((runner.kv_paged.num_blocks - 1) * runner.kv_paged.block_size)
-    gb = SMALL_POOL_POSITIONS * per_position / 2**30
-    built["small-pool"] = Engine(model, EngineOptions(max_batch=STREAMS, kv_cache="paged", kv_cache_gb=gb))
-    loop.run_until_complete(built["small-pool"].start())
-    yield built, loop
-    for engine in built.values():
-        loop.run_until_complete(engine.shutdown(grace=0))
-    loop.close()
+    built = Engines(ModelOptions(path=embedded.resolve("smollm2-135m-instruct"), mode="generate",
+                                 compile="auto" if timed else "off"))
+    yield built
+    built.close()
+    built.loop.close()
 
 
 def kv_bytes(engine: Engine) -> int:
@@ -96,8 +121,7 @@ async def answer(engine: Engine, messages: list[dict], tokens: int) -> tuple[str
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_shared_system_prompt(benchmark, request, engines, kind):
-    built, loop = engines
-    engine = built[kind]
+    engine, loop = engines.get(kind), engines.loop
     timed = request.config.getoption("benchmark_only")
     system = SYSTEM_SENTENCE * (30 if timed else 6)  # 1,381 tokens timed
     tokens = 16 if timed else 8
@@ -132,8 +156,7 @@ def test_shared_system_prompt(benchmark, request, engines, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_streams(benchmark, request, engines, kind):
-    built, loop = engines
-    engine = built[kind]
+    engine, loop = engines.get(kind), engines.loop
     timed = request.config.getoption("benchmark_only")
     tokens = 64 if timed else 8
     chats = [[{"role": "user", "content": OPEN[i % len(OPEN)] + f" (number {i})"}] for i in range(STREAMS)]
@@ -168,8 +191,7 @@ def test_streams(benchmark, request, engines, kind):
 
 @pytest.mark.parametrize("kind", [*KINDS, "small-pool"])
 def test_many_chats(benchmark, request, engines, kind):
-    built, loop = engines
-    engine = built[kind]
+    engine, loop = engines.get(kind), engines.loop
     timed = request.config.getoption("benchmark_only")
     count, tokens = (MANY, 32) if timed else (24, 8)
     chats = [[{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} Question {i}."}] for i in range(count)]

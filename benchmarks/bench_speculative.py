@@ -86,24 +86,41 @@ def test_echo_through_miner(benchmark, request, miners, mode):
         print(f"\necho through the miner: {rate:.0f} tok/s, x{benchmark.extra_info['speedup']:.2f}", file=sys.stderr)
 
 
+class Engines:
+    """One engine at a time, ``off`` or ``ngram``, started on demand: two alive in one process would each keep
+    their model thread's OpenMP workers, more than the cores, which slows both (RESULTS.md)."""
+
+    def __init__(self, compile: str) -> None:
+        from minercore.models.loading import embedded
+
+        self.path = embedded.resolve("smollm2-135m-instruct")
+        self.compile = compile
+        self.loop = asyncio.new_event_loop()
+        self.mode: str | None = None
+        self.engine: Engine | None = None
+
+    def get(self, mode: str) -> Engine:
+        if mode != self.mode:
+            self.close()
+            engine = Engine(ModelOptions(path=self.path, mode="generate", compile=self.compile),
+                            EngineOptions(max_batch=8, speculative=mode))
+            self.loop.run_until_complete(engine.start())
+            self.engine, self.mode = engine, mode
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.loop.run_until_complete(self.engine.shutdown(grace=0))
+            self.engine = self.mode = None
+
+
 @pytest.fixture(scope="module")
 def engines(request):
-    from minercore.models.loading import embedded
-
-    path = embedded.resolve("smollm2-135m-instruct")
     # Untimed, the chats only prove they run: eager spares the test suite two compiles of the model.
-    compile = "auto" if request.config.getoption("benchmark_only") else "off"
-    loop = asyncio.new_event_loop()
-    built = {}
-    for mode in MODES:
-        engine = Engine(ModelOptions(path=path, mode="generate", compile=compile),
-                        EngineOptions(max_batch=8, speculative=mode))
-        loop.run_until_complete(engine.start())
-        built[mode] = engine
-    yield built, loop
-    for engine in built.values():
-        loop.run_until_complete(engine.shutdown(grace=0))
-    loop.close()
+    built = Engines("auto" if request.config.getoption("benchmark_only") else "off")
+    yield built
+    built.close()
+    built.loop.close()
 
 
 async def chat_round(engine: Engine, prompts: list[str], tokens: int) -> tuple[list[str], int]:
@@ -121,8 +138,7 @@ async def chat_round(engine: Engine, prompts: list[str], tokens: int) -> tuple[l
 @pytest.mark.parametrize("streams", [1, 8])
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_chat(benchmark, request, engines, workload, streams, mode):
-    built, loop = engines
-    engine = built[mode]
+    engine, loop = engines.get(mode), engines.loop
     timed = request.config.getoption("benchmark_only")
     tokens = 128 if timed else 32
     base = WORKLOADS[workload]
