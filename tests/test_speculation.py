@@ -195,8 +195,8 @@ def test_verify_refuses_what_it_cannot_do() -> None:
 
 
 def test_eager_verify_steps_through_compiled_blocks_match_plain_decoding() -> None:
-    """compile_blocks on the paged cache: a verify step's several positions run through the same compiled
-    blocks as a decode step (their own specialisation, compiled by warmup), and keep plain decoding's ids."""
+    """compile_blocks on the paged cache: a verify step's forward is compiled (its own graphs, the blocks one
+    nested region, compiled by warmup), its glue eager, and it keeps plain decoding's ids."""
     from torch._dynamo.utils import counters
 
     model = build_preset("llama-tiny", 0, CPU, torch.float32)

@@ -70,7 +70,8 @@ class PagedKVCache(nn.Module):
 
     def _read(self, tables: Tensor, n: int) -> tuple[Tensor, Tensor]:
         """Positions [0, n) of the rows whose table rows are ``tables``, gathered into (B, H, n, D) tensors."""
-        blocks = tables[:, :-(-n // self.block_size)]
+        # Ceiling division without negation: a negated symbol breaks dynamo's reuse of a nested compile region.
+        blocks = tables[:, :(n + self.block_size - 1) // self.block_size]
 
         def gather(pool: Tensor) -> Tensor:
             # (B, blocks, H, block_size, D) -> (B, H, blocks * block_size, D): the blocks laid end to end.

@@ -137,6 +137,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K / group, N padded, 2]
+        self.register_buffer("group_tensor", torch.tensor(group_size, device=packed.device), persistent=False)
         self.register_buffer("bias", bias)
         self.kernel_dtype = scales_and_zeros.dtype
 
@@ -211,6 +212,12 @@ class Int4Linear(nn.Module):
         """(M, K) in the kernel dtype -> (M, N padded)."""
         if self.packed.is_cuda:
             return torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if torch.compiler.is_compiling():
+            # The same kernel through the op inductor's lowering of the one below emits, with the group size an
+            # input: inductor's lowering makes it a constant, which inside a nested compile region reaches the
+            # kernel as no scalar (torch 2.13). A C++ op, so the kernel runs without the GIL.
+            return torch.ops.quantized.int4mm_packed_weight_cpu(x2, self.packed, self.group_tensor,
+                                                                self.scales_and_zeros)
         return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
 
     def dequantize(self) -> Tensor:

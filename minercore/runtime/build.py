@@ -74,9 +74,9 @@ def _resolve_compile(option: str, device: torch.device) -> bool:
 CUDA_AUTO_GRAPHS = "torch"
 
 
-# compile=auto on CPU compiles blocks, not whole steps: on SmolLM2 with the serving defaults here, ready in 97 s
-# cold and 9 s warm instead of 14 and 2.3 minutes, for the same step at batch 8 and 19% more at batch 1
-# (benchmarks/bench_startup.py, RESULTS.md). On CUDA whole steps, which CUDA graphs replay.
+# compile=auto on CPU compiles blocks, not whole steps: the forwards with one nested block region and the samplers
+# apart start in about a minute cold and 13 s warm on SmolLM2 with the serving defaults here, where whole steps
+# took 14 and 2.3 minutes (benchmarks/bench_startup.py, RESULTS.md). On CUDA whole steps, which CUDA graphs replay.
 CPU_AUTO_BLOCKS = True
 
 

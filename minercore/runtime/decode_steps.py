@@ -6,11 +6,11 @@ checks speculative drafts in one forward. Each comes as one function per samplin
 each has its own dynamo cache and recompile limit.
 
 Two scopes of compilation. ``compile_steps`` compiles whole steps (one graph per step, which is also what CUDA
-graphs replay). ``compile_block_steps`` (``compile=blocks``) compiles one transformer block's step, which every
-layer shares, and the sampler per kind, and runs the glue between them eagerly: inductor's time grows with a
-graph's size, so one block compiles in a fraction of a whole 30-layer step (SmolLM2 on two CPU cores: about
-1.5 minutes cold against 13), and each block's call then costs dynamo's guards and wrappers once a layer
-instead of once a step (RESULTS.md, start-up).
+graphs replay). ``compile_block_steps`` (``compile=blocks``) compiles a step's forward to its logits and the
+sampler per kind apart, with the transformer block's step marked a nested compile region: inductor compiles the
+block once and every layer calls that code, so the forward compiles in a fraction of a whole 30-layer step's time
+(SmolLM2 on two CPU cores: about a minute cold against 13), and dynamo's guards run once per forward instead of
+once per layer (RESULTS.md, start-up).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..models.base import CachedLM, verify_positions
 from .sampling import FILTER, GREEDY, SAMPLE, SlotState, slot_tokens
@@ -30,10 +31,19 @@ from .sampling import FILTER, GREEDY, SAMPLE, SlotState, slot_tokens
 def step_logits(model: CachedLM, state: SlotState, b: int, ctx: int) -> tuple[Tensor, Tensor]:
     """Rows [0, b) fed their last token, attending over positions [0, ctx): their (b, V) float32 logits and
     the (b,) positions they were fed at."""
-    # Rows outside the step (free, or live but not in this step) still compute; clamping keeps a stale
-    # position inside the tables. Their cache write lands where their own next real token will overwrite it.
-    pos = state.pos[:b].clamp(max=state.targets.shape[1] - 1)
+    pos = _step_positions(state, b)
     return model.decode(state.tokens[:b], pos, ctx).float(), pos
+
+
+def _step_positions(state: SlotState, b: int) -> Tensor:
+    """Rows [0, b)'s positions, clamped into the tables. Rows outside the step (free, or live but not in this
+    step) still compute; clamping keeps a stale position inside the tables, and their cache write lands where
+    their own next real token will overwrite it."""
+    if b != 1:
+        # All a compiled step's facts about b before its first block: dynamo must not narrow b inside a nested
+        # compile region (with max_batch 2, to the constant 2), which its reuse of the region cannot follow.
+        torch._check(b >= 2)
+    return state.pos[:b].clamp(max=state.targets.shape[1] - 1)
 
 
 def decode_step(model: CachedLM, state: SlotState, b: int, ctx: int, kind: int) -> Tensor:
@@ -73,9 +83,14 @@ CHOOSERS = (_choose_greedy, _choose_sample, _choose_filter)  # indexed by kind
 
 
 def _block_step(model: CachedLM, state: SlotState, b: int, ctx: int, *,
+                logits_of: Callable[[CachedLM, SlotState, int, int], tuple[Tensor, Tensor]],
                 choose: Callable[[Tensor, SlotState, int, Tensor], Tensor]) -> Tensor:
-    """``decode_step`` with the model's blocks compiled in place and ``choose`` (a compiled sampler) after."""
-    logits, pos = step_logits(model, state, b, ctx)
+    """``decode_step`` as a compiled forward (``logits_of``) and a compiled sampler (``choose``) after it. The
+    samplers take batch 1 as a batch of two (row 1's id dropped), so that each compiles one graph instead of two
+    (a batch-1 specialisation): sampling is per row, and one more row costs microseconds."""
+    logits, pos = logits_of(model, state, b, ctx)
+    if b == 1 and state.tokens.shape[0] > 1:
+        return choose(F.pad(logits, (0, 0, 0, 1)), state, 2, F.pad(pos, (0, 1)))[:1]
     return choose(logits, state, b, pos)
 
 
@@ -105,18 +120,26 @@ def _static_filter(model: CachedLM, state: SlotState, sampled: Tensor, b: int, c
 STATIC_STEPS = (_static_greedy, _static_sample, _static_filter)  # indexed by kind
 
 
+def verify_logits(model: CachedLM, state: SlotState, drafts: Tensor, b: int, ctx: int) -> tuple[Tensor, Tensor]:
+    """Rows [0, b) fed their last token and their (b, k) ``drafts``, attending over [0, ctx): their
+    (b, k + 1, V) float32 logits and the (b,) positions of their first tokens."""
+    pos = _step_positions(state, b)
+    tokens = torch.cat((state.tokens[:b, None], drafts), dim=1)
+    return model.verify(tokens, pos, ctx).float(), pos
+
+
 def _verify_step(model: CachedLM, state: SlotState, drafts: Tensor, lengths: Tensor, b: int, ctx: int,
-                 kind: int) -> tuple[Tensor, Tensor]:
+                 kind: int, logits_of: Callable[[CachedLM, SlotState, Tensor, int, int], tuple[Tensor, Tensor]]
+                 = verify_logits) -> tuple[Tensor, Tensor]:
     """Rows [0, b) fed their last token and their ``drafts`` ((b, k) ids, the first ``lengths[i]`` of row i
     real) in one forward: (b, k + 1) ids chosen at each position, and how many of them each row emits (its
     drafts up to the first the model disagrees with, plus the model's own id there). The ids are those plain
     decoding would choose one step at a time: the same sampling rule at the same positions (the noise is keyed
     by position). Active rows advance by what they emit; rejected positions stay in the cache unread, and are
-    overwritten when the stream reaches them."""
+    overwritten when the stream reaches them. ``logits_of`` computes the forward (compiled apart in
+    ``compile_block_steps``)."""
     t = drafts.shape[1] + 1
-    pos = state.pos[:b].clamp(max=state.targets.shape[1] - 1)
-    tokens = torch.cat((state.tokens[:b, None], drafts), dim=1)
-    logits = model.verify(tokens, pos, ctx).float()
+    logits, pos = logits_of(model, state, drafts, b, ctx)
     at = verify_positions(pos, t)
     rows = torch.arange(b, device=pos.device).repeat_interleave(t)
     chosen = slot_tokens(logits.view(b * t, -1), state, rows, at.reshape(-1), kind).view(b, t)
@@ -172,20 +195,66 @@ def compile_steps(device: torch.device, graphs: str, recompile_limit: int) -> tu
     return tuple(torch.compile(step, fullgraph=True, dynamic=True, mode=mode, **limit) for step in STEPS)
 
 
-def compile_block_steps(model: CachedLM, recompile_limit: int) -> tuple:
-    """The decode steps with ``model``'s blocks and the samplers compiled (``dynamic=True``), the rest eager.
+def compile_block_steps(model: CachedLM, recompile_limit: int) -> tuple[tuple, tuple]:
+    """The decode steps and the verify steps (each indexed by kind) with the forwards compiled (``dynamic=True``)
+    and ``model``'s blocks marked one nested compile region, the samplers compiled apart, the rest eager.
 
-    Every block's ``step`` is replaced in place by one compiled function of the same code: dynamo treats the
-    block's parameters and cache as inputs (inlined nn modules), so all layers share the graphs of their first,
-    batch 1 and larger batches (and a verify step's several positions, when the eager verify steps call the
-    blocks). The samplers are compiled apart, one per kind: eager, the sampled kinds' vocabulary passes cost
-    more than a block. Blocks already compiled (the model of an earlier runner) are left as they are."""
+    Each block's ``step`` becomes its class's step wrapped once by ``torch.compiler.nested_compile_region``, so
+    every layer reuses the code compiled for the first. The forwards are compiled once for all sampling kinds:
+    the decode forward (batch 1 and larger batches) and the verify forward (its widths). The samplers are one per
+    kind: the sampled kinds' vocabulary passes cost more than the rest of the glue. Blocks already marked (the
+    model of an earlier runner) are left as they are. Floats the blocks read (norm epsilons) are specialised: a
+    nested region takes tensors and integers only."""
     limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
     for block in model.blocks:
-        if "step" not in vars(block):
-            block.step = torch.compile(block.step, fullgraph=True, dynamic=True, **limit)
-    return tuple(functools.partial(_block_step, choose=torch.compile(choose, fullgraph=True, dynamic=True, **limit))
-                 for choose in CHOOSERS)
+        block.__class__ = _regional(type(block))
+        for module in block.modules():
+            if type(module) is nn.Linear and module.bias is not None:
+                module.__class__ = _FlatLinear
+
+    def compiled(fn: Callable) -> Callable:
+        return _specialising_floats(torch.compile(fn, fullgraph=True, dynamic=True, **limit))
+
+    logits_of, verify_logits_of = compiled(step_logits), compiled(verify_logits)
+    steps = tuple(functools.partial(_block_step, logits_of=logits_of, choose=compiled(choose))
+                  for choose in CHOOSERS)
+    verify_steps = tuple(functools.partial(_verify_step, kind=kind, logits_of=verify_logits_of)
+                         for kind in (GREEDY, SAMPLE, FILTER))
+    return steps, verify_steps
+
+
+@functools.cache
+def _regional(block_class: type) -> type:
+    """``block_class`` with its ``step`` one nested compile region. A subclass, so that dynamo calls the region as
+    each block's method (a region bound to an instance would be traced with the first block's weights)."""
+    if getattr(block_class, "regional", False):
+        return block_class
+    return type(block_class.__name__, (block_class,), {
+        "step": torch.compiler.nested_compile_region(block_class.step), "regional": True,
+        "__module__": block_class.__module__, "__qualname__": block_class.__qualname__})
+
+
+class _FlatLinear(nn.Linear):
+    """``nn.Linear`` on the input flattened to two dimensions, the product aten's linear computes for a 3-D input
+    with a bias. aten's linear flattens it with integer sizes, which inside a nested compile region that writes
+    the cache pins the batch size (torch 2.13: a recompile per batch size); this flattening keeps it a symbol."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
+
+
+def _specialising_floats(compiled: Callable) -> Callable:
+    """``compiled``, called with dynamo's ``specialize_float`` on in the calling thread (dynamo's config is per
+    thread, and a compile happens on whichever thread calls): a float input would otherwise become a symbol,
+    which a nested compile region cannot take. Set and left on, as patching it per call costs 0.1 ms."""
+    config: Any = torch._dynamo.config
+
+    @functools.wraps(compiled)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not config.specialize_float:
+            config.specialize_float = True
+        return compiled(*args, **kwargs)
+    return call
 
 
 def compile_verify_steps(recompile_limit: int) -> tuple:

@@ -208,16 +208,20 @@ class ModelRunner:
             # specialisations (see warmup), and compiled blocks as many again for the verify steps calling them.
             self._recompile_limit = make_room_for(
                 len(self.batch_buckets) * len(self.context_buckets) if self._manual else 8)
-            self._steps = (compile_block_steps(self.model, self._recompile_limit) if self.compiled_blocks
-                           else compile_steps(device, graphs, self._recompile_limit))
+            if self.compiled_blocks:
+                self._steps, block_verify_steps = compile_block_steps(self.model, self._recompile_limit)
+            else:
+                self._steps = compile_steps(device, graphs, self._recompile_limit)
         else:
             self._steps = STATIC_STEPS if self._manual else STEPS
-        # On a CPU the verify steps run eagerly: compiling their three kinds multiplies the warm-up, and even
-        # eager a verify step that emits a few ids beats as many compiled decode steps (RESULTS.md,
-        # speculative). On CUDA a step's launches dominate: compiled.
+        # On a CPU the verify steps' glue and sampling run eagerly (with compiled blocks, their forward is
+        # compiled): compiling their three kinds whole multiplies the warm-up. On CUDA a step's launches
+        # dominate: compiled whole.
         self._compiled_verify = compile and (device.type == "cuda" if compile_verify is None else compile_verify)
-        self._verify_steps = (compile_verify_steps(self._recompile_limit) if self._compiled_verify
-                              else VERIFY_STEPS)
+        if self._compiled_verify:
+            self._verify_steps = compile_verify_steps(self._recompile_limit)
+        else:
+            self._verify_steps = block_verify_steps if self.compiled_blocks else VERIFY_STEPS
         # Drafts a verify step checks per row (0: the runner only decodes); its fixed width is this plus one.
         self.speculative_tokens = speculative_tokens
         self._drafts = torch.zeros((max_batch, max(1, speculative_tokens)), dtype=torch.int64, device=device)
