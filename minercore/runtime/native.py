@@ -130,8 +130,9 @@ class ModelRunner:
     a step runs at (a step pads to the smallest one that holds its highest slot; default: powers of two up
     to ``max_batch``); a benchmark that only needs a few sizes saves their compiles and captures.
     ``speculative_tokens`` > 0 adds ``verify`` steps of that many drafts, compiled where ``compile_verify`` says
-    (default: with ``compile``, on CUDA only). ``compile_blocks`` compiles one block and the samplers instead of
-    whole steps (``decode_steps.compile_block_steps``; with ``graphs="off"`` only). ``kv_block_size`` > 0 keeps
+    (default: with ``compile``, on CUDA only). ``compile_blocks`` compiles the forwards, with one nested block
+    region, and the samplers instead of whole steps (``decode_steps.compile_block_steps``; with ``graphs="off"``
+    only). ``kv_block_size`` > 0 keeps
     the keys and values in a paged pool of blocks that size (``kv.paged``) holding ``kv_cache_bytes`` (0:
     ``device.auto_kv_pool_bytes`` with ``kv_memory_fraction``), whose blocks a slot uses only once
     ``assign_blocks`` names them (the engine's ``KVCacheManager`` decides which)."""
@@ -205,7 +206,7 @@ class ModelRunner:
         self.compiled_blocks = compile and compile_blocks
         if compile:
             # A static compile adds a graph per step shape; a dynamic one at most its batch-1 and context-extreme
-            # specialisations (see warmup), and compiled blocks as many again for the verify steps calling them.
+            # specialisations (see warmup), and compiled blocks as many again for the verify forward.
             self._recompile_limit = make_room_for(
                 len(self.batch_buckets) * len(self.context_buckets) if self._manual else 8)
             if self.compiled_blocks:
@@ -319,7 +320,7 @@ class ModelRunner:
                         self._run_step(b, ctx, kind)
                     self._log_progress(f"decode steps, sampling kind {KIND_NAMES[kind]}", started)
         if self.speculative_tokens:
-            # Eager verify steps only touch their kernels, unless they call compiled blocks.
+            # Eager verify steps only touch their kernels, unless their forward is compiled (compiled blocks).
             compiled = self._compiled_verify or self.compiled_blocks
             shapes = self._specialisations() if compiled else self._specialisations()[:1]
             for kind in self._kinds:
