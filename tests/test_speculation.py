@@ -218,6 +218,29 @@ def test_eager_verify_steps_through_compiled_blocks_match_plain_decoding() -> No
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_compiled_blocks_verify_every_width_and_batch_without_a_compile_after_warmup(preset) -> None:
+    """The engine narrows the drafts as the batch grows: every width from 1 to k, at batch 1 and above, runs on
+    what warmup compiled (a compile at serving time stalls every stream)."""
+    from torch._dynamo.utils import counters
+
+    runner = ModelRunner(build_preset(preset, 0, CPU, torch.float32), max_batch=4, max_context=128, eos_id=0,
+                         device=CPU, dtype=torch.float32, compile=True, speculative_tokens=K, kinds=(0,),
+                         compile_blocks=True)
+    runner.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    for rows in (1, 3):
+        slots = np.arange(rows)
+        runner.prefill_batch(list(slots), [PROMPTS[0]] * rows, [PARAMS["greedy"]] * rows)
+        for width in range(1, K + 1):
+            no_drafts = np.zeros(rows, dtype=np.int64)
+            chosen, emitted = runner.verify(slots, np.zeros((rows, width), dtype=np.int64), no_drafts)
+            assert chosen.shape == (rows, width + 1) and (emitted == 1).all()
+        for slot in slots:
+            runner.release(int(slot))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compiled_verify_steps_match_eager() -> None:
     model = build_preset("llama-tiny", 0, CPU, torch.float32)
     compiled = ModelRunner(model, max_batch=2, max_context=128, eos_id=0, device=CPU, dtype=torch.float32,

@@ -74,6 +74,9 @@ GRAPH_MODES = tuple(c for c in GRAPH_CHOICES if c != "auto")  # torch | manual |
 ATTENTION_MODES = tuple(c for c in ATTENTION_CHOICES if c != "auto")
 
 
+MIN_VERIFY_WIDTH = 2  # drafts a verify step computes at least (see ModelRunner.verify)
+
+
 def pow2_bucket(n: int, floor: int, cap: int) -> int:
     """The smallest power of two >= max(n, floor), capped at ``cap``."""
     return min(cap, 1 << (max(n, floor) - 1).bit_length())
@@ -225,7 +228,6 @@ class ModelRunner:
             self._verify_steps = block_verify_steps if self.compiled_blocks else VERIFY_STEPS
         # Drafts a verify step checks per row (0: the runner only decodes); its fixed width is this plus one.
         self.speculative_tokens = speculative_tokens
-        self._drafts = torch.zeros((max_batch, max(1, speculative_tokens)), dtype=torch.int64, device=device)
         self._draft_lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self._copy = _HostCopy(max_batch, device)
         # Host mirrors, so bucketing and validation never read the device.
@@ -325,7 +327,9 @@ class ModelRunner:
             shapes = self._specialisations() if compiled else self._specialisations()[:1]
             for kind in self._kinds:
                 for b, ctx in shapes:
-                    self._verify_steps[kind](self.model, self.state, self._drafts[:b], self._draft_lengths[:b],
+                    drafts = torch.zeros((b, max(MIN_VERIFY_WIDTH, self.speculative_tokens)), dtype=torch.int64,
+                                         device=self.device)
+                    self._verify_steps[kind](self.model, self.state, drafts, self._draft_lengths[:b],
                                              b, ctx)
                 self._log_progress(f"verify steps, sampling kind {KIND_NAMES[kind]}", started)
         if self.device.type == "cuda":
@@ -485,15 +489,19 @@ class ModelRunner:
             self._set_active(active)
         b = next(b for b in self.batch_buckets if b > slots.max())
         ctx = self._context_bucket(int(ends.max()) + 1)
-        host_drafts = np.zeros((b, k), dtype=np.int64)
+        # The step's drafts are contiguous and at least MIN_VERIFY_WIDTH wide (padding rows' lengths keep out):
+        # a compiled verify forward would recompile for a strided view of the buffer, and once more for width 1
+        # (dynamo specialises size 1), at serving time.
+        width = max(k, MIN_VERIFY_WIDTH)
+        host_drafts = np.zeros((b, width), dtype=np.int64)
         host_lengths = np.zeros(b, dtype=np.int64)
-        host_drafts[slots], host_lengths[slots] = drafts, lengths
-        self._drafts[:b, :k].copy_(torch.from_numpy(host_drafts))
+        host_drafts[slots, :k], host_lengths[slots] = drafts, lengths
+        step_drafts = torch.from_numpy(host_drafts).to(self.device)  # not a view: dynamo guards a view's base
         self._draft_lengths[:b].copy_(torch.from_numpy(host_lengths))
         self._copy.before_step()
         chosen, emitted = self._verify_steps[int(self._kind[slots].max())](
-            self.model, self.state, self._drafts[:b, :k], self._draft_lengths[:b], b, ctx)
-        chosen, emitted = chosen.cpu().numpy()[slots], emitted.cpu().numpy()[slots]  # the step's host sync
+            self.model, self.state, step_drafts, self._draft_lengths[:b], b, ctx)
+        chosen, emitted = chosen[:, :k + 1].cpu().numpy()[slots], emitted.cpu().numpy()[slots]  # the host sync
         self._pos[slots] += emitted
         return chosen, emitted
 
