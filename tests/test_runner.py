@@ -250,6 +250,25 @@ def test_compiled_blocks_match_eager_with_one_graph_for_every_layer() -> None:
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compiled_blocks_of_two_models_in_one_process_each_compute_their_own_model() -> None:
+    """The compiled forwards skip dynamo's guards on the model's modules: runners of two models that differ
+    only in depth, warmed and then stepped in turn in one process, each give their own eager twin's ids (a graph
+    shared between them would run the other model's layer count)."""
+    deeper = GPTConfig(vocab_size=97, n_positions=128, n_layer=3, n_head=4, n_embd=32)
+    runners = {}
+    for name, config in (("two layers", SMALL), ("three layers", deeper)):
+        def make(compile: bool, config: GPTConfig = config) -> ModelRunner:
+            return ModelRunner(GPT2LM.random(config, 7), max_batch=4, max_context=128, eos_id=0, device=CPU,
+                               dtype=torch.float32, compile=compile, kinds=(FILTER,), compile_blocks=compile)
+        runners[name] = (make(False), make(True))
+    for _, compiled in runners.values():
+        compiled.warmup()
+    expected = {name: _filter_run(eager) for name, (eager, _) in runners.items()}
+    assert expected["two layers"] != expected["three layers"]
+    for name, (_, compiled) in runners.items():
+        assert _filter_run(compiled) == expected[name], name
+
+
 def test_build_runner_device_dtype_and_kv_bytes(caplog) -> None:
     runner = tiny_runner(max_batch=2, max_context=128, dtype="float32")
     assert isinstance(runner, ModelRunner)
