@@ -226,7 +226,8 @@ class ModelRunner:
             self._verify_steps = compile_verify_steps(self._recompile_limit)
         else:
             self._verify_steps = block_verify_steps if self.compiled_blocks else VERIFY_STEPS
-        # Drafts a verify step checks per row (0: the runner only decodes); its fixed width is this plus one.
+        # Drafts a verify step checks per row at most (0: the runner only decodes); each step computes the draft
+        # width it is given (at least MIN_VERIFY_WIDTH) plus one position per row.
         self.speculative_tokens = speculative_tokens
         self._draft_lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self._copy = _HostCopy(max_batch, device)
@@ -253,7 +254,7 @@ class ModelRunner:
                             f"graphs {graphs}, attention {attention}")
         if speculative_tokens:
             self.description += (f", speculative {speculative_tokens} "
-                                 f"({'compiled' if self._compiled_verify else 'eager'} verify)")
+                                 f"({'compiled' if self._compiled_verify or self.compiled_blocks else 'eager'} verify)")
         if self.kv_paged:
             self.description += (f", paged KV {self.kv_paged.num_blocks} blocks of {kv_block_size} "
                                  f"({self.kv_pool_bytes / 2**30:.2f} GiB)")
