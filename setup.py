@@ -1,4 +1,5 @@
-"""Builds the compiled stream loop; falls back to a pure-Python install when asked or when compiling fails."""
+"""Builds the compiled stream loop and the int4 row kernel; falls back to a pure-Python install when asked or when
+compiling fails."""
 
 import os
 import sys
@@ -25,17 +26,18 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any toolchain failure means "install pure Python"
-            self._fallback(exc)
+            self._fallback("the compiled extensions", exc)
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            self._fallback(exc)
+            self._fallback(ext.name, exc)
 
     @staticmethod
-    def _fallback(exc: Exception) -> None:
-        print(f"minercore: compiled stream loop not built ({exc}); installing the pure-Python twin", file=sys.stderr)
+    def _fallback(what: str, exc: Exception) -> None:
+        # The stream loop has a pure-Python twin; the int4 row kernel's stand-in is torch's own int4 kernel.
+        print(f"minercore: {what} not built ({exc}); installing the pure-Python twin", file=sys.stderr)
 
 
 def extensions() -> list[Extension]:
@@ -47,12 +49,21 @@ def extensions() -> list[Extension]:
     except ImportError:
         print("minercore: Cython is not available; installing the pure-Python twin", file=sys.stderr)
         return []
-    ext = Extension(
+    streamloop = Extension(
         "minercore.text._streamloop_c",
         ["csrc/_streamloop_c.pyx"],
         extra_compile_args=["-O3"],
     )
-    return cythonize([ext], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
+    # OpenMP's symbols resolve to the runtime torch has already loaded (it is imported first), so the kernel's
+    # threads are torch's own workers, not a second set competing for the cores.
+    int4_rows = Extension(
+        "minercore.models._int4_rows",
+        ["csrc/_int4_rows.pyx", "csrc/int4_rows.c"],
+        include_dirs=["csrc"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    return cythonize([streamloop, int4_rows], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

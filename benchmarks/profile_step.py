@@ -3,6 +3,7 @@ batch-8 greedy step, split by torch.profiler into the matrix products (dense and
 and everything else (norms, rotary, sampling, the glue between kernels, the host's own work).
 
     python benchmarks/profile_step.py [--threads N] [--compile on|off] [--quant auto|none|int8|int4] [--steps N]
+        [--batches 1,8]
 
 Prints a markdown table for RESULTS.md. The step's wall time is measured outside the profiler (its overhead
 stays out of it); the profiler's self CPU times split it. In a compiled step inductor's own fused loops are not
@@ -25,7 +26,7 @@ from minercore.runtime.sampling import SlotParams
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
               "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm",
-              "aten::_weight_int4pack_mm_with_scales_and_zeros"}
+              "aten::_weight_int4pack_mm_with_scales_and_zeros", "minercore::int4_rows_mm"}
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
                  "aten::_flash_attention_forward"}
 PROMPT = "Write a long essay about the history of bridges, their engineering and the people who built them."
@@ -71,20 +72,22 @@ def main() -> None:
     parser.add_argument("--quant", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes to profile")
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
     from minercore.text.tokenizer import load_tokenizer
 
     path = embedded.resolve("smollm2-135m-instruct")
     options = ModelOptions(path=path, mode="generate", compile=args.compile, quant=args.quant, dtype=args.dtype,
                            threads=args.threads, max_context=1024)
-    runner = build_model_runner(options, max_batch=8, eos_id=2)
+    runner = build_model_runner(options, max_batch=max(batches), eos_id=2)
     prompt = load_tokenizer(path).encode(PROMPT)
     warm = runner.warmup()
     print(f"# {runner.description}; torch threads {torch.get_num_threads()}; warmup {warm:.1f} s; "
           f"{args.steps} steps a row, prompt {len(prompt)} tokens")
     print("| batch | step (ms) | matrix products (ms) | attention (ms) | everything else (ms) | step / products |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for batch in (1, 8):
+    for batch in batches:
         row = measure(runner, prompt, batch, args.steps)
         print(f"| {batch} | {row['wall_ms']:.1f} | {row['matmul_ms']:.1f} | {row['attention_ms']:.2f} | "
               f"{row['other_ms']:.1f} | {row['wall_ms'] / max(row['matmul_ms'], 1e-9):.2f}x |")

@@ -127,6 +127,18 @@ def test_a_verify_step_is_taken_when_its_measured_cost_pays() -> None:
     assert costs.pays(4, 11.0) and not costs.pays(4, 4.0)
 
 
+def test_a_verify_step_is_weighed_by_the_share_of_its_predicted_ids_that_verify_steps_realised() -> None:
+    costs = StepCosts()
+    costs.record_plain(8, 0.010)
+    costs.record_verify(8, 0.030, expected_ids=32.0, emitted_ids=32)  # as predicted: 32 ids in 30 ms pay
+    assert costs.pays(8, 32.0)
+    for _ in range(20):  # steps of 8 rows keep emitting half the ids their rows' acceptance predicted
+        costs.record_verify(8, 0.030, expected_ids=32.0, emitted_ids=16)
+    assert not costs.pays(8, 32.0)  # about 16 ids in 30 ms against 8 in 10 ms
+    assert costs.pays(8, 56.0)
+    assert costs.pays(4, 4.0)  # another row count keeps its own record (never timed: tried once)
+
+
 # ---- the runner's verify step ----------------------------------------------------------------------------------
 def runner(preset: str, k: int = K) -> ModelRunner:
     model = build_preset(preset, 0, CPU, torch.float32)

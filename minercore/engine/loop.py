@@ -536,14 +536,16 @@ class Engine:
             if not self._active:
                 return True
             slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
+        # The step's cost counts the host's drafting and posting too: work a plain step would overlap.
+        start = time.perf_counter()
         # Fewer streams than before the collection, so never a narrower width.
-        drafts, lengths = self._drafter.propose(
-            slots, verify_width(self._drafter.k, self._runner.verify_tokens, slots.size))
+        width = verify_width(self._drafter.k, self._runner.verify_tokens, slots.size)
+        expected = self._drafter.expected_ids(slots, width)
+        drafts, lengths = self._drafter.propose(slots, width)
         if not lengths.any():
             return False
         self._post(outbox)  # the text so far need not wait for this step
         outbox.clear()
-        start = time.perf_counter()
         try:
             chosen, emitted = self._runner.verify(slots, drafts, lengths)
         except Exception as exc:  # noqa: BLE001 - as a decode step's failure: the step's requests fail
@@ -558,7 +560,7 @@ class Engine:
                 keep &= np.fromiter((slot in self._active for slot in slots.tolist()), dtype=bool,
                                     count=slots.size)
             self._consume(slots[keep], chosen[keep, j], outbox)
-        self._step_costs.record_verify(slots.size, time.perf_counter() - start)
+        self._step_costs.record_verify(slots.size, time.perf_counter() - start, expected, int(emitted.sum()))
         with self._cond:
             self._counts["steps"] += 1
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))

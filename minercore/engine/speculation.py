@@ -159,7 +159,11 @@ class Drafter:
 class StepCosts:
     """Whether a verify step pays: the running mean wall time of plain and of verify steps by their number of
     rows, as the engine runs them, against the ids each emits (a plain step one a row; a verify step what the
-    rows' acceptance predicts).
+    rows' acceptance predicts, scaled by how much of that prediction verify steps of that many rows realised).
+
+    The prediction alone is optimistic: a row's acceptance is over the drafts it had, and a step's drafts are
+    often shorter than its width, or missing. The realised share (emitted over predicted ids, a running mean)
+    corrects for that from the steps themselves.
 
     A row count whose verify step was never timed is tried once; one whose plain step was not is decoded plainly
     first. A verify step judged not to pay is tried again after ``recheck_after`` such judgements, since the
@@ -171,6 +175,7 @@ class StepCosts:
         self.recheck_after = recheck_after
         self._plain: dict[int, float] = {}
         self._verify: dict[int, float] = {}
+        self._realised: dict[int, float] = {}
         self._declined = 0
         self.declined_steps = 0  # verify steps not taken because they would not pay
 
@@ -180,7 +185,8 @@ class StepCosts:
             return True
         if plain is None:
             return False
-        if expected_ids / verify > rows / plain or self._declined >= self.recheck_after:
+        realised = self._realised.get(rows, 1.0)
+        if expected_ids * realised / verify > rows / plain or self._declined >= self.recheck_after:
             self._declined = 0
             return True
         self._declined += 1
@@ -190,8 +196,13 @@ class StepCosts:
     def record_plain(self, rows: int, seconds: float) -> None:
         self._plain[rows] = self._mean(self._plain.get(rows), seconds)
 
-    def record_verify(self, rows: int, seconds: float) -> None:
+    def record_verify(self, rows: int, seconds: float, expected_ids: float | None = None,
+                      emitted_ids: int | None = None) -> None:
+        """A verify step of ``rows`` rows took ``seconds``; with the ids ``pays`` was told it would emit and the
+        ids it did, the realised share is updated too."""
         self._verify[rows] = self._mean(self._verify.get(rows), seconds)
+        if expected_ids and emitted_ids is not None:
+            self._realised[rows] = self._mean(self._realised.get(rows), min(emitted_ids / expected_ids, 1.0))
 
     def _mean(self, mean: float | None, seconds: float) -> float:
         return seconds if mean is None else mean + self.WEIGHT * (seconds - mean)

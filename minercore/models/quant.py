@@ -15,6 +15,7 @@ Kernels. CPU: ``torch._weight_int8pack_mm(x, w_int8 [N, K], scales [N])`` and
 q in 0..15 stands for ``(q - 8) * scale + zero``. CUDA (gpt-fast's recipe): int8 is
 ``F.linear(x, w.to(x.dtype)) * scales``, which inductor fuses into one dequantizing matmul under
 ``torch.compile``; int4 is tinygemm's ``torch._weight_int4pack_mm`` over ``torch._convert_weight_to_int4pack``.
+On a CPU with AVX-512, int4 products of many rows go through ``int4_rows``: torch's results, bit for bit, for less.
 
 The kernel dtype (``kernel_dtype``): both CPU kernels want their activations and scales in bfloat16 or float16
 and are 5-60x slower with float32 ones (notes/real-model.md), so a float32 model's quantized layers cast their
@@ -30,8 +31,10 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..contract.config import QUANT_CHOICES, QUANT_GROUPS
+from . import int4_rows
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("group_tensor", torch.tensor(group_size, device=packed.device), persistent=False)
         self.register_buffer("bias", bias)
         self.kernel_dtype = scales_and_zeros.dtype
+        self.rows_kernel = int4_rows.usable(packed, scales_and_zeros)  # products of many rows: int4_rows
 
     @classmethod
     def quantize(cls, weight: Tensor, bias: Tensor | None = None, *, group_size: int = 32,
@@ -212,6 +216,12 @@ class Int4Linear(nn.Module):
         """(M, K) in the kernel dtype -> (M, N padded)."""
         if self.packed.is_cuda:
             return torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if self.rows_kernel and not statically_known_true(x2.shape[0] < int4_rows.MIN_ROWS):
+            # Bit-identical to torch's kernel below, cheaper from MIN_ROWS rows; a graph whose row count is a
+            # symbol gets the op, which picks the kernel per call (the check adds no guard on that symbol).
+            if torch.compiler.is_compiling():
+                return torch.ops.minercore.int4_rows_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+            return int4_rows.rows_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         if torch.compiler.is_compiling():
             # The same kernel through the op inductor's lowering of the one below emits, with the group size an
             # input: inductor's lowering makes it a constant, which inside a nested compile region reaches the
@@ -236,6 +246,7 @@ class Int4Linear(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int4Linear:
         super()._apply(fn, recurse)  # see Int8Linear._apply
         _keep_dtype(self, "scales_and_zeros", self.kernel_dtype)
+        self.rows_kernel = int4_rows.usable(self.packed, self.scales_and_zeros)
         return self
 
     def extra_repr(self) -> str:
