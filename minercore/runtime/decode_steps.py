@@ -209,6 +209,7 @@ def compile_block_steps(model: CachedLM, recompile_limit: int) -> tuple[tuple, t
     limit = {"recompile_limit": recompile_limit} if _PER_CALL_LIMIT else {}
     for block in model.blocks:
         block.__class__ = _regional(type(block))
+        block.region_key = _structure(block)
         for module in block.modules():
             if type(module) is nn.Linear and module.bias is not None:
                 module.__class__ = _FlatLinear
@@ -244,8 +245,27 @@ def _regional(block_class: type) -> type:
     if getattr(block_class, "regional", False):
         return block_class
     return type(block_class.__name__, (block_class,), {
-        "step": torch.compiler.nested_compile_region(block_class.step), "regional": True,
+        "step": torch.compiler.nested_compile_region(block_class.step, reuse_hash_fn=_region_key), "regional": True,
         "__module__": block_class.__module__, "__qualname__": block_class.__qualname__})
+
+
+def _structure(block: nn.Module) -> int:
+    """A key equal for blocks that trace to the same graph: their modules' kinds and their tensors' shapes and
+    dtypes (a layer left unquantized, or quantized differently, gives another key)."""
+    parts = []
+    for name, module in block.named_modules():
+        tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in
+                        (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+                        if t is not None)
+        parts.append((name, type(module).__qualname__, getattr(module, "rows_kernel", None), tensors))
+    return hash(tuple(parts))
+
+
+def _region_key(block: nn.Module, *args: Any, **kwargs: Any) -> int:
+    """The nested region's reuse key (``reuse_hash_fn``): dynamo reuses a traced block for every block with the
+    same key without comparing their inputs' guards one by one (a sixth of a warm start's tracing, RESULTS.md).
+    The inputs' shapes need no part in it: within a forward every block gets the same ones."""
+    return block.region_key
 
 
 class _FlatLinear(nn.Linear):
