@@ -263,8 +263,8 @@ def _structure(block: nn.Module) -> int:
 
 def _region_key(block: nn.Module, *args: Any, **kwargs: Any) -> int:
     """The nested region's reuse key (``reuse_hash_fn``): dynamo reuses a traced block for every block with the
-    same key without comparing their inputs' guards one by one (a sixth of a warm start's tracing, RESULTS.md).
-    The inputs' shapes need no part in it: within a forward every block gets the same ones."""
+    same key without comparing their inputs' guards one by one (SmolLM2 on two cores: 0.9 s of a 13.6 s warm
+    start, RESULTS.md). The inputs' shapes need no part in it: within a forward every block gets the same ones."""
     return block.region_key
 
 
