@@ -68,10 +68,10 @@ from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
 PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf", "quant", "speculative",
-          "paged")
+          "paged", "int4_rows")
 PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
                   "llama": 150, "gguf": 120, "quant": 300, "speculative": 150,
-                  "paged": 150}
+                  "paged": 150, "int4_rows": 40}
 # All phases together: under the 8 minutes asked for once the extension build and Python's start-up are added.
 # On a cold machine the later phases (variants, llama) may not fit; they are then skipped, and a rerun with
 # --phases picks them up with the caches the first run left warm.
@@ -669,6 +669,50 @@ def phase_quant(sizes: Sizes, out: Path, part: Part) -> None:
     part.add(quant={"over_bf16": ratios})
 
 
+def phase_int4_rows(sizes: Sizes, out: Path, part: Part) -> None:
+    """The host CPU's int4 products (a CPU serving path; the GPU box's cores are another CPU to measure it on):
+    minercore's row kernel against torch's, bit-identical and timed, on SmolLM2's four shapes (smoke: two row
+    counts, few repeats)."""
+    from minercore.models import int4_rows
+
+    part.add(int4_rows={"available": int4_rows.AVAILABLE, "threads": torch.get_num_threads(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability()})
+    if not int4_rows.AVAILABLE:
+        print("  int4_rows: no row kernel on this CPU (needs AVX-512 and its build): nothing measured", flush=True)
+        return
+    shapes = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+    rows_counts, repeats = ((8, 64), 2) if sizes.smoke else ((1, 8, 16, 64, 256), 20)
+    gen = torch.Generator().manual_seed(0)
+    layer = []
+    for n, k in shapes.values():
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+        scales = (torch.randn(k // 32, n, 2, generator=gen) * 0.02).to(torch.bfloat16)
+        layer.append((torch._convert_weight_to_int4pack_for_cpu(q, 1), scales, k))
+
+    def timed(product: Any, pairs: list) -> float:
+        def one_layer() -> None:
+            for x, (w, sz, _) in pairs:
+                product(x, w, 32, sz)
+        one_layer()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            one_layer()
+        return (time.perf_counter() - started) / repeats * 1e6
+
+    for rows in rows_counts:
+        inputs = [torch.randn(rows, k, generator=gen).to(torch.bfloat16) for _, _, k in layer]
+        pairs = list(zip(inputs, layer, strict=True))
+        same = all(torch.equal(int4_rows.rows_mm(x, w, 32, sz), torch._weight_int4pack_mm_for_cpu(x, w, 32, sz))
+                   for x, (w, sz, _) in pairs)
+        torch_us = timed(torch._weight_int4pack_mm_for_cpu, pairs)
+        ours_us = timed(int4_rows.rows_mm, pairs)
+        part.add(int4_rows_layer=[{"rows": rows, "torch_us": round(torch_us, 1), "minercore_us": round(ours_us, 1),
+                                   "identical": same}],
+                 correctness={f"int4 row kernel equals torch's at {rows} rows": same})
+        print(f"  int4 rows {rows}: torch {torch_us:,.0f} us, minercore {ours_us:,.0f} us, identical {same}",
+              flush=True)
+
+
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -677,7 +721,7 @@ def _free(device: torch.device) -> None:
 PHASE_FUNCTIONS = {"kv": phase_kv, "decode": phase_decode, "correctness": phase_correctness,
                    "engine": phase_engine, "hf": phase_hf, "variants": phase_variants, "llama": phase_llama,
                    "gguf": phase_gguf, "quant": phase_quant, "speculative": phase_speculative,
-                   "paged": phase_paged}
+                   "paged": phase_paged, "int4_rows": phase_int4_rows}
 
 
 # ---- orchestration ----

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for the GPU machine: builds the compiled stream loop in place, then runs every phase of
+# The one command for the GPU machine: builds the compiled extensions in place, then runs every phase of
 # benchmarks/gpu_check.py, each with its own time limit, under 8 minutes cold on an H100.
 #
 #   bash scripts/gpu_check.sh                        # everything; results in $OUT (default ./gpu-check-out)
@@ -28,7 +28,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         --target /tmp/minercore-wheels .whl/*.whl 2>&1 | tee -a "$log"
     export PYTHONPATH="$PYTHONPATH:/tmp/minercore-wheels"
 fi
-echo "== build: compiled stream loop, in place" | tee -a "$log"
+echo "== build: compiled stream loop and int4 row kernel, in place" | tee -a "$log"
 "$python" setup.py -q build_ext --inplace >>"$log" 2>&1 || echo "build failed: the pure-Python twin runs" | tee -a "$log"
 "$python" -c "import minercore.text.streamloop as s; print('stream loop:', s.IMPLEMENTATION)" 2>&1 | tee -a "$log"
 exec "$python" benchmarks/gpu_check.py --out "$out" "$@"

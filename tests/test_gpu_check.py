@@ -23,7 +23,7 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     assert results["device"] == "CPU" and results["smoke"] is True
     assert results["torch"] and results["date"] and results["command"] == "bash scripts/gpu_check.sh --smoke"
     assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf",
-                                      "quant", "speculative", "paged"}
+                                      "quant", "speculative", "paged", "int4_rows"}
     assert all(phase["status"] == "ok" for phase in results["phases"].values()), results["phases"]
     assert not results.get("errors"), results["errors"]
 
@@ -43,6 +43,11 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
 
     engine = results["engine"]
     assert [row["streams"] for row in engine] == [2, 4]
+
+    from minercore.models import int4_rows
+    assert results["int4_rows"]["available"] == int4_rows.AVAILABLE
+    if int4_rows.AVAILABLE:  # timed at two row counts, and bit-identical to torch's kernel
+        assert [(row["rows"], row["identical"]) for row in results["int4_rows_layer"]] == [(8, True), (64, True)]
     assert all(row["engine_tokens_per_s"] > 0 and row["raw_tokens_per_s"] > 0 for row in engine)
     assert all(row["tokens"] == row["expected_tokens"] for row in engine)
 
