@@ -42,6 +42,14 @@ def test_rows_equal_torch_kernel_bit_for_bit_at_every_row_count(n: int, k: int, 
 
 
 @needs_kernel
+def test_a_strided_input_gives_the_same_rows() -> None:
+    weights, scales_and_zeros = packed(128, 256, 32, seed=6)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16).t()  # (16, 256), strided
+    expected = torch._weight_int4pack_mm_for_cpu(x.contiguous(), weights, 32, scales_and_zeros)
+    assert torch.equal(int4_rows.rows_mm(x, weights, 32, scales_and_zeros), expected)
+
+
+@needs_kernel
 def test_special_values_round_as_torch_does() -> None:
     weights, scales_and_zeros = packed(64, 64, 32, seed=3)
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)

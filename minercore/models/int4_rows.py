@@ -39,11 +39,12 @@ def usable(packed: Tensor, scales_and_zeros: Tensor) -> bool:
 
 
 def rows_mm(x: Tensor, packed: Tensor, group: int, scales_and_zeros: Tensor) -> Tensor:
-    """(M, K) bfloat16 contiguous -> (M, N): ``_weight_int4pack_mm_for_cpu``'s result, by whichever kernel is
-    faster for M rows. The weights must be ``usable``."""
+    """(M, K) bfloat16 -> (M, N): ``_weight_int4pack_mm_for_cpu``'s result, by whichever kernel is faster for M
+    rows. The weights must be ``usable``."""
     m, k = x.shape
     if m < MIN_ROWS:
         return torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+    x = x.contiguous()  # the kernel reads rows K apart (a no-op for the layers' own flattened inputs)
     n = packed.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16)
     _kernel.mm(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), m, n, k, group,
