@@ -20,24 +20,25 @@ CYTHON_DIRECTIVES = {
 
 
 class OptionalBuildExt(build_ext):
-    """A compiler failure must not fail the install: the pure-Python twin has the same API."""
+    """A compiler failure must not fail the install: the stream loop's pure-Python twin has the same API, and
+    torch's int4 kernel gives the row kernel's products."""
 
     def run(self) -> None:
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any toolchain failure means "install pure Python"
-            self._fallback("the compiled extensions", exc)
+            print(f"minercore: no compiled extensions ({exc}); installing the pure-Python twin of the stream loop "
+                  "(torch's int4 kernel serves every int4 product)", file=sys.stderr)
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            self._fallback(ext.name, exc)
+            print(f"minercore: {ext.name} not built ({exc}); {FALLBACKS[ext.name]}", file=sys.stderr)
 
-    @staticmethod
-    def _fallback(what: str, exc: Exception) -> None:
-        # The stream loop has a pure-Python twin; the int4 row kernel's stand-in is torch's own int4 kernel.
-        print(f"minercore: {what} not built ({exc}); installing the pure-Python twin", file=sys.stderr)
+
+FALLBACKS = {"minercore.text._streamloop_c": "installing the pure-Python twin",
+             "minercore.models._int4_rows": "torch's int4 kernel serves every int4 product"}
 
 
 def extensions() -> list[Extension]:
@@ -60,6 +61,7 @@ def extensions() -> list[Extension]:
         "minercore.models._int4_rows",
         ["csrc/_int4_rows.pyx", "csrc/int4_rows.c"],
         include_dirs=["csrc"],
+        depends=["csrc/int4_rows.h"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

@@ -681,7 +681,7 @@ def phase_int4_rows(sizes: Sizes, out: Path, part: Part) -> None:
         print("  int4_rows: no row kernel on this CPU (needs AVX-512 and its build): nothing measured", flush=True)
         return
     shapes = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
-    rows_counts, repeats = ((8, 64), 2) if sizes.smoke else ((1, 8, 16, 64, 256), 20)
+    rows_counts, repeats = ((8, 64), 2) if sizes.smoke else ((8, 16, 64, 256), 20)  # from MIN_ROWS: the kernel
     gen = torch.Generator().manual_seed(0)
     layer = []
     for n, k in shapes.values():

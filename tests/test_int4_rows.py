@@ -50,6 +50,18 @@ def test_a_strided_input_gives_the_same_rows() -> None:
 
 
 @needs_kernel
+def test_inputs_the_kernel_does_not_take_go_to_torchs_kernel_and_its_checks() -> None:
+    weights, scales_and_zeros = packed(128, 256, 32, seed=8)
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(9))
+    expected = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weights, 32, scales_and_zeros)
+    with pytest.raises(RuntimeError):  # float32 activations with bfloat16 scales: torch's kernel refuses them
+        int4_rows.rows_mm(x, weights, 32, scales_and_zeros)
+    with pytest.raises(RuntimeError):  # more inputs than the packing holds: refused, never read past its end
+        int4_rows.rows_mm(torch.randn(16, 512).to(torch.bfloat16), weights, 32, scales_and_zeros)
+    assert torch.equal(int4_rows.rows_mm(x.to(torch.bfloat16), weights, 32, scales_and_zeros), expected)
+
+
+@needs_kernel
 def test_special_values_round_as_torch_does() -> None:
     weights, scales_and_zeros = packed(64, 64, 32, seed=3)
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)

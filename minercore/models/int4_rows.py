@@ -39,16 +39,22 @@ def usable(packed: Tensor, scales_and_zeros: Tensor) -> bool:
 
 
 def rows_mm(x: Tensor, packed: Tensor, group: int, scales_and_zeros: Tensor) -> Tensor:
-    """(M, K) bfloat16 -> (M, N): ``_weight_int4pack_mm_for_cpu``'s result, by whichever kernel is faster for M
-    rows. The weights must be ``usable``."""
+    """(M, K) -> (M, N): ``_weight_int4pack_mm_for_cpu``'s result, by whichever kernel is faster for M rows.
+    Anything the compiled kernel does not take (fewer rows, another dtype, shapes that disagree, weights not
+    ``usable``) goes to torch's kernel, which also checks its inputs."""
     m, k = x.shape
-    if m < MIN_ROWS:
+    n = packed.shape[0]
+    if (m < MIN_ROWS or x.dtype != torch.bfloat16 or not usable(packed, scales_and_zeros)
+            or packed.shape[1] * 2 != k or not packed.is_contiguous() or not scales_and_zeros.is_contiguous()
+            or tuple(scales_and_zeros.shape) != (k // group, n, 2) or k % group):
         return torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
     x = x.contiguous()  # the kernel reads rows K apart (a no-op for the layers' own flattened inputs)
-    n = packed.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16)
-    _kernel.mm(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), m, n, k, group,
-               torch.get_num_threads())
+    try:
+        _kernel.mm(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), m, n, k, group,
+                   torch.get_num_threads())
+    except MemoryError:  # no scratch memory for the kernel: torch's gives the same product
+        return torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
     return y
 
 
@@ -59,4 +65,4 @@ _library.impl("int4_rows_mm", rows_mm, "CPU")
 
 @torch.library.register_fake("minercore::int4_rows_mm")
 def _rows_mm_shape(x: Tensor, packed: Tensor, group: int, scales_and_zeros: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], packed.shape[0]))
+    return x.new_empty((x.shape[0], packed.shape[0]), dtype=torch.bfloat16)

@@ -244,20 +244,24 @@ def _regional(block_class: type) -> type:
     each block's method (a region bound to an instance would be traced with the first block's weights)."""
     if getattr(block_class, "regional", False):
         return block_class
+    keyed = {"reuse_hash_fn": _region_key} if _REUSE_BY_KEY else {}
     return type(block_class.__name__, (block_class,), {
-        "step": torch.compiler.nested_compile_region(block_class.step, reuse_hash_fn=_region_key), "regional": True,
+        "step": torch.compiler.nested_compile_region(block_class.step, **keyed), "regional": True,
         "__module__": block_class.__module__, "__qualname__": block_class.__qualname__})
 
 
 def _structure(block: nn.Module) -> int:
-    """A key equal for blocks that trace to the same graph: their modules' kinds and their tensors' shapes and
-    dtypes (a layer left unquantized, or quantized differently, gives another key)."""
+    """A key equal for blocks that trace to the same graph: their modules' kinds, their plain settings (sizes,
+    epsilons, flags such as an int4 layer's ``rows_kernel``) and their tensors' shapes, strides, dtypes and
+    devices (a layer left unquantized, or quantized differently, gives another key)."""
+    plain = (int, float, bool, str, type(None))
     parts = []
     for name, module in block.named_modules():
-        tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in
+        settings = tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, plain)))
+        tensors = tuple((n, tuple(t.shape), t.stride(), str(t.dtype), str(t.device)) for n, t in
                         (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
                         if t is not None)
-        parts.append((name, type(module).__qualname__, getattr(module, "rows_kernel", None), tensors))
+        parts.append((name, type(module).__qualname__, settings, tensors))
     return hash(tuple(parts))
 
 
@@ -300,6 +304,9 @@ def compile_verify_steps(recompile_limit: int) -> tuple:
 
 
 _PER_CALL_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
+# Older torch has nested compile regions without reuse by key: dynamo then compares each block's guards.
+_REUSE_BY_KEY = (hasattr(torch.compiler, "nested_compile_region")
+                 and "reuse_hash_fn" in inspect.signature(torch.compiler.nested_compile_region).parameters)
 
 
 _graphs_compiled = 0  # graphs every compiled runner in this process may add to a step function's dynamo cache
