@@ -230,19 +230,22 @@ def test_eager_verify_steps_through_compiled_blocks_match_plain_decoding() -> No
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-def test_compiled_blocks_verify_every_width_and_batch_without_a_compile_after_warmup(preset) -> None:
+@pytest.mark.parametrize(("preset", "kv_block_size"), [("tiny", 0), ("llama-tiny", 0), ("llama-tiny", 16)])
+def test_compiled_blocks_verify_every_width_and_batch_without_a_compile_after_warmup(preset, kv_block_size) -> None:
     """The engine narrows the drafts as the batch grows: every width from 1 to k, at batch 1 and above, runs on
-    what warmup compiled (a compile at serving time stalls every stream)."""
+    what warmup compiled (a compile at serving time stalls every stream). With the paged cache, max_batch equals
+    the warm-up width: sizes dynamo would otherwise tie together."""
     from torch._dynamo.utils import counters
 
-    runner = ModelRunner(build_preset(preset, 0, CPU, torch.float32), max_batch=4, max_context=128, eos_id=0,
+    runner = ModelRunner(build_preset(preset, 0, CPU, torch.float32), max_batch=K, max_context=128, eos_id=0,
                          device=CPU, dtype=torch.float32, compile=True, speculative_tokens=K, kinds=(0,),
-                         compile_blocks=True)
+                         compile_blocks=True, kv_block_size=kv_block_size)
     runner.warmup()
     graphs = counters["stats"]["unique_graphs"]
     for rows in (1, 3):
         slots = np.arange(rows)
+        for slot in slots if kv_block_size else ():  # each its own blocks, as the engine's manager gives them
+            runner.assign_blocks(int(slot), range(1 + slot * 8, 1 + (slot + 1) * 8))
         runner.prefill_batch(list(slots), [PROMPTS[0]] * rows, [PARAMS["greedy"]] * rows)
         for width in range(1, K + 1):
             no_drafts = np.zeros(rows, dtype=np.int64)

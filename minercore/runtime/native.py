@@ -328,8 +328,8 @@ class ModelRunner:
             shapes = self._specialisations() if compiled else self._specialisations()[:1]
             for kind in self._kinds:
                 for b, ctx in shapes:
-                    drafts = torch.zeros((b, max(MIN_VERIFY_WIDTH, self.speculative_tokens)), dtype=torch.int64,
-                                         device=self.device)
+                    drafts = self._step_drafts(np.zeros((b, max(MIN_VERIFY_WIDTH, self.speculative_tokens)),
+                                                        dtype=np.int64))
                     self._verify_steps[kind](self.model, self.state, drafts, self._draft_lengths[:b],
                                              b, ctx)
                 self._log_progress(f"verify steps, sampling kind {KIND_NAMES[kind]}", started)
@@ -497,7 +497,7 @@ class ModelRunner:
         host_drafts = np.zeros((b, width), dtype=np.int64)
         host_lengths = np.zeros(b, dtype=np.int64)
         host_drafts[slots, :k], host_lengths[slots] = drafts, lengths
-        step_drafts = torch.from_numpy(host_drafts).to(self.device)  # not a view: dynamo guards a view's base
+        step_drafts = self._step_drafts(host_drafts)
         self._draft_lengths[:b].copy_(torch.from_numpy(host_lengths))
         self._copy.before_step()
         chosen, emitted = self._verify_steps[int(self._kind[slots].max())](
@@ -524,6 +524,15 @@ class ModelRunner:
         second = next((b for b in self.batch_buckets if b > 1), first)
         contexts = dict.fromkeys((self.context_buckets[-1], self.context_buckets[0]))
         return list(dict.fromkeys((b, c) for c in contexts for b in (second, first)))
+
+    def _step_drafts(self, host: np.ndarray) -> Tensor:
+        """A verify step's (b, width) drafts on the device, not a view (dynamo guards a view's base). The width is
+        a symbol of its own in a compiled verify forward: left to duck sizing, a warm-up width equal to another
+        size (the paged block table's ``max_batch`` rows, where max_batch equals it) is tied to that size, and
+        every other width recompiles the forward at serving time, stalling every stream for seconds."""
+        drafts = torch.from_numpy(host).to(self.device)
+        torch._dynamo.maybe_mark_dynamic(drafts, 1)
+        return drafts
 
     def _context_bucket(self, needed: int) -> int:
         if self.attention != "bucketed":
