@@ -336,6 +336,9 @@ async def test_generated_text_is_the_same_with_and_without_speculation_batched()
 
 def test_drafts_narrow_as_streams_are_added_and_stop_past_the_verify_budget() -> None:
     assert [verify_width(8, 16, n) for n in (1, 2, 3, 4, 8, 9)] == [8, 7, 4, 3, 1, 0]
+    # A runner that pads drafts to two a row gets two where one would fit: the same positions computed.
+    assert [verify_width(8, 16, n, min_width=2) for n in (4, 8, 9)] == [3, 2, 0]
+    assert verify_width(1, 16, 8, min_width=2) == 1
 
 
 async def test_past_the_verify_budget_streams_decode_plainly_and_exactly() -> None:

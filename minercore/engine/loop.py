@@ -525,7 +525,7 @@ class Engine:
         slots = np.fromiter(self._active, dtype=np.int64, count=len(self._active))
         # Too many streams for a verify step to fit the budget, none drafting, or too few of the drafts likely
         # accepted for the step's measured cost: a plain step.
-        width = verify_width(self._drafter.k, self._runner.verify_tokens, slots.size)
+        width = self._verify_width(slots)
         if (width < 1 or not self._drafter.wants(slots)
                 or not self._step_costs.pays(slots.size, self._drafter.expected_ids(slots, width))):
             self._drafter.skip(slots)
@@ -539,7 +539,7 @@ class Engine:
         # The step's cost counts the host's drafting and posting too: work a plain step would overlap.
         start = time.perf_counter()
         # Fewer streams than before the collection, so never a narrower width.
-        width = verify_width(self._drafter.k, self._runner.verify_tokens, slots.size)
+        width = self._verify_width(slots)
         expected = self._drafter.expected_ids(slots, width)
         drafts, lengths = self._drafter.propose(slots, width)
         if not lengths.any():
@@ -565,6 +565,10 @@ class Engine:
             self._counts["steps"] += 1
             self._recent_steps.append((time.monotonic(), self._counts["tokens"]))
         return True
+
+    def _verify_width(self, slots: np.ndarray) -> int:
+        return verify_width(self._drafter.k, self._runner.verify_tokens, slots.size,
+                            getattr(self._runner, "min_verify_width", 1))
 
     def _collect(self, in_flight: tuple[Launched, np.ndarray], outbox: list[Delivery]) -> None:
         step, tenancy = in_flight

@@ -27,10 +27,12 @@ _PRIOR_ACCEPTANCE = 0.5
 _ACCEPTANCE_WEIGHT = 0.3  # of the latest verify step in a stream's running acceptance rate
 
 
-def verify_width(k: int, verify_tokens: int, streams: int) -> int:
+def verify_width(k: int, verify_tokens: int, streams: int, min_width: int = 1) -> int:
     """Drafts per row in a verify step of ``streams`` rows computing at most ``verify_tokens`` positions (each
-    row its drafts and its last id), at most ``k``; below 1 the step decodes plainly."""
-    return min(k, verify_tokens // streams - 1)
+    row its drafts and its last id), at most ``k``; below 1 the step decodes plainly. A runner that computes at
+    least ``min_width`` drafts a row (narrower ones padded) gets that many: they cost nothing more."""
+    width = min(k, verify_tokens // streams - 1)
+    return max(width, min(k, min_width)) if width >= 1 else width
 
 
 class Drafter:

@@ -246,6 +246,8 @@ class ModelRunner:
         # on a CPU that is compute, and wide verify steps at 8 streams lost to plain decoding
         # (RESULTS.md, speculative). A GPU step is bound by reading the weights until far wider.
         self.verify_tokens = 1024 if device.type == "cuda" else 16
+        # Drafts a verify step computes a row at least (narrower drafts are padded): the engine drafts that many.
+        self.min_verify_width = MIN_VERIFY_WIDTH
         self.quantization = describe_quant(self.model)  # "none", or e.g. "int4 g32"
         self.description = (f"native {name} [{model.describe()}], max_batch {max_batch}, "
                             f"max_context {max_context}, {device}, {dtype_name(dtype)}, "
