@@ -312,8 +312,77 @@ def test_a_released_slot_writes_nothing_into_blocks_it_no_longer_owns() -> None:
     pools = [block.attn.cache for block in runner.model.blocks]
     before = [(cache.k[3:5].clone(), cache.v[3:5].clone()) for cache in pools]
     for _ in range(2):
-        runner.decode(np.array([0, 2, 3]))  # batch bucket 4: row 1 computes too
+        runner.decode(np.array([0, 2, 3]))  # batch bucket 4: the free row computes too
     for cache, (k, v) in zip(pools, before, strict=True):
         # slot 3's prompt, positions [0, 30): block 3 whole and block 4's first 14 positions, as prefilled
         assert torch.equal(cache.k[3], k[0]) and torch.equal(cache.k[4, :, :14], k[1, :, :14])
         assert torch.equal(cache.v[3], v[0]) and torch.equal(cache.v[4, :, :14], v[1, :, :14])
+
+
+def test_live_rows_pack_as_streams_end_and_every_stream_goes_on_as_alone() -> None:
+    """Streams ending below live ones free rows there: the highest live row moves down into each, so the
+    streams left step in the smallest batch bucket that holds their number, not their highest slot, and a new
+    stream takes the lowest free row. Every stream's ids (greedy, sampled and filtered, through plain and verify
+    steps, across the moves) stay the ids it gets alone."""
+    model = ModelOptions(preset="tiny", compile="off", device="cpu", dtype="float32", max_context=128)
+
+    def build() -> ModelRunner:
+        return build_runner(model, max_batch=8, eos_id=GPT2_EOS, kv_block_size=BLOCK, kv_cache_bytes=1 << 24,
+                            speculative_tokens=3)
+
+    runner, alone = build(), build()
+    assert runner.kv_paged.num_blocks > 9 * 8
+    prompts = [[(11 * s + j) % 500 + 1 for j in range(12 + s)] for s in range(9)]
+    params = [SlotParams(echo=False, min_new=100, temperature=0.0 if s % 3 == 0 else 0.9, seed=s,
+                         top_k=20 if s % 3 == 2 else 0) for s in range(9)]
+    stream_of: dict[int, int] = {}  # slot -> stream
+    ids: dict[int, list[int]] = {}
+
+    def start(slot: int, stream: int) -> None:
+        runner.assign_blocks(slot, range(1 + 8 * stream, 1 + 8 * (stream + 1)))  # each stream its own blocks
+        stream_of[slot] = stream
+        ids[stream] = [runner.prefill(slot, prompts[stream], params[stream])]
+
+    buckets: list[int] = []
+    run_step = runner._run_step
+    runner._run_step = lambda b, ctx, kind: (buckets.append(b), run_step(b, ctx, kind))[1]
+
+    def decode(steps: int) -> None:
+        slots = np.array(sorted(stream_of))
+        for _ in range(steps):
+            for slot, token in zip(slots, runner.decode(slots), strict=True):
+                ids[stream_of[int(slot)]].append(int(token))
+
+    def end(*slots: int) -> None:
+        for slot in slots:
+            runner.release(slot)
+            del stream_of[slot]
+
+    for slot in range(8):
+        start(slot, slot)
+    decode(3)
+    end(0, 3, 5, 6)
+    buckets.clear()
+    decode(3)
+    assert buckets == [4, 4, 4]  # slots 1, 2, 4 and 7: 4 rows, not the 8 that slot 7 would need
+    slots = np.array(sorted(stream_of))
+    drafts = np.array([[(7 * s + j) % 500 + 1 for j in range(3)] for s in slots])
+    ids[stream_of[int(slots[0])]].append(int(runner.decode(slots[:1])[0]))  # one stream a step ahead
+    chosen, emitted = runner.verify(slots, drafts, np.array([3, 0, 2, 1]))
+    for slot, row, n in zip(slots, chosen, emitted, strict=True):
+        ids[stream_of[int(slot)]].extend(int(t) for t in row[:n])
+    start(0, 8)  # the lowest free slot; its row is the lowest free one, 4
+    buckets.clear()
+    decode(2)
+    assert buckets == [8, 8]  # 5 streams
+    end(2, 7)
+    buckets.clear()
+    decode(3)
+    assert buckets == [4, 4, 4]
+    for stream, got in ids.items():
+        alone.assign_blocks(0, range(1, 9))
+        want = [alone.prefill(0, prompts[stream], params[stream])]
+        while len(want) < len(got):
+            want.append(int(alone.decode(np.array([0]))[0]))
+        alone.release(0)
+        assert got == want, stream

@@ -140,6 +140,12 @@ class PagedSpec:
                              f"the {positions} positions the model asks for")
         return PagedKVCache(self.num_blocks, self.block_size, self.table, n_head, head_dim, dtype, device)
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Row ``src``'s blocks to row ``dst``, and ``src`` onto the null block: on the device, ordered after the
+        step in flight (which still reads the old rows)."""
+        self.table[dst] = self.table[src]
+        self.table[src] = NULL_BLOCK
+
     def set_blocks(self, slot: int, blocks: Sequence[int]) -> None:
         """Point ``slot``'s table row at ``blocks`` (block i holds positions [i * block_size, (i + 1) *
         block_size)), the rest at the null block, in place so that captured graphs see it."""

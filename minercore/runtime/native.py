@@ -5,8 +5,9 @@ State lives on the device in fixed-size per-slot buffers (last token, position, 
 targets) next to the model's static KV cache, so a step needs no host-to-device copy and exactly one host
 sync (reading the sampled ids). The step runs over a prefix of the cache rows (the batch bucket) and, with
 bucketed attention, a prefix of the positions (the context bucket), both powers of two, so a few short streams
-do not pay for ``max_batch`` x ``max_context``. The step functions and their compilation (the one place
-torch.compile is applied) are ``decode_steps``'s.
+do not pay for ``max_batch`` x ``max_context``. A slot's state lives in a row of the runner's choosing: with the
+paged cache the live rows stay packed as streams end, so the bucket follows the number of streams. The step
+functions and their compilation (the one place torch.compile is applied) are ``decode_steps``'s.
 
 A step is split in two so the host can work while the device runs: ``launch`` queues it (on CUDA it returns
 before the device is done; the sampled ids travel to pinned host memory on a side stream) and ``collect`` waits
@@ -130,7 +131,7 @@ class ModelRunner:
     ``Runner`` the engine drives for ``backend="native"``. One decode loop for every architecture.
 
     ``graphs`` and ``attention`` are described in the module docstring; ``batch_buckets`` are the batch sizes
-    a step runs at (a step pads to the smallest one that holds its highest slot; default: powers of two up
+    a step runs at (a step pads to the smallest one that holds its highest live row; default: powers of two up
     to ``max_batch``); a benchmark that only needs a few sizes saves their compiles and captures.
     ``speculative_tokens`` > 0 adds ``verify`` steps of that many drafts, compiled where ``compile_verify`` says
     (default: with ``compile``, on CUDA only). ``compile_blocks`` compiles the forwards, with one nested block
@@ -236,6 +237,14 @@ class ModelRunner:
         self._live = np.zeros(max_batch, dtype=bool)
         self._kind = np.zeros(max_batch, dtype=np.int8)
         self._active = np.zeros(max_batch, dtype=bool)
+        # Slot -> row of the state and cache, and back. A stream takes the lowest free row (``_claim``); with the
+        # paged cache the highest held row moves into a row a finished stream frees (``release``), so the live
+        # rows stay packed and a step's batch bucket follows the number of streams, not the highest row still
+        # live (streams that end at different times otherwise leave, say, 4 live in rows 1, 3, 5 and 7: 8 rows
+        # computed where 4 would do). The host mirrors above and the device state are indexed by row.
+        self._row_of = np.arange(max_batch)
+        self._slot_of = np.arange(max_batch)
+        self._claimed = np.zeros(max_batch, dtype=bool)  # rows a stream holds: blocks assigned or prefilled
         self._graph_thread: int | None = None  # the thread whose CUDA graph tree holds the warmed graphs
         # Prompt tokens one batched prefill may hold (the engine groups prompts up to it): past about this many,
         # a forward is compute-bound, so batching more only delays the first prompts' first tokens. On a CPU
@@ -279,7 +288,8 @@ class ModelRunner:
     def assign_blocks(self, slot: int, blocks: Sequence[int]) -> None:
         """Point ``slot`` at its KV blocks (paged only): block i holds its positions [i * size, (i + 1) * size)."""
         check_slot(slot, self.max_batch)
-        self.kv_paged.set_blocks(slot, blocks)
+        row = self._claim(slot) if len(blocks) else int(self._row_of[slot])
+        self.kv_paged.set_blocks(row, blocks)
 
     @property
     def context_buckets(self) -> list[int]:
@@ -362,13 +372,14 @@ class ModelRunner:
             raise ValueError(f"prefill_batch: duplicate slots in {list(slots)}")
         lengths = [len(i) for i in ids]
         padded = torch.zeros((len(ids), max(lengths)), dtype=torch.int64)
-        for row, prompt in enumerate(ids):
-            padded[row, :len(prompt)] = prompt
-            self.state.start(slots[row], prompt.to(self.device), params[row], self.eos_id)
-        rows = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+        held = [self._claim(slot) for slot in slots]
+        for i, prompt in enumerate(ids):
+            padded[i, :len(prompt)] = prompt
+            self.state.start(held[i], prompt.to(self.device), params[i], self.eos_id)
+        rows = torch.tensor(held, dtype=torch.int64, device=self.device)
         last = torch.tensor(lengths, dtype=torch.int64, device=self.device) - 1
         logits = self.model.prefill(padded.to(self.device), rows, 0, last).float()
-        return self._first_tokens(list(slots), rows, logits, last, lengths, params)
+        return self._first_tokens(held, rows, logits, last, lengths, params)
 
     @torch.inference_mode()
     def prefill_chunk(self, slot: int, prompt_ids: Sequence[int], params: SlotParams, start: int,
@@ -399,27 +410,62 @@ class ModelRunner:
             raise ValueError("prefill_chunk: a cached prefix needs the paged KV cache")
         if prompt_len is not None and not 1 <= prompt_len <= len(ids):
             raise ValueError(f"prefill_chunk: prompt_len must be in [1, {len(ids)}], got {prompt_len}")
+        row = self._claim(slot)
         if start == cached:
-            self._live[slot] = False
-            self.state.start(slot, ids[:prompt_len].to(self.device), params, self.eos_id)
+            self._live[row] = False
+            self.state.start(row, ids[:prompt_len].to(self.device), params, self.eos_id)
             if prompt_len is not None:
-                self.state.pos[slot] = len(ids)  # the first new id is fed after the output so far
-        logits = self.model.prefill(ids[None, start:end].to(self.device), slot, start).float()
+                self.state.pos[row] = len(ids)  # the first new id is fed after the output so far
+        logits = self.model.prefill(ids[None, start:end].to(self.device), row, start).float()
         if end < len(ids):
             return None
-        rows = torch.tensor([slot], dtype=torch.int64, device=self.device)
+        rows = torch.tensor([row], dtype=torch.int64, device=self.device)
         last = torch.full((1,), end - 1, dtype=torch.int64, device=self.device)
-        return self._first_tokens([slot], rows, logits, last, [end], [params])[0]
+        return self._first_tokens([row], rows, logits, last, [end], [params])[0]
 
-    def _first_tokens(self, slots: list[int], rows: Tensor, logits: Tensor, last: Tensor, lengths: list[int],
+    def _first_tokens(self, held: list[int], rows: Tensor, logits: Tensor, last: Tensor, lengths: list[int],
                       params: Sequence[SlotParams]) -> list[int]:
-        """Choose each prefilled slot's first id from its last prompt position's logits; the slots go live."""
+        """Choose each prefilled row's first id from its last prompt position's logits; the rows go live."""
         kinds = [p.kind() for p in params]
         token = first_tokens(self.state, logits, rows, last, max(kinds))
-        self._pos[slots] = lengths
-        self._live[slots] = True
-        self._kind[slots] = kinds
+        self._pos[held] = lengths
+        self._live[held] = True
+        self._kind[held] = kinds
         return token.tolist()
+
+    def _claim(self, slot: int) -> int:
+        """``slot``'s row, once it holds one: a free slot takes the lowest free row (free rows hold nothing, so
+        only the mapping changes)."""
+        row = int(self._row_of[slot])
+        if self._claimed[row]:
+            return row
+        free = int(np.flatnonzero(~self._claimed)[0])
+        if free != row:
+            self._swap_rows(row, free)
+        self._claimed[free] = True
+        return free
+
+    def _swap_rows(self, a: int, b: int) -> None:
+        """The slots of rows ``a`` and ``b`` trade rows (the mapping only)."""
+        slot_a, slot_b = self._slot_of[a], self._slot_of[b]
+        self._row_of[slot_a], self._row_of[slot_b] = b, a
+        self._slot_of[a], self._slot_of[b] = slot_b, slot_a
+
+    def _pack(self, free: int) -> None:
+        """The highest held row, if above the ``free`` row, moves into it: its state, its block table row and its
+        host mirrors, all on the device in stream order after the step in flight (whose ids are read by the rows
+        it was launched with). The device's active flags are rewritten at the next step."""
+        held = np.flatnonzero(self._claimed)
+        if not held.size or held[-1] < free:
+            return
+        src = int(held[-1])
+        self.state.move(src, free)
+        self.kv_paged.move_row(src, free)
+        for mirror in (self._pos, self._live, self._kind, self._claimed):
+            mirror[free] = mirror[src]
+        self._live[src] = self._claimed[src] = False
+        self._active = None
+        self._swap_rows(src, free)
 
     @torch.inference_mode()
     def launch(self, slots: np.ndarray) -> Launched:
@@ -431,29 +477,34 @@ class ModelRunner:
             # one shape at a time, in the middle of serving. Record them all now instead.
             logger.warning("decode on a thread other than warmup's; warming CUDA graphs again on this one")
             self.warmup()
-        if slots.min() < 0 or slots.max() >= self.max_batch or not self._live[slots].all():
-            raise ValueError(f"decode: every slot must be prefilled and in [0, {self.max_batch}); got {slots}")
+        rows = self._rows(slots, "decode")
         active = np.zeros(self.max_batch, dtype=bool)
-        active[slots] = True
+        active[rows] = True
         if active.sum() != slots.size:
             raise ValueError(f"decode: duplicate slots in {slots}")
-        check_room(self._pos, slots, self.max_context)
+        check_room(self._pos, slots, self.max_context, rows)
         if not np.array_equal(active, self._active):
             self._set_active(active)  # a host-to-device copy only when the set of streams changes
-        b = next(b for b in self.batch_buckets if b > slots.max())
-        ctx = self._context_bucket(int(self._pos[slots].max()) + 1)
+        b = next(b for b in self.batch_buckets if b > rows.max())
+        ctx = self._context_bucket(int(self._pos[rows].max()) + 1)
         self._copy.before_step()
-        ids = self._run_step(b, ctx, int(self._kind[slots].max()))
-        self._pos[slots] += 1
+        ids = self._run_step(b, ctx, int(self._kind[rows].max()))
+        self._pos[rows] += 1
         host, ready = self._copy.start(ids)
-        return Launched(slots, host, ready, ids)
+        return Launched(slots, host, ready, ids, rows)
 
     def collect(self, step: Launched) -> np.ndarray:
         if step.slots.size == 0:
             return np.empty(0, dtype=np.int64)
         if step.ready is not None:
             step.ready.synchronize()  # the step's one host sync
-        return step.host_ids.numpy()[step.slots]  # a copy: the buffer serves a later step
+        return step.host_ids.numpy()[step.rows]  # a copy: the buffer serves a later step
+
+    def _rows(self, slots: np.ndarray, what: str) -> np.ndarray:
+        """The rows of ``slots``; ValueError unless every one is a slot in range whose prompt is prefilled."""
+        if slots.min() < 0 or slots.max() >= self.max_batch or not self._live[self._row_of[slots]].all():
+            raise ValueError(f"{what}: every slot must be prefilled and in [0, {self.max_batch}); got {slots}")
+        return self._row_of[slots]
 
     def decode(self, slots: np.ndarray) -> np.ndarray:
         return self.collect(self.launch(slots))
@@ -474,23 +525,22 @@ class ModelRunner:
                 or lengths.shape != (slots.size,)):
             raise ValueError(f"verify: need n >= 1 slots, (n, w) drafts with 1 <= w <= {self.speculative_tokens} "
                              f"and (n,) lengths; got {slots.shape}, {drafts.shape}, {lengths.shape}")
-        if slots.min() < 0 or slots.max() >= self.max_batch or not self._live[slots].all():
-            raise ValueError(f"verify: every slot must be prefilled and in [0, {self.max_batch}); got {slots}")
+        rows = self._rows(slots, "verify")
         if lengths.min() < 0 or lengths.max() > k:
             raise ValueError(f"verify: draft lengths must be in [0, {k}], got {lengths}")
         if drafts.min() < 0 or drafts.max() >= self.vocab_size:
             raise ValueError(f"verify: draft ids must be in [0, {self.vocab_size})")
         active = np.zeros(self.max_batch, dtype=bool)
-        active[slots] = True
+        active[rows] = True
         if active.sum() != slots.size:
             raise ValueError(f"verify: duplicate slots in {slots}")
-        ends = self._pos[slots] + lengths  # the position of each row's last real query
+        ends = self._pos[rows] + lengths  # the position of each row's last real query
         if ends.max() >= self.max_context:
             raise ContextOverflow(f"verify: drafts of slots {slots[ends >= self.max_context].tolist()} run past "
                                   f"max_context {self.max_context}")
         if not np.array_equal(active, self._active):
             self._set_active(active)
-        b = next(b for b in self.batch_buckets if b > slots.max())
+        b = next(b for b in self.batch_buckets if b > rows.max())
         ctx = self._context_bucket(int(ends.max()) + 1)
         # The step's drafts are contiguous and at least MIN_VERIFY_WIDTH wide (padding rows' lengths keep out):
         # a compiled verify forward would recompile for a strided view of the buffer, and once more for width 1
@@ -498,23 +548,25 @@ class ModelRunner:
         width = max(k, MIN_VERIFY_WIDTH)
         host_drafts = np.zeros((b, width), dtype=np.int64)
         host_lengths = np.zeros(b, dtype=np.int64)
-        host_drafts[slots, :k], host_lengths[slots] = drafts, lengths
+        host_drafts[rows, :k], host_lengths[rows] = drafts, lengths
         step_drafts = self._step_drafts(host_drafts)
         self._draft_lengths[:b].copy_(torch.from_numpy(host_lengths))
         self._copy.before_step()
-        chosen, emitted = self._verify_steps[int(self._kind[slots].max())](
+        chosen, emitted = self._verify_steps[int(self._kind[rows].max())](
             self.model, self.state, step_drafts, self._draft_lengths[:b], b, ctx)
-        chosen, emitted = chosen[:, :k + 1].cpu().numpy()[slots], emitted.cpu().numpy()[slots]  # the host sync
-        self._pos[slots] += emitted
+        chosen, emitted = chosen[:, :k + 1].cpu().numpy()[rows], emitted.cpu().numpy()[rows]  # the host sync
+        self._pos[rows] += emitted
         return chosen, emitted
 
     def release(self, slot: int) -> None:
         check_slot(slot, self.max_batch)
-        self._live[slot] = False
+        row = int(self._row_of[slot])
+        self._live[row] = self._claimed[row] = False
         if self.kv_paged:
             # Free rows below a step's batch bucket still compute and write at their stale position: pointed
             # at the null block, this one writes nothing into blocks the pool gives to other streams.
-            self.kv_paged.set_blocks(slot, [])
+            self.kv_paged.set_blocks(row, [])
+            self._pack(row)
 
     # -- internals --
 

@@ -24,12 +24,14 @@ class Launched:
     host_ids: Any  # the runner's host-side result (filled once ``ready`` is set)
     ready: Any = None  # a torch.cuda.Event recorded after the device-to-host copy; None: already filled
     device_ids: Any = None  # the device tensor the copy reads, kept alive until the copy is done
+    rows: Any = None  # where each slot's id sits in ``host_ids`` (None: at the slot's own index)
 
 
 class Runner(Protocol):
     """What the engine drives, from one thread (its model thread; call warmup there too: CUDA graph trees
     are per thread, and a compiled CUDA runner re-warms on the first decode from another thread). Slots are
-    ints in [0, max_batch), allocated lowest first so the batch bucket stays small."""
+    ints in [0, max_batch), allocated lowest first so the batch bucket stays small; a runner may keep a slot's
+    state in another row of its own (the native runner packs its live rows as streams end)."""
 
     max_batch: int
     max_context: int

@@ -135,6 +135,12 @@ class SlotState(nn.Module):
         self.register_buffer("stop_ids", torch.tensor(list(stop_ids), dtype=torch.int64, device=device),
                              persistent=False)
 
+    def move(self, src: int, dst: int) -> None:
+        """Row ``src``'s state into row ``dst`` (the runner packing its live rows; ``src`` is then free)."""
+        for name, buf in self.named_buffers():
+            if name != "stop_ids":
+                buf[dst] = buf[src]
+
     def start(self, slot: int, ids: Tensor, params: SlotParams, eos_id: int) -> None:
         """Reset row ``slot`` for a new (1-D, on-device) prompt; its first fed token is set after prefill."""
         n = ids.shape[0]
@@ -168,10 +174,11 @@ def check_prompt(prompt_ids: Sequence[int], max_context: int, vocab_size: int) -
     return ids
 
 
-def check_room(positions: np.ndarray, slots: np.ndarray, max_context: int) -> None:
+def check_room(positions: np.ndarray, slots: np.ndarray, max_context: int, rows: np.ndarray | None = None) -> None:
     """ContextOverflow if a slot's next fed token would sit at or past ``max_context`` (a caller bug: it
-    must bound max_new_tokens by max_context - prompt_len)."""
-    full = slots[positions[slots] >= max_context]
+    must bound max_new_tokens by max_context - prompt_len). ``positions`` is indexed by ``rows`` where given
+    (the slots' rows), else by the slots."""
+    full = slots[positions[slots if rows is None else rows] >= max_context]
     if full.size:
         raise ContextOverflow(f"decode: slots {full.tolist()} have filled max_context {max_context}; "
                               f"bound max_new_tokens by max_context - prompt_len")
