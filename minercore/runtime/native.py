@@ -236,7 +236,7 @@ class ModelRunner:
         self._pos = np.zeros(max_batch, dtype=np.int64)
         self._live = np.zeros(max_batch, dtype=bool)
         self._kind = np.zeros(max_batch, dtype=np.int8)
-        self._active = np.zeros(max_batch, dtype=bool)
+        self._active: np.ndarray | None = np.zeros(max_batch, dtype=bool)  # None: rewrite the device's at the next step
         # Slot -> row of the state and cache, and back. A stream takes the lowest free row (``_claim``); with the
         # paged cache the highest held row moves into a row a finished stream frees (``release``), so the live
         # rows stay packed and a step's batch bucket follows the number of streams, not the highest row still
