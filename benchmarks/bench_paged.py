@@ -7,6 +7,11 @@ SmolLM2-135M-Instruct from its GGUF at the serving defaults (in-process, greedy)
   (how many are) and ``prefix_hit_blocks``.
 - ``test_streams[static|paged]``: 16 concurrent chats of 64-token answers; ``tokens_per_s`` (tokens over the
   round's wall time, median over rounds), for ``paged`` ``over_static``, ``identical`` and ``same_answers``.
+- ``test_staggered[static|paged]``: 16 concurrent chats whose answers end at different times (every other one
+  stops at a quarter of the length, ``ignore_eos``), so the long half finishes in the odd slots alone.
+  ``tokens_per_s`` as above, and for ``paged`` ``over_static`` and ``identical``. The paged runner packs the live
+  rows as streams end, so that tail steps 8 rows; the static cache keeps each stream in its slot's row and steps
+  16.
 - ``test_many_chats[static|paged|small-pool]``: 256 short chat requests at once into 16 slots, 32-token answers;
   ``small-pool`` is the paged cache with a pool of ``SMALL_POOL_POSITIONS`` (about two thirds of what 16 whole
   answers need), where streams are preempted and resumed. ``answered`` (requests that finished), ``preemptions``,
@@ -108,11 +113,11 @@ def kv_bytes(engine: Engine) -> int:
     return runner.kv_cache_bytes_per_slot * runner.max_batch
 
 
-async def answer(engine: Engine, messages: list[dict], tokens: int) -> tuple[str, float]:
+async def answer(engine: Engine, messages: list[dict], tokens: int, ignore_eos: bool = False) -> tuple[str, float]:
     started = time.perf_counter()
     ttft, parts = None, []
-    async for piece in engine.generate(GenerationRequest(messages=messages,
-                                                         sampling=SamplingParams(max_new_tokens=tokens))):
+    sampling = SamplingParams(max_new_tokens=tokens, ignore_eos=ignore_eos)
+    async for piece in engine.generate(GenerationRequest(messages=messages, sampling=sampling)):
         if ttft is None and piece.text:
             ttft = time.perf_counter() - started
         parts.append(piece.text)
@@ -187,6 +192,41 @@ def test_streams(benchmark, request, engines, kind):
                                     same_answers=sum(a == b for a, b in zip(texts, static["texts"], strict=True)))
         print(f"\n{STREAMS} streams paged: {rate:.0f} tok/s, x{rate / static['tokens_per_s']:.2f} of static, "
               f"identical {texts == static['texts']}", file=sys.stderr)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_staggered(benchmark, request, engines, kind):
+    engine, loop = engines.get(kind), engines.loop
+    timed = request.config.getoption("benchmark_only")
+    long = 128 if timed else 8
+    chats = [[{"role": "user", "content": OPEN[i % len(OPEN)] + f" (number {i})"}] for i in range(STREAMS)]
+    lengths = [long if i % 2 else long // 4 for i in range(STREAMS)]
+    rates: list[float] = []
+    texts: list[str] = []
+
+    async def together() -> list[tuple[str, float]]:
+        return await asyncio.gather(*(answer(engine, chat, n, ignore_eos=True)
+                                      for chat, n in zip(chats, lengths, strict=True)))
+
+    def run_round() -> None:
+        before = engine.stats().tokens
+        started = time.perf_counter()
+        texts[:] = [text for text, _ in loop.run_until_complete(together())]
+        rates.append((engine.stats().tokens - before) / (time.perf_counter() - started))
+
+    if timed:
+        run_round()
+        rates.clear()
+    benchmark.group = "paged"
+    benchmark.pedantic(run_round, rounds=ROUNDS if timed else 1, iterations=1)
+    rate = statistics.median(rates)
+    MEASURED["staggered", kind] = {"tokens_per_s": rate, "texts": list(texts)}
+    benchmark.extra_info.update(kind=kind, streams=STREAMS, tokens_per_answer=lengths[:2], tokens_per_s=rate)
+    static = MEASURED.get(("staggered", "static"))
+    if kind == "paged" and static is not None:
+        benchmark.extra_info.update(over_static=rate / static["tokens_per_s"], identical=texts == static["texts"])
+        print(f"\n{STREAMS} staggered streams paged: {rate:.0f} tok/s, x{rate / static['tokens_per_s']:.2f} "
+              f"of static, identical {texts == static['texts']}", file=sys.stderr)
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "small-pool"])
