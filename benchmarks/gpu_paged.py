@@ -14,7 +14,11 @@ capacity and its decode speed against the static cache.
 - ``resume``: a stream of a 1,024-token prompt preempted after 32 decode steps and resumed as the engine does
   (``prefill_chunk`` with ``prompt_len``): the time to recompute all its positions, and from its blocks kept in
   the prefix cache (all but the last, partial one), and whether each resumption's next id is the one
-  uninterrupted decoding chose.
+  uninterrupted decoding chose;
+- ``pack``: 8 streams, those in even slots ending after a few steps, so that the runner moves the odd ones' state
+  and block table rows down into the freed rows on the device, in stream order after the step in flight; each
+  survivor's ids against the same stream decoded alone (``agreement``: 1.0 in exact arithmetic; moves read in
+  the wrong order would give other text), and a step of the 4 moved streams against one of 4 that never moved.
 
 ``smoke``: the tiny Llama shape on the CPU, small batches, a 64 MiB pool: proves the phase still runs.
 """
@@ -141,6 +145,55 @@ def resume(model: LlamaLM, device: torch.device, dtype: torch.dtype, prompt: int
     return result
 
 
+def pack(model: LlamaLM, device: torch.device, dtype: torch.dtype, prompt: int, short: int, long: int,
+         max_context: int) -> dict[str, Any]:
+    batch, params = 8, SlotParams(echo=False)
+    runner = runner_for(model, device, dtype, max_batch=batch, max_context=max_context)
+    manager = KVCacheManager(BlockPool(runner.kv_paged.num_blocks, BLOCK), runner.kv_paged.max_blocks_per_slot,
+                             prefix_caching=False)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, runner.vocab_size - 1, prompt).tolist() for _ in range(batch)]
+
+    def start(slot: int, stream: int) -> list[int]:
+        manager.admit(slot, prompts[stream], prompt + long + 2)
+        runner.assign_blocks(slot, manager.block_table(slot))
+        return [runner.prefill(slot, prompts[stream], params)]
+
+    def steps(ids: dict[int, list[int]], count: int) -> float:
+        slots = np.array(sorted(ids), dtype=np.int64)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(count):
+            for slot, token in zip(slots, runner.decode(slots), strict=True):
+                ids[int(slot)].append(int(token))
+        sync(device)
+        return 1e3 * (time.perf_counter() - started) / count
+
+    def end(slots: list[int]) -> None:
+        for slot in slots:
+            runner.release(slot)
+            manager.release(slot)
+
+    ids = {slot: start(slot, slot) for slot in range(batch)}
+    steps(ids, short)
+    end(list(range(0, batch, 2)))
+    moved = {slot: ids[slot] for slot in range(1, batch, 2)}
+    moved_ms = steps(moved, long - short)
+    end(list(moved))
+    still = {slot: start(slot, 2 * slot + 1) for slot in range(batch // 2)}
+    still_ms = steps(still, long - short)
+    end(list(still))
+    agree = []
+    for slot, got in moved.items():
+        alone = {0: start(0, slot)}
+        steps(alone, len(got) - 1)
+        end([0])
+        agree.append(np.mean(np.array(alone[0]) == np.array(got)))
+    model.setup_caches(1, 1)  # drop the pool before the next phase
+    return {"agreement": round(float(np.mean(agree)), 4), "moved_step_ms": round(moved_ms, 2),
+            "unmoved_step_ms": round(still_ms, 2)}
+
+
 def run(out: Path, smoke: bool) -> dict[str, Any]:
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -160,8 +213,9 @@ def run(out: Path, smoke: bool) -> dict[str, Any]:
                          "tokens_per_s_paged": round(paged_rate, 1), "over_static": round(paged_rate / static_rate, 3),
                          "agreement": round(agree, 4)})
         resumed = resume(model, device, dtype, 40, 8, 128) if smoke else resume(model, device, dtype, 1024, 32, 2048)
+        packed = pack(model, device, dtype, 16, 3, 10, 128) if smoke else pack(model, device, dtype, 256, 8, 40, 1024)
     return {"model": f"{'llama-tiny' if smoke else 'llama3-8b'} (random), {str(dtype).removeprefix('torch.')}, eager",
-            "block_size": BLOCK, "capacity": room, "decode": rows, "resume": resumed}
+            "block_size": BLOCK, "capacity": room, "decode": rows, "resume": resumed, "pack": packed}
 
 
 if __name__ == "__main__":
