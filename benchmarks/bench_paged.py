@@ -159,22 +159,21 @@ def test_shared_system_prompt(benchmark, request, engines, kind):
           f"{later:.3f} s (x{later / ttfts[0]:.2f})", file=sys.stderr)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_streams(benchmark, request, engines, kind):
-    engine, loop = engines.get(kind), engines.loop
-    timed = request.config.getoption("benchmark_only")
-    tokens = 64 if timed else 8
-    chats = [[{"role": "user", "content": OPEN[i % len(OPEN)] + f" (number {i})"}] for i in range(STREAMS)]
+def concurrent_rounds(benchmark, engines: Engines, engine: Engine, chats: list[list[dict]], lengths: list[int],
+                      timed: bool, ignore_eos: bool = False) -> tuple[float, list[str]]:
+    """The chats at once, answers of ``lengths`` tokens, as the benchmark's rounds (after an untimed one when
+    timed): the median tokens/s over the rounds and the last round's answers."""
     rates: list[float] = []
     texts: list[str] = []
 
     async def together() -> list[tuple[str, float]]:
-        return await asyncio.gather(*(answer(engine, chat, tokens) for chat in chats))
+        return await asyncio.gather(*(answer(engine, chat, n, ignore_eos)
+                                      for chat, n in zip(chats, lengths, strict=True)))
 
     def run_round() -> None:
         before = engine.stats().tokens
         started = time.perf_counter()
-        texts[:] = [text for text, _ in loop.run_until_complete(together())]
+        texts[:] = [text for text, _ in engines.loop.run_until_complete(together())]
         rates.append((engine.stats().tokens - before) / (time.perf_counter() - started))
 
     if timed:
@@ -182,7 +181,16 @@ def test_streams(benchmark, request, engines, kind):
         rates.clear()
     benchmark.group = "paged"
     benchmark.pedantic(run_round, rounds=ROUNDS if timed else 1, iterations=1)
-    rate = statistics.median(rates)
+    return statistics.median(rates), texts
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streams(benchmark, request, engines, kind):
+    engine = engines.get(kind)
+    timed = request.config.getoption("benchmark_only")
+    tokens = 64 if timed else 8
+    chats = [[{"role": "user", "content": OPEN[i % len(OPEN)] + f" (number {i})"}] for i in range(STREAMS)]
+    rate, texts = concurrent_rounds(benchmark, engines, engine, chats, [tokens] * STREAMS, timed)
     MEASURED["streams", kind] = {"tokens_per_s": rate, "texts": list(texts)}
     benchmark.extra_info.update(kind=kind, streams=STREAMS, tokens_per_answer=tokens, tokens_per_s=rate,
                                 kv_bytes=kv_bytes(engine))
@@ -196,30 +204,12 @@ def test_streams(benchmark, request, engines, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_staggered(benchmark, request, engines, kind):
-    engine, loop = engines.get(kind), engines.loop
+    engine = engines.get(kind)
     timed = request.config.getoption("benchmark_only")
     long = 128 if timed else 8
     chats = [[{"role": "user", "content": OPEN[i % len(OPEN)] + f" (number {i})"}] for i in range(STREAMS)]
     lengths = [long if i % 2 else long // 4 for i in range(STREAMS)]
-    rates: list[float] = []
-    texts: list[str] = []
-
-    async def together() -> list[tuple[str, float]]:
-        return await asyncio.gather(*(answer(engine, chat, n, ignore_eos=True)
-                                      for chat, n in zip(chats, lengths, strict=True)))
-
-    def run_round() -> None:
-        before = engine.stats().tokens
-        started = time.perf_counter()
-        texts[:] = [text for text, _ in loop.run_until_complete(together())]
-        rates.append((engine.stats().tokens - before) / (time.perf_counter() - started))
-
-    if timed:
-        run_round()
-        rates.clear()
-    benchmark.group = "paged"
-    benchmark.pedantic(run_round, rounds=ROUNDS if timed else 1, iterations=1)
-    rate = statistics.median(rates)
+    rate, texts = concurrent_rounds(benchmark, engines, engine, chats, lengths, timed, ignore_eos=True)
     MEASURED["staggered", kind] = {"tokens_per_s": rate, "texts": list(texts)}
     benchmark.extra_info.update(kind=kind, streams=STREAMS, tokens_per_answer=lengths[:2], tokens_per_s=rate)
     static = MEASURED.get(("staggered", "static"))
