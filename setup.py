@@ -1,5 +1,5 @@
-"""Builds the compiled stream loop and the int4 row kernel; falls back to a pure-Python install when asked or when
-compiling fails."""
+"""Builds the compiled stream loop and the int4 and Q8_0 row kernels; falls back to a pure-Python install when asked or
+when compiling fails."""
 
 import os
 import sys
@@ -38,7 +38,8 @@ class OptionalBuildExt(build_ext):
 
 
 FALLBACKS = {"minercore.text._streamloop_c": "installing the pure-Python twin",
-             "minercore.models._int4_rows": "torch's int4 kernel serves every int4 product"}
+             "minercore.models._int4_rows": "torch's int4 kernel serves every int4 product",
+             "minercore.models._q8_rows": "Q8_0 tensors are dequantized to the model's dtype"}
 
 
 def extensions() -> list[Extension]:
@@ -65,7 +66,15 @@ def extensions() -> list[Extension]:
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
-    return cythonize([streamloop, int4_rows], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
+    q8_rows = Extension(
+        "minercore.models._q8_rows",
+        ["csrc/_q8_rows.pyx", "csrc/q8_rows.c"],
+        include_dirs=["csrc"],
+        depends=["csrc/q8_rows.h"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    return cythonize([streamloop, int4_rows, q8_rows], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

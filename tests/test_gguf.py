@@ -19,6 +19,7 @@ from helpers import MIXED
 from minercore.contract.config import CACHE_ENV, EngineOptions, ModelOptions, cache_dir
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
+from minercore.models import q8_rows
 from minercore.models.loading import CheckpointError, inspect
 from minercore.models.loading.gguf import GGUFError, load_gguf
 from minercore.runtime.build import build_runner
@@ -205,6 +206,47 @@ def test_q4_layers_run_the_files_values_in_the_int4_kernel(tmp_path, arch, type_
     # The same weights, un-permuted the same way; the kernel computes in bfloat16 (its scales rounded to it).
     torch.testing.assert_close(got, fused, atol=2e-2 * float(fused.abs().max()), rtol=2e-2)
     torch.testing.assert_close(logits(int4, IDS), logits(dense, IDS), atol=0.05, rtol=0.05)
+
+
+# ---- Q8_0 kept as its blocks where the model runs in float32 on a CPU: the file's values exactly ----
+
+def test_q8_blocks_are_exactly_what_gguf_dequantizes(tmp_path) -> None:
+    from gguf import GGUFReader, quants
+
+    from minercore.models.loading.gguf import q8_blocks
+
+    path = write_gguf(tmp_path / "q.gguf", hf_model("qwen2"), types="Q8_0")
+    for tensor in GGUFReader(path).tensors:
+        if tensor.tensor_type.name == "Q8_0":
+            d, q = q8_blocks(tensor)
+            assert q.dtype == np.int8 and d.dtype == np.float32
+            values = np.repeat(d, 32, axis=1) * q.astype(np.float32)
+            assert np.array_equal(values, quants.dequantize(tensor.data, tensor.tensor_type))
+
+
+@pytest.mark.skipif(not q8_rows.AVAILABLE, reason="the Q8_0 row kernel needs AVX2, FMA and its build")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_q8_layers_hold_the_files_values_and_give_the_dense_logits(tmp_path, arch) -> None:
+    from minercore.models.quant import Q8Linear
+
+    # Q8_0 everywhere (an untied head), or only the tied embedding, as in the SmolLM2 file.
+    types = "Q8_0" if arch == "llama" else {"token_embd.weight": "Q8_0"}
+    path = write_gguf(tmp_path / "q.gguf", hf_model(arch, **ARCHITECTURES[arch]), types=types)
+    dense = load_gguf(path).eval()
+    kept = load_gguf(path, keep_int4=True, keep_q8=True).eval()
+    layers = {name for name, m in kept.named_modules() if isinstance(m, Q8Linear)}
+    assert layers == ({"lm_head"} | {f"layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")} if arch == "llama"
+        else {"lm_head"})
+    reference = dense.checkpoint_views()
+    if arch == "llama":  # fused and un-permuted as the dense load does it, value for value
+        fused = torch.cat([reference[f"layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+        assert torch.equal(kept.layers[1].self_attn.qkv_proj.dequantize(), fused)
+    assert torch.equal(kept.lm_head.dequantize(), dense.lm_head.weight)
+    assert torch.equal(kept.embed_tokens.weight, dense.embed_tokens.weight)  # the lookup keeps its table
+    torch.testing.assert_close(logits(kept, IDS), logits(dense, IDS), atol=1e-4, rtol=1e-4)
+    # not for a bfloat16 model: its head stays in the activation dtype
+    assert not any(isinstance(m, Q8Linear) for m in load_gguf(path, keep_q8=True, dtype=torch.bfloat16).modules())
 
 
 # ---- a whole checkpoint: GPT-2's tokenizer and a chat template in the file ----

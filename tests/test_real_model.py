@@ -14,7 +14,9 @@ from helpers import MIXED
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
+from minercore.models import q8_rows
 from minercore.models.loading import embedded, inspect, load_native
+from minercore.models.quant import Q8Linear
 from minercore.runtime.build import build_runner
 from minercore.runtime.sampling import SlotParams
 
@@ -62,6 +64,29 @@ def test_logits_and_greedy_tokens_equal_transformers(smollm2, reference) -> None
         got.append(int(runner.decode(np.array([0]))[0]))
     assert got == expected
     assert "Paris" in tokenizer.decode(expected)
+
+
+@pytest.mark.skipif(not q8_rows.AVAILABLE, reason="the Q8_0 row kernel needs AVX2, FMA and its build")
+@torch.no_grad()
+def test_the_files_q8_head_gives_the_dense_heads_logits_and_text(smollm2, reference) -> None:
+    """float32 with the file's own quantization: the tied head as its Q8_0 blocks (the q8_rows kernel) against the
+    same values dequantized (torch's float32 product), over a chat's every position and 32 greedy tokens."""
+    _, tokenizer = reference
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    blocks = load_native(inspect(NAME), device="cpu", dtype=torch.float32, keep_int4=True, keep_q8=True).eval()
+    dense = load_native(inspect(NAME), device="cpu", dtype=torch.float32, keep_int4=True).eval()
+    assert isinstance(blocks.lm_head, Q8Linear) and type(dense.lm_head) is torch.nn.Linear
+    assert torch.equal(blocks.lm_head.dequantize(), dense.lm_head.weight)
+    torch.testing.assert_close(blocks(ids), dense(ids), atol=1e-4, rtol=1e-4)
+    assert greedy(blocks, ids, 32) == greedy(dense, ids, 32)
+
+
+def greedy(model, ids: torch.Tensor, count: int) -> list[int]:
+    """``count`` greedy ids after ``ids``, a whole forward each (no cache: the model alone)."""
+    for _ in range(count):
+        ids = torch.cat((ids, model(ids)[:, -1:].argmax(-1)), dim=1)
+    return ids[0, -count:].tolist()
 
 
 async def answer(mode: str, request: GenerationRequest) -> tuple[Engine, str, str | None]:

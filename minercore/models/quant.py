@@ -16,6 +16,7 @@ q in 0..15 stands for ``(q - 8) * scale + zero``. CUDA (gpt-fast's recipe): int8
 ``F.linear(x, w.to(x.dtype)) * scales``, which inductor fuses into one dequantizing matmul under
 ``torch.compile``; int4 is tinygemm's ``torch._weight_int4pack_mm`` over ``torch._convert_weight_to_int4pack``.
 On a CPU with AVX-512, int4 products of many rows go through ``int4_rows``: torch's results, bit for bit, for less.
+``Q8Linear`` is not a quantization this module makes: it holds a GGUF file's Q8_0 matrix as it is (``q8_rows``).
 
 The kernel dtype (``kernel_dtype``): both CPU kernels want their activations and scales in bfloat16 or float16
 and are 5-60x slower with float32 ones (notes/real-model.md), so a float32 model's quantized layers cast their
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..contract.config import QUANT_CHOICES, QUANT_GROUPS
-from . import int4_rows
+from . import int4_rows, q8_rows
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +255,44 @@ class Int4Linear(nn.Module):
                 f"kernel {self.kernel_dtype}")
 
 
+class Q8Linear(nn.Module):
+    """y = x @ w.T + bias with w = d * q: a GGUF Q8_0 matrix's int8 values q [N, K] and block scales d [N, K / 32]
+    kept as they are, for a float32 model on a CPU (``q8_rows``). The weights are exactly the file's; inputs in
+    another dtype or on another device are multiplied by the dequantized matrix instead."""
+
+    def __init__(self, q: Tensor, d: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] % q8_rows.BLOCK or tuple(d.shape) != (
+                q.shape[0], q.shape[1] // q8_rows.BLOCK):
+            raise ValueError(f"Q8Linear needs int8 [N, K] values (K a multiple of {q8_rows.BLOCK}) and [N, K / "
+                             f"{q8_rows.BLOCK}] scales, got {q.dtype} {tuple(q.shape)} and {tuple(d.shape)}")
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("d", d.to(torch.float32).contiguous())
+        self.register_buffer("bias", bias)
+
+    def dequantize(self) -> Tensor:
+        """The float32 [N, K] weights, exactly d * q."""
+        return (self.q.float().view(self.out_features, -1, q8_rows.BLOCK) * self.d[..., None]).view(
+            self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu" and q8_rows.AVAILABLE:
+            y = torch.ops.minercore.q8_rows_mm(_flat(x, torch.float32), self.q, self.d)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Q8Linear:
+        super()._apply(fn, recurse)  # see Int8Linear._apply: the scales stay float32, the values int8
+        _keep_dtype(self, "d", torch.float32)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks"
+
+
 def _inner_k_tiles(k: int) -> int:
     """tinygemm's k-tiles per packed word group: the widest of 8, 4, 2 that divides K into 16-wide tiles."""
     return next(tiles for tiles in (8, 4, 2) if k % (tiles * 16) == 0)
@@ -306,13 +345,17 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32, *, device: torch
 
 
 def describe(model: nn.Module) -> str:
-    """``int4 g32``, ``int8``, with ``(2 of 15 linears unquantized)`` when some fell back; ``none``."""
+    """``int4 g32``, ``int8``, ``int4 g32, Q8_0 blocks (1 linear)`` (a GGUF's Q8_0 matrices kept as they are), with
+    ``(2 of 15 linears unquantized)`` when some fell back; ``none``."""
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    if not int8 and not int4:
+    blocks = sum(1 for m in model.modules() if isinstance(m, Q8Linear))
+    if not int8 and not int4 and not blocks:
         return "none"
-    text = "int8" if int8 else f"int4 g{int4[0].group_size}"
+    parts = (["int8"] if int8 else [f"int4 g{int4[0].group_size}"] if int4 else []) + (
+        [f"Q8_0 blocks ({blocks} linear{'s' if blocks > 1 else ''})"] if blocks else [])
+    text = ", ".join(parts)
     plain = sum(1 for m in model.modules() if type(m) is nn.Linear)
     if plain:
-        text += f" ({plain} of {plain + len(int8) + len(int4)} linears unquantized)"
+        text += f" ({plain} of {plain + len(int8) + len(int4) + blocks} linears unquantized)"
     return text

@@ -112,9 +112,11 @@ def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtyp
     embedded model's name; ``weights``: GPT-2), else a random-weight preset."""
     if options.path:
         checkpoint = inspect_checkpoint(options.path)
-        # A GGUF file's 4-bit blocks go into the int4 kernel as they are (auto, or int4 at the files' group 32).
+        # A GGUF file's 4-bit blocks go into the int4 kernel as they are (auto, or int4 at the files' group 32);
+        # its Q8_0 blocks into q8_rows under auto, where that serves (a float32 model on a CPU).
         keep_int4 = options.quant == "auto" or (options.quant == "int4" and options.quant_group == 32)
-        model = load_native(checkpoint, device=device, dtype=dtype, keep_int4=keep_int4)
+        model = load_native(checkpoint, device=device, dtype=dtype, keep_int4=keep_int4,
+                            keep_q8=options.quant == "auto")
         return model, f"{options.path} [{checkpoint.describe()}]"
     if options.weights:
         return load_gpt2(options.weights), options.weights

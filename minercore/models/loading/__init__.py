@@ -108,15 +108,17 @@ def _json_or_empty(file: Path) -> dict[str, Any]:
     return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
 
 
-def load_native(checkpoint: Checkpoint, *, device: Any, dtype: Any, keep_int4: bool = False) -> Any:
+def load_native(checkpoint: Checkpoint, *, device: Any, dtype: Any, keep_int4: bool = False,
+                keep_q8: bool = False) -> Any:
     """The native model (``runtime``'s CachedLM) holding the checkpoint's weights on ``device`` in ``dtype``;
-    ``keep_int4``: a GGUF file's Q4_0/Q4_1 matrices stay 4-bit (``gguf.load_gguf``)."""
+    ``keep_int4`` / ``keep_q8``: a GGUF file's Q4_0/Q4_1 / Q8_0 matrices stay as they are, where a kernel takes
+    them (``gguf.load_gguf``)."""
     if not checkpoint.native:
         raise CheckpointError(f"{checkpoint.path}: {checkpoint.describe()} has no native implementation")
     if checkpoint.format == "gguf":
         from .gguf import load_gguf
 
-        return load_gguf(checkpoint.path, device=device, dtype=dtype, keep_int4=keep_int4)
+        return load_gguf(checkpoint.path, device=device, dtype=dtype, keep_int4=keep_int4, keep_q8=keep_q8)
     if checkpoint.architecture == "gpt2":
         from .safetensors import load_gpt2
 

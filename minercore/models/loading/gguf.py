@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import q8_rows
 from ..llama import LlamaConfig, LlamaLM
 
 logger = logging.getLogger(__name__)
@@ -178,10 +179,13 @@ def _plan(reader: Any, model: LlamaLM) -> list[tuple[Any, str]]:
 
 @torch.no_grad()
 def load_gguf(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              keep_int4: bool = False) -> LlamaLM:
+              keep_int4: bool = False, keep_q8: bool = False) -> LlamaLM:
     """A LlamaLM holding the GGUF file's weights, dequantized into ``dtype`` on ``device``; with ``keep_int4``,
     every linear layer whose matrices are all Q4_0/Q4_1 becomes a ``quant.Int4Linear`` holding the file's 4-bit
-    values and block scales as they are (no re-quantization), where the int4 kernel takes its shape."""
+    values and block scales as they are (no re-quantization), where the int4 kernel takes its shape; with
+    ``keep_q8``, every linear whose matrices are all Q8_0 (a head tied to a Q8_0 embedding included: the
+    embedding keeps its dequantized table for the lookup) becomes a ``quant.Q8Linear`` holding them as they are,
+    where ``q8_rows`` serves this device and dtype (a float32 model on a CPU with AVX2)."""
     reader = open_reader(path)
     config = llama_config(reader)
     with torch.device("meta"):
@@ -189,13 +193,17 @@ def load_gguf(path: str | Path, *, device: torch.device | str = "cpu", dtype: to
     device = torch.device(device)
     model = LlamaLM.empty(config, device, dtype)
     views = model.checkpoint_views()
-    blocks = _int4_layers(model, plan, device) if keep_int4 else {}
-    held = {name for parts in blocks.values() for name, _ in parts}
+    int4 = _int4_taken(_block_layers(model, plan, _INT4_TYPES, tied_head=False), model, device) if keep_int4 else {}
+    q8 = _block_layers(model, plan, ("Q8_0",), tied_head=True) if keep_q8 and q8_rows.usable(device, dtype) else {}
+    # A kept layer's matrices are never dequantized (their dense pages stay untouched); the embedding always is.
+    held = {name for parts in (*int4.values(), *q8.values()) for name, _ in parts} - {"embed_tokens.weight"}
     for tensor, ours in plan:
-        if ours not in held:  # an int4 layer's matrices: never dequantized (their dense pages stay untouched)
+        if ours not in held:
             _copy_into(views[ours], tensor, _heads(config, ours))
-    for module_path, parts in blocks.items():
+    for module_path, parts in int4.items():
         _replace_with_int4(model, module_path, parts, dtype, device)
+    for module_path, parts in q8.items():
+        _replace_with_q8(model, module_path, parts, device)
     return model
 
 
@@ -215,29 +223,40 @@ _INT4_TYPES = ("Q4_0", "Q4_1")
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def _int4_layers(model: LlamaLM, plan: list[tuple[Any, str]], device: torch.device) -> dict[str, list]:
-    """Module path -> [(view name, GGUF tensor)] for every linear whose matrices are all Q4_0/Q4_1 and whose
-    shape the int4 kernel takes; logged once for those it cannot."""
-    from ..quant import refusal
-
+def _block_layers(model: LlamaLM, plan: list[tuple[Any, str]], types: tuple[str, ...], *,
+                  tied_head: bool) -> dict[str, list]:
+    """Module path -> [(view name, GGUF tensor)] for every linear whose matrices are all of ``types``; with
+    ``tied_head``, a head tied to the embedding counts as holding the embedding's tensor."""
     tensors = {ours: tensor for tensor, ours in plan}
-    layers, kept = {}, []
+    layers = {}
     for path, module in model.named_modules():
         if type(module) is not torch.nn.Linear:
             continue
         parent, _, name = path.rpartition(".")
         parts = [f"{parent}.{part}.weight" if parent else f"{part}.weight" for part in _FUSED.get(name, (name,))]
-        if not all(p in tensors and tensors[p].tensor_type.name in _INT4_TYPES for p in parts):
-            continue
+        if path == "lm_head" and model.config.tie_embeddings and tied_head:
+            parts = ["embed_tokens.weight"]
+        if all(p in tensors and tensors[p].tensor_type.name in types for p in parts):
+            layers[path] = [(p, tensors[p]) for p in parts]
+    return layers
+
+
+def _int4_taken(layers: dict[str, list], model: LlamaLM, device: torch.device) -> dict[str, list]:
+    """``layers`` less those whose shape the int4 kernel cannot take, logged once."""
+    from ..quant import refusal
+
+    taken, kept = {}, []
+    for path, parts in layers.items():
+        module = model.get_submodule(path)
         reason = refusal("int4", module.out_features, module.in_features, 32, device)
-        if reason is not None:
+        if reason is None:
+            taken[path] = parts
+        else:
             kept.append(f"{path} ({reason})")
-            continue
-        layers[path] = [(p, tensors[p]) for p in parts]
     if kept:
         logger.warning("GGUF int4: %d layer(s) dequantized instead, the kernel cannot take their shape: %s",
                        len(kept), "; ".join(kept))
-    return layers
+    return taken
 
 
 def q4_blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -274,6 +293,33 @@ def _replace_with_int4(model: LlamaLM, path: str, parts: list[tuple[str, Any]], 
     layer = Int4Linear.from_blocks(torch.cat(scales), torch.cat(minimums), torch.cat(values), bias=bias,
                                    dtype=kernel_dtype("int4", device, dtype), device=device)
     setattr(parent, name, layer)
+
+
+def q8_blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 tensor's blocks as (d [N, K/32] float32, q [N, K] int8) with w = d * q."""
+    data = np.asarray(tensor.data)
+    blocks = data.reshape(data.shape[0], -1, 34)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(data.shape[0], -1)
+    return d, q
+
+
+def _replace_with_q8(model: LlamaLM, path: str, parts: list[tuple[str, Any]], device: torch.device) -> None:
+    from ..quant import Q8Linear
+
+    scales, values = [], []
+    for ours, tensor in parts:
+        d, q = (torch.from_numpy(a) for a in q8_blocks(tensor))
+        heads = _heads(model.config, ours)
+        if heads is not None:
+            d, q = (_unpermute(a, heads) for a in (d, q))
+        scales.append(d)
+        values.append(q)
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    bias = getattr(parent, name).bias
+    setattr(parent, name, Q8Linear(torch.cat(values).to(device), torch.cat(scales).to(device),
+                                   bias=None if bias is None else bias.detach().clone()))
 
 
 _CHUNK_ELEMENTS = 1 << 22  # dequantized a block of rows at a time: gguf's routines make several temporaries
