@@ -42,6 +42,20 @@ FALLBACKS = {"minercore.text._streamloop_c": "installing the pure-Python twin",
              "minercore.models._q8_rows": "Q8_0 tensors are dequantized to the model's dtype"}
 
 
+def kernel(name: str) -> Extension:
+    """``minercore.models._<name>``: csrc/<name>.c (with its header) behind its Cython wrapper. OpenMP's symbols
+    resolve to the runtime torch has already loaded (it is imported first), so the kernel's threads are torch's
+    own workers, not a second set competing for the cores."""
+    return Extension(
+        f"minercore.models._{name}",
+        [f"csrc/_{name}.pyx", f"csrc/{name}.c"],
+        include_dirs=["csrc"],
+        depends=[f"csrc/{name}.h"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+
+
 def extensions() -> list[Extension]:
     if NO_EXTENSIONS:
         print("minercore: MINERCORE_NO_EXTENSIONS is set; installing the pure-Python twin", file=sys.stderr)
@@ -56,25 +70,8 @@ def extensions() -> list[Extension]:
         ["csrc/_streamloop_c.pyx"],
         extra_compile_args=["-O3"],
     )
-    # OpenMP's symbols resolve to the runtime torch has already loaded (it is imported first), so the kernel's
-    # threads are torch's own workers, not a second set competing for the cores.
-    int4_rows = Extension(
-        "minercore.models._int4_rows",
-        ["csrc/_int4_rows.pyx", "csrc/int4_rows.c"],
-        include_dirs=["csrc"],
-        depends=["csrc/int4_rows.h"],
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-    )
-    q8_rows = Extension(
-        "minercore.models._q8_rows",
-        ["csrc/_q8_rows.pyx", "csrc/q8_rows.c"],
-        include_dirs=["csrc"],
-        depends=["csrc/q8_rows.h"],
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-    )
-    return cythonize([streamloop, int4_rows, q8_rows], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
+    kernels = [kernel(name) for name in ("int4_rows", "q8_rows")]
+    return cythonize([streamloop, *kernels], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
