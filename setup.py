@@ -1,5 +1,5 @@
-"""Builds the compiled stream loop and the int4 and Q8_0 row kernels; falls back to a pure-Python install when asked or
-when compiling fails."""
+"""Builds the compiled stream loop and the int4, Q8_0 and Q4 row kernels; falls back to a pure-Python install when
+asked or when compiling fails."""
 
 import os
 import sys
@@ -39,7 +39,8 @@ class OptionalBuildExt(build_ext):
 
 FALLBACKS = {"minercore.text._streamloop_c": "installing the pure-Python twin",
              "minercore.models._int4_rows": "torch's int4 kernel serves every int4 product",
-             "minercore.models._q8_rows": "Q8_0 tensors are dequantized to the model's dtype"}
+             "minercore.models._q8_rows": "Q8_0 tensors are dequantized to the model's dtype",
+             "minercore.models._q4_rows": "Q4_0 and Q4_1 tensors go through torch's int4 kernel"}
 
 
 def kernel(name: str) -> Extension:
@@ -50,7 +51,7 @@ def kernel(name: str) -> Extension:
         f"minercore.models._{name}",
         [f"csrc/_{name}.pyx", f"csrc/{name}.c"],
         include_dirs=["csrc"],
-        depends=[f"csrc/{name}.h"],
+        depends=[f"csrc/{name}.h", "csrc/rows_tile.h"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
@@ -70,7 +71,7 @@ def extensions() -> list[Extension]:
         ["csrc/_streamloop_c.pyx"],
         extra_compile_args=["-O3"],
     )
-    kernels = [kernel(name) for name in ("int4_rows", "q8_rows")]
+    kernels = [kernel(name) for name in ("int4_rows", "q8_rows", "q4_rows")]
     return cythonize([streamloop, *kernels], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
 
 

@@ -68,10 +68,10 @@ from minercore.runtime.native import ModelRunner
 from minercore.runtime.sampling import GREEDY, SlotParams
 
 PHASES = ("kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf", "quant", "speculative",
-          "paged", "int4_rows")
+          "paged", "int4_rows", "gguf_rows")
 PHASE_BUDGET_S = {"kv": 30, "decode": 180, "correctness": 140, "engine": 90, "hf": 150, "variants": 150,
                   "llama": 150, "gguf": 120, "quant": 300, "speculative": 150,
-                  "paged": 150, "int4_rows": 40}
+                  "paged": 150, "int4_rows": 40, "gguf_rows": 40}
 # All phases together: under the 8 minutes asked for once the extension build and Python's start-up are added.
 # On a cold machine the later phases (variants, llama) may not fit; they are then skipped, and a rerun with
 # --phases picks them up with the caches the first run left warm.
@@ -713,6 +713,66 @@ def phase_int4_rows(sizes: Sizes, out: Path, part: Part) -> None:
               flush=True)
 
 
+def phase_gguf_rows(sizes: Sizes, out: Path, part: Part) -> None:
+    """The host CPU's GGUF block kernels for float32 models (another CPU to measure them on): one SmolLM2 block's
+    four Q4_1 products through ``q4_rows`` against torch's int4 kernel (the rows cast to bfloat16 and back), and
+    the Q8_0 head through ``q8_rows`` against the float32 product of the same values; each row computed in the
+    batch equal to it computed alone (smoke: two row counts, few repeats)."""
+    from minercore.models import q4_rows, q8_rows
+    from minercore.models.quant import Int4Linear, Q4Linear, Q8Linear
+
+    part.add(gguf_rows={"q4_available": q4_rows.AVAILABLE, "q8_available": q8_rows.AVAILABLE,
+                        "threads": torch.get_num_threads(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability()})
+    if not (q4_rows.AVAILABLE and q8_rows.AVAILABLE):
+        print("  gguf_rows: no block kernels on this CPU (need AVX2, FMA, F16C and their build): nothing measured",
+              flush=True)
+        return
+    rows_counts, repeats = ((1, 8), 2) if sizes.smoke else ((1, 8, 16, 64), 20)
+    gen = torch.Generator().manual_seed(0)
+    q4, int4 = [], []
+    for n, k in ((960, 576), (576, 576), (3072, 576), (576, 1536)):
+        values = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+        d = (torch.rand(n, k // 32, generator=gen) * 0.01).half().float()
+        m = (-torch.rand(n, k // 32, generator=gen) * 0.08).half().float()
+        q4.append(Q4Linear.from_blocks(d, m, values))
+        int4.append(Int4Linear.from_blocks(d, m, values, dtype=torch.bfloat16))
+    vocab = 4096 if sizes.smoke else 49152
+    head = Q8Linear(torch.randint(-128, 128, (vocab, 576), dtype=torch.int8, generator=gen),
+                    (torch.rand(vocab, 18, generator=gen) * 0.002).half().float())
+    dense_head = head.dequantize()
+
+    def timed(products: list, xs: list) -> float:
+        """Microseconds for each product applied to its input, once."""
+        def once() -> None:
+            for product, xi in zip(products, xs, strict=True):
+                product(xi)
+        once()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            once()
+        return (time.perf_counter() - started) / repeats * 1e6
+
+    def dense(xi: torch.Tensor) -> torch.Tensor:
+        return F.linear(xi, dense_head)
+
+    with torch.no_grad():
+        for rows in rows_counts:
+            inputs = [torch.randn(rows, layer.in_features, generator=gen) for layer in q4]
+            x = torch.randn(rows, 576, generator=gen)
+            alone = all(torch.equal(layer(xi), torch.cat([layer(xi[r:r + 1]) for r in range(rows)]))
+                        for layer, xi in zip(q4, inputs, strict=True))
+            alone = alone and torch.equal(head(x), torch.cat([head(x[r:r + 1]) for r in range(rows)]))
+            row = {"rows": rows, "batch_independent": alone,
+                   "q4_us": round(timed(q4, inputs), 1), "int4_us": round(timed(int4, inputs), 1),
+                   "q8_head_us": round(timed([head], [x]), 1), "float32_head_us": round(timed([dense], [x]), 1)}
+            part.add(gguf_rows_layer=[row],
+                     correctness={f"GGUF block kernels: {rows} rows in a batch equal each row alone": alone})
+            print(f"  gguf rows {rows}: q4 {row['q4_us']:,.0f} us vs int4 {row['int4_us']:,.0f}; q8 head "
+                  f"{row['q8_head_us']:,.0f} us vs float32 {row['float32_head_us']:,.0f}; batch-independent {alone}",
+                  flush=True)
+
+
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -721,7 +781,7 @@ def _free(device: torch.device) -> None:
 PHASE_FUNCTIONS = {"kv": phase_kv, "decode": phase_decode, "correctness": phase_correctness,
                    "engine": phase_engine, "hf": phase_hf, "variants": phase_variants, "llama": phase_llama,
                    "gguf": phase_gguf, "quant": phase_quant, "speculative": phase_speculative,
-                   "paged": phase_paged, "int4_rows": phase_int4_rows}
+                   "paged": phase_paged, "int4_rows": phase_int4_rows, "gguf_rows": phase_gguf_rows}
 
 
 # ---- orchestration ----

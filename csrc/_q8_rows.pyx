@@ -12,7 +12,7 @@ cdef extern from "q8_rows.h":
 
 
 def supported() -> bool:
-    """Whether this CPU runs the kernel (AVX2 and FMA)."""
+    """Whether this CPU runs the kernel (AVX2, FMA and F16C)."""
     return mc_q8_rows_supported() == 1
 
 

@@ -7,7 +7,7 @@
 
 #include <stdint.h>
 
-/* 1 where this CPU runs the kernel (AVX2 and FMA), else 0. */
+/* 1 where this CPU runs the kernel (AVX2, FMA and F16C), else 0. */
 int mc_q8_rows_supported(void);
 
 /* y[M, N] (float32) = x[M, K] (float32, rows K apart) times W^T, W[n, k] = d[n, k / 32] * q[n, k]: q is [N, K]

@@ -19,7 +19,7 @@ from helpers import MIXED
 from minercore.contract.config import CACHE_ENV, EngineOptions, ModelOptions, cache_dir
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.models import q8_rows
+from minercore.models import q4_rows, q8_rows
 from minercore.models.loading import CheckpointError, inspect
 from minercore.models.loading.gguf import GGUFError, load_gguf
 from minercore.runtime.build import build_runner
@@ -192,9 +192,10 @@ def test_q4_blocks_are_exactly_what_gguf_dequantizes(tmp_path, type_name) -> Non
 
 
 @pytest.mark.parametrize(("arch", "type_name"), [("llama", "Q4_1"), ("qwen2", "Q4_0"), ("qwen3", "Q4_1")])
-def test_q4_layers_run_the_files_values_in_the_int4_kernel(tmp_path, arch, type_name) -> None:
+def test_q4_layers_run_the_files_values_in_the_int4_kernel(tmp_path, monkeypatch, arch, type_name) -> None:
     from minercore.models.quant import Int4Linear
 
+    monkeypatch.setattr(q4_rows, "AVAILABLE", False)  # as on a CPU without AVX2: torch's int4 kernel serves
     path = write_gguf(tmp_path / "q.gguf", hf_model(arch, **ARCHITECTURES[arch]), types=type_name)
     dense = load_gguf(path).eval()
     int4 = load_gguf(path, keep_int4=True).eval()
@@ -206,6 +207,30 @@ def test_q4_layers_run_the_files_values_in_the_int4_kernel(tmp_path, arch, type_
     # The same weights, un-permuted the same way; the kernel computes in bfloat16 (its scales rounded to it).
     torch.testing.assert_close(got, fused, atol=2e-2 * float(fused.abs().max()), rtol=2e-2)
     torch.testing.assert_close(logits(int4, IDS), logits(dense, IDS), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.skipif(not q4_rows.AVAILABLE, reason="the Q4 row kernel needs AVX2, FMA and its build")
+@pytest.mark.parametrize(("arch", "type_name"), [("llama", "Q4_1"), ("qwen2", "Q4_0"), ("qwen3", "Q4_1")])
+def test_q4_layers_in_a_float32_model_hold_the_files_values_and_give_the_dense_logits(tmp_path, arch,
+                                                                                        type_name) -> None:
+    from minercore.models.quant import Int4Linear, Q4Linear
+
+    path = write_gguf(tmp_path / "q.gguf", hf_model(arch, **ARCHITECTURES[arch]), types=type_name)
+    dense = load_gguf(path).eval()
+    kept = load_gguf(path, keep_int4=True).eval()
+    layers = {name for name, m in kept.named_modules() if isinstance(m, Q4Linear)}
+    assert layers == {f"layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")} | (
+        set() if arch == "qwen2" else {"lm_head"})  # qwen2's head is tied to the embedding
+    reference = dense.checkpoint_views()
+    fused = torch.cat([reference[f"layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(kept.layers[1].self_attn.qkv_proj.dequantize(), fused)  # un-permuted, value for value
+    assert torch.equal(kept.layers[0].mlp.down_proj.dequantize(), reference["layers.0.mlp.down_proj.weight"])
+    torch.testing.assert_close(logits(kept, IDS), logits(dense, IDS), atol=1e-4, rtol=1e-4)
+    # a bfloat16 model keeps torch's int4 kernel
+    bf16 = load_gguf(path, keep_int4=True, dtype=torch.bfloat16)
+    assert not any(isinstance(m, Q4Linear) for m in bf16.modules())
+    assert any(isinstance(m, Int4Linear) for m in bf16.modules())
 
 
 # ---- Q8_0 kept as its blocks where the model runs in float32 on a CPU: the file's values exactly ----
@@ -298,7 +323,8 @@ def test_echo_through_the_files_own_tokenizer_is_byte_exact(servable) -> None:
     serving = engine.serving
     weights = serving.pop("weights_bytes")
     assert serving == {"backend": "native", "format": "gguf", "architecture": "llama",
-                       "checkpoint_quantization": "Q4_0", "quantization": "int4 g32", "dtype": "float32",
+                       "checkpoint_quantization": "Q4_0",
+                       "quantization": "Q4 blocks (9 linears)" if q4_rows.AVAILABLE else "int4 g32", "dtype": "float32",
                        "device": "cpu", "kv_cache": "paged", "kv_cache_bytes": serving["kv_cache_bytes"]}
     assert weights > 0 and serving["kv_cache_bytes"] > 0
 

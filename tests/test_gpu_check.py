@@ -23,7 +23,7 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     assert results["device"] == "CPU" and results["smoke"] is True
     assert results["torch"] and results["date"] and results["command"] == "bash scripts/gpu_check.sh --smoke"
     assert set(results["phases"]) == {"kv", "decode", "correctness", "engine", "hf", "variants", "llama", "gguf",
-                                      "quant", "speculative", "paged", "int4_rows"}
+                                      "quant", "speculative", "paged", "int4_rows", "gguf_rows"}
     assert all(phase["status"] == "ok" for phase in results["phases"].values()), results["phases"]
     assert not results.get("errors"), results["errors"]
 
@@ -48,6 +48,12 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     assert results["int4_rows"]["available"] == int4_rows.AVAILABLE
     if int4_rows.AVAILABLE:  # timed at two row counts, and bit-identical to torch's kernel
         assert [(row["rows"], row["identical"]) for row in results["int4_rows_layer"]] == [(8, True), (64, True)]
+    from minercore.models import q4_rows
+    assert results["gguf_rows"]["q4_available"] == q4_rows.AVAILABLE
+    if q4_rows.AVAILABLE:  # timed at two row counts, every row in the batch equal to it alone
+        assert [(row["rows"], row["batch_independent"]) for row in results["gguf_rows_layer"]] == [(1, True),
+                                                                                                    (8, True)]
+        assert all(row["q4_us"] > 0 and row["int4_us"] > 0 for row in results["gguf_rows_layer"])
     assert all(row["engine_tokens_per_s"] > 0 and row["raw_tokens_per_s"] > 0 for row in engine)
     assert all(row["tokens"] == row["expected_tokens"] for row in engine)
 

@@ -14,9 +14,9 @@ from helpers import MIXED
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.models import q8_rows
+from minercore.models import q4_rows, q8_rows
 from minercore.models.loading import embedded, inspect, load_native
-from minercore.models.quant import Q8Linear
+from minercore.models.quant import Q4Linear, Q8Linear
 from minercore.runtime.build import build_runner
 from minercore.runtime.sampling import SlotParams
 
@@ -82,6 +82,22 @@ def test_the_files_q8_head_gives_the_dense_heads_logits_and_text(smollm2, refere
     assert greedy(blocks, ids, 32) == greedy(dense, ids, 32)
 
 
+@pytest.mark.skipif(not q4_rows.AVAILABLE, reason="the Q4 row kernel needs AVX2, FMA and its build")
+@torch.no_grad()
+def test_the_files_q4_layers_give_the_dense_layers_logits_and_text(smollm2, reference) -> None:
+    """float32: the file's Q4_1 layers as their blocks (the q4_rows kernel) against the same values dequantized
+    (torch's float32 products), over a chat's every position and 32 greedy tokens."""
+    _, tokenizer = reference
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    blocks = load_native(inspect(NAME), device="cpu", dtype=torch.float32, keep_int4=True).eval()
+    dense = load_native(inspect(NAME), device="cpu", dtype=torch.float32).eval()
+    assert sum(isinstance(m, Q4Linear) for m in blocks.modules()) == 120
+    assert torch.equal(blocks.layers[7].mlp.gate_up_proj.dequantize(), dense.layers[7].mlp.gate_up_proj.weight)
+    torch.testing.assert_close(blocks(ids), dense(ids), atol=1e-4, rtol=1e-4)
+    assert greedy(blocks, ids, 32) == greedy(dense, ids, 32)
+
+
 def greedy(model, ids: torch.Tensor, count: int) -> list[int]:
     """``count`` greedy ids after ``ids``, a whole forward each (no cache: the model alone)."""
     for _ in range(count):
@@ -101,12 +117,15 @@ async def answer(mode: str, request: GenerationRequest) -> tuple[Engine, str, st
 
 
 def test_the_engine_answers_a_real_question(smollm2) -> None:
-    """By default (quant auto) the file's Q4_1 blocks run in the int4 kernel as they are."""
+    """By default (quant auto) the file's Q4_1 and Q8_0 blocks are kept as they are: in float32 on a CPU with AVX2,
+    through the Q4 and Q8_0 row kernels."""
     request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_new_tokens=48))
     engine, text, reason = asyncio.run(answer("generate", request))
     assert text == "The capital of France is Paris." and reason == "eos"
     assert engine.serving["format"] == "gguf" and engine.serving["checkpoint_quantization"] == "Q4_1"
-    assert engine.serving["quantization"].startswith("int4 g32")  # the tied Q8_0 head stays dense
+    four_bit = "Q4 blocks (120 linears)" if q4_rows.AVAILABLE else "int4 g32"
+    head = ", Q8_0 blocks (1 linear)" if q8_rows.AVAILABLE else " (1 of 121 linears unquantized)"
+    assert engine.serving["quantization"] == four_bit + head
 
 
 def test_min_tokens_and_ignore_eos_hold_the_stop_ids_back(smollm2) -> None:

@@ -16,7 +16,8 @@ q in 0..15 stands for ``(q - 8) * scale + zero``. CUDA (gpt-fast's recipe): int8
 ``F.linear(x, w.to(x.dtype)) * scales``, which inductor fuses into one dequantizing matmul under
 ``torch.compile``; int4 is tinygemm's ``torch._weight_int4pack_mm`` over ``torch._convert_weight_to_int4pack``.
 On a CPU with AVX-512, int4 products of many rows go through ``int4_rows``: torch's results, bit for bit, for less.
-``Q8Linear`` is not a quantization this module makes: it holds a GGUF file's Q8_0 matrix as it is (``q8_rows``).
+``Q8Linear`` and ``Q4Linear`` are not quantizations this module makes: they hold a GGUF file's Q8_0 and Q4_0/Q4_1
+matrices as they are, for a float32 model on a CPU (``q8_rows``, ``q4_rows``).
 
 The kernel dtype (``kernel_dtype``): both CPU kernels want their activations and scales in bfloat16 or float16
 and are 5-60x slower with float32 ones (notes/real-model.md), so a float32 model's quantized layers cast their
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..contract.config import QUANT_CHOICES, QUANT_GROUPS
-from . import int4_rows, q8_rows
+from . import int4_rows, q4_rows, q8_rows
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +294,55 @@ class Q8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks"
 
 
+class Q4Linear(nn.Module):
+    """y = x @ w.T + bias with w = fma(q, d, m): a GGUF Q4_0 or Q4_1 matrix's values q [N, K] (0..15, packed two a
+    byte in the file's nibble order, ``q4_rows.pack``) with each block's scale and minimum [N, K / 32, 2] (float16,
+    ``q4_rows.pair``) kept as they are, for a float32 model on a CPU (``q4_rows``). The weights are the file's
+    values rounded once to float32; inputs in another dtype or on another device are multiplied by the dequantized
+    matrix instead."""
+
+    def __init__(self, q: Tensor, dm: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        block = q4_rows.BLOCK
+        if (q.dtype != torch.uint8 or q.dim() != 2 or (2 * q.shape[1]) % block or dm.dtype != torch.float16
+                or tuple(dm.shape) != (q.shape[0], 2 * q.shape[1] // block, 2)):
+            raise ValueError(f"Q4Linear needs packed uint8 [N, K / 2] values (K a multiple of {block}) and float16 "
+                             f"[N, K / {block}, 2] scales and minimums, got {q.dtype} {tuple(q.shape)} and "
+                             f"{dm.dtype} {tuple(dm.shape)}")
+        self.out_features, self.in_features = q.shape[0], 2 * q.shape[1]
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("dm", dm.contiguous())
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_blocks(cls, scale: Tensor, minimum: Tensor, q: Tensor, *, bias: Tensor | None = None) -> Q4Linear:
+        """From a Q4 tensor's blocks as the loader reads them: d and m [N, K / 32] (Q4_0's m is -8 d) and the
+        values q [N, K], 0..15."""
+        return cls(q4_rows.pack(q), q4_rows.pair(scale, minimum), bias)
+
+    def dequantize(self) -> Tensor:
+        """The float32 [N, K] weights: d * q + m, d * q exact in float32, so rounded once as the kernel's fma."""
+        values = q4_rows.unpack(self.q).float().view(self.out_features, -1, q4_rows.BLOCK)
+        d, m = self.dm.float().unbind(-1)
+        return torch.addcmul(m[..., None], values, d[..., None]).view(self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu" and q4_rows.AVAILABLE:
+            y = torch.ops.minercore.q4_rows_mm(_flat(x, torch.float32), self.q, self.dm)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Q4Linear:
+        super()._apply(fn, recurse)  # see Int8Linear._apply: the scales stay float16, the values packed bytes
+        _keep_dtype(self, "dm", torch.float16)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q4 blocks"
+
+
 def _inner_k_tiles(k: int) -> int:
     """tinygemm's k-tiles per packed word group: the widest of 8, 4, 2 that divides K into 16-wide tiles."""
     return next(tiles for tiles in (8, 4, 2) if k % (tiles * 16) == 0)
@@ -345,17 +395,18 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32, *, device: torch
 
 
 def describe(model: nn.Module) -> str:
-    """``int4 g32``, ``int8``, ``int4 g32, Q8_0 blocks (1 linear)`` (a GGUF's Q8_0 matrices kept as they are), with
-    ``(2 of 15 linears unquantized)`` when some fell back; ``none``."""
+    """``int4 g32``, ``int8``, ``Q4 blocks (120 linears), Q8_0 blocks (1 linear)`` (a GGUF's matrices kept as they
+    are), with ``(2 of 15 linears unquantized)`` when some fell back; ``none``."""
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    blocks = sum(1 for m in model.modules() if isinstance(m, Q8Linear))
-    if not int8 and not int4 and not blocks:
+    kept = {kind: sum(1 for m in model.modules() if isinstance(m, layer))
+            for kind, layer in (("Q4", Q4Linear), ("Q8_0", Q8Linear))}
+    parts = (["int8"] if int8 else [f"int4 g{int4[0].group_size}"] if int4 else []) + [
+        f"{kind} blocks ({count} linear{'s' if count > 1 else ''})" for kind, count in kept.items() if count]
+    if not parts:
         return "none"
-    parts = (["int8"] if int8 else [f"int4 g{int4[0].group_size}"] if int4 else []) + (
-        [f"Q8_0 blocks ({blocks} linear{'s' if blocks > 1 else ''})"] if blocks else [])
     text = ", ".join(parts)
     plain = sum(1 for m in model.modules() if type(m) is nn.Linear)
     if plain:
-        text += f" ({plain} of {plain + len(int8) + len(int4) + blocks} linears unquantized)"
+        text += f" ({plain} of {plain + len(int8) + len(int4) + sum(kept.values())} linears unquantized)"
     return text

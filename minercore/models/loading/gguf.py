@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import q8_rows
+from .. import q4_rows, q8_rows
 from ..llama import LlamaConfig, LlamaLM
 
 logger = logging.getLogger(__name__)
@@ -181,11 +182,12 @@ def _plan(reader: Any, model: LlamaLM) -> list[tuple[Any, str]]:
 def load_gguf(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               keep_int4: bool = False, keep_q8: bool = False) -> LlamaLM:
     """A LlamaLM holding the GGUF file's weights, dequantized into ``dtype`` on ``device``; with ``keep_int4``,
-    every linear layer whose matrices are all Q4_0/Q4_1 becomes a ``quant.Int4Linear`` holding the file's 4-bit
-    values and block scales as they are (no re-quantization), where the int4 kernel takes its shape; with
-    ``keep_q8``, every linear whose matrices are all Q8_0 (a head tied to a Q8_0 embedding included: the
-    embedding keeps its dequantized table for the lookup) becomes a ``quant.Q8Linear`` holding them as they are,
-    where ``q8_rows`` serves this device and dtype (a float32 model on a CPU with AVX2)."""
+    every linear layer whose matrices are all Q4_0/Q4_1 keeps the file's 4-bit values and block scales as they are
+    (no re-quantization): a ``quant.Q4Linear`` where ``q4_rows`` serves this device and dtype (a float32 model on a
+    CPU with AVX2), else a ``quant.Int4Linear`` where the int4 kernel takes its shape; with ``keep_q8``, every
+    linear whose matrices are all Q8_0 (a head tied to a Q8_0 embedding included: the embedding keeps its
+    dequantized table for the lookup) becomes a ``quant.Q8Linear`` holding them as they are, where ``q8_rows``
+    serves this device and dtype."""
     reader = open_reader(path)
     config = llama_config(reader)
     with torch.device("meta"):
@@ -193,17 +195,26 @@ def load_gguf(path: str | Path, *, device: torch.device | str = "cpu", dtype: to
     device = torch.device(device)
     model = LlamaLM.empty(config, device, dtype)
     views = model.checkpoint_views()
-    int4 = _int4_taken(_block_layers(model, plan, _INT4_TYPES, tied_head=False), model, device) if keep_int4 else {}
+    four_bit = _block_layers(model, plan, _INT4_TYPES, tied_head=False) if keep_int4 else {}
+    q4, int4 = (four_bit, {}) if q4_rows.usable(device, dtype) else ({}, _int4_taken(four_bit, model, device))
     q8 = _block_layers(model, plan, ("Q8_0",), tied_head=True) if keep_q8 and q8_rows.usable(device, dtype) else {}
     # A kept layer's matrices are never dequantized (their dense pages stay untouched); the embedding always is.
-    held = {name for parts in (*int4.values(), *q8.values()) for name, _ in parts} - {"embed_tokens.weight"}
+    held = {name for parts in (*q4.values(), *int4.values(), *q8.values()) for name, _ in parts}
+    held.discard("embed_tokens.weight")
     for tensor, ours in plan:
         if ours not in held:
             _copy_into(views[ours], tensor, _heads(config, ours))
+    from ..quant import Int4Linear, Q4Linear, Q8Linear, kernel_dtype
+
+    int4_dtype = kernel_dtype("int4", device, dtype)
     for module_path, parts in int4.items():
-        _replace_with_int4(model, module_path, parts, dtype, device)
+        _replace(model, module_path, parts, q4_blocks, lambda d, m, q, bias: Int4Linear.from_blocks(
+            d, m, q, bias=bias, dtype=int4_dtype, device=device))
+    for module_path, parts in q4.items():
+        _replace(model, module_path, parts, q4_blocks, lambda d, m, q, bias: Q4Linear.from_blocks(
+            d.to(device), m.to(device), q.to(device), bias=bias))
     for module_path, parts in q8.items():
-        _replace_with_q8(model, module_path, parts, device)
+        _replace(model, module_path, parts, q8_blocks, lambda d, q, bias: Q8Linear(q.to(device), d.to(device), bias))
     return model
 
 
@@ -273,28 +284,6 @@ def q4_blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return d, m, q
 
 
-def _replace_with_int4(model: LlamaLM, path: str, parts: list[tuple[str, Any]], dtype: torch.dtype,
-                       device: torch.device) -> None:
-    from ..quant import Int4Linear, kernel_dtype
-
-    config = model.config
-    scales, minimums, values = [], [], []
-    for ours, tensor in parts:
-        d, m, q = (torch.from_numpy(a) for a in q4_blocks(tensor))
-        heads = _heads(config, ours)
-        if heads is not None:  # un-permuting rows: the same for a row's values and its blocks' scales
-            d, m, q = (_unpermute(a, heads) for a in (d, m, q))
-        scales.append(d)
-        minimums.append(m)
-        values.append(q)
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    bias = getattr(parent, name).bias
-    layer = Int4Linear.from_blocks(torch.cat(scales), torch.cat(minimums), torch.cat(values), bias=bias,
-                                   dtype=kernel_dtype("int4", device, dtype), device=device)
-    setattr(parent, name, layer)
-
-
 def q8_blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray]:
     """A Q8_0 tensor's blocks as (d [N, K/32] float32, q [N, K] int8) with w = d * q."""
     data = np.asarray(tensor.data)
@@ -304,22 +293,21 @@ def q8_blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray]:
     return d, q
 
 
-def _replace_with_q8(model: LlamaLM, path: str, parts: list[tuple[str, Any]], device: torch.device) -> None:
-    from ..quant import Q8Linear
-
-    scales, values = [], []
+def _replace(model: LlamaLM, path: str, parts: list[tuple[str, Any]], blocks: Callable[[Any], tuple],
+             layer: Callable[..., torch.nn.Module]) -> None:
+    """The linear at ``path`` replaced by ``layer(*arrays, bias)``: ``blocks``' arrays of its GGUF tensors
+    (rows un-permuted as the dense load does it, the same for a row's values and its blocks' scales), stacked
+    along the rows as its fused projections are."""
+    arrays = []
     for ours, tensor in parts:
-        d, q = (torch.from_numpy(a) for a in q8_blocks(tensor))
+        read = [torch.from_numpy(a) for a in blocks(tensor)]
         heads = _heads(model.config, ours)
-        if heads is not None:
-            d, q = (_unpermute(a, heads) for a in (d, q))
-        scales.append(d)
-        values.append(q)
+        arrays.append(read if heads is None else [_unpermute(a, heads) for a in read])
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     bias = getattr(parent, name).bias
-    setattr(parent, name, Q8Linear(torch.cat(values).to(device), torch.cat(scales).to(device),
-                                   bias=None if bias is None else bias.detach().clone()))
+    setattr(parent, name, layer(*(torch.cat(column) for column in zip(*arrays, strict=True)),
+                                None if bias is None else bias.detach().clone()))
 
 
 _CHUNK_ELEMENTS = 1 << 22  # dequantized a block of rows at a time: gguf's routines make several temporaries
