@@ -73,22 +73,24 @@ TARGET static inline void widen32(const uint8_t *bytes, __m256 d, __m256 m, __m2
             for (int j = 0; j < OUTS; j++) y[r * N + j] = lanes_sum(acc[r][j]);                             \
     }
 DIRECT(1, 2)
-DIRECT(1, 1)
 DIRECT(2, 2)
+DIRECT(3, 2)
+DIRECT(4, 2)
+DIRECT(1, 1)
 DIRECT(2, 1)
+DIRECT(3, 1)
+DIRECT(4, 1)
 
-/* Outputs [n0, n0 + count) for one or two rows, widening in registers. */
+typedef void (*direct_fn)(const float *, const q4_weights *, int64_t, float *, int64_t, int64_t);
+static const direct_fn DIRECT_PAIRS[DIRECT_ROWS + 1] = {0, direct_1_2, direct_2_2, direct_3_2, direct_4_2};
+static const direct_fn DIRECT_SINGLES[DIRECT_ROWS + 1] = {0, direct_1_1, direct_2_1, direct_3_1, direct_4_1};
+
+/* Outputs [n0, n0 + count) for up to DIRECT_ROWS rows, widening in registers. */
 TARGET static void few_rows(const void *w, const float *x, float *y, int64_t M, int64_t N, int64_t K, int64_t n0,
                             int64_t count) {
-    const q4_weights *wt = w;
     int64_t n = n0, end = n0 + count;
-    if (M == 1) {
-        for (; n + 2 <= end; n += 2) direct_1_2(x, wt, n, y + n, K, N);
-        for (; n < end; n++) direct_1_1(x, wt, n, y + n, K, N);
-    } else {
-        for (; n + 2 <= end; n += 2) direct_2_2(x, wt, n, y + n, K, N);
-        for (; n < end; n++) direct_2_1(x, wt, n, y + n, K, N);
-    }
+    for (; n + 2 <= end; n += 2) DIRECT_PAIRS[M](x, w, n, y + n, K, N);
+    for (; n < end; n++) DIRECT_SINGLES[M](x, w, n, y + n, K, N);
 }
 
 /* Outputs [n0, n0 + count)'s weights into the tile. */

@@ -56,9 +56,17 @@ TARGET static inline __m256 widen8(const int8_t *q, __m256 scale) {
 DIRECT(1, 4)
 DIRECT(1, 1)
 DIRECT(2, 2)
+DIRECT(3, 2)
+DIRECT(4, 2)
 DIRECT(2, 1)
+DIRECT(3, 1)
+DIRECT(4, 1)
 
-/* Outputs [n0, n0 + count) for one or two rows, widening in registers. */
+typedef void (*direct_fn)(const float *, const int8_t *, const float *, float *, int64_t, int64_t);
+static const direct_fn DIRECT_PAIRS[DIRECT_ROWS + 1] = {0, 0, direct_2_2, direct_3_2, direct_4_2};
+static const direct_fn DIRECT_SINGLES[DIRECT_ROWS + 1] = {0, 0, direct_2_1, direct_3_1, direct_4_1};
+
+/* Outputs [n0, n0 + count) for up to DIRECT_ROWS rows, widening in registers (one row four outputs at a time). */
 TARGET static void few_rows(const void *w, const float *x, float *y, int64_t M, int64_t N, int64_t K, int64_t n0,
                             int64_t count) {
     const int8_t *q = ((const q8_weights *)w)->q;
@@ -67,10 +75,10 @@ TARGET static void few_rows(const void *w, const float *x, float *y, int64_t M, 
     if (M == 1) {
         for (; n + 4 <= end; n += 4) direct_1_4(x, q + n * K, d + n * (K / QK), y + n, K, N);
         for (; n < end; n++) direct_1_1(x, q + n * K, d + n * (K / QK), y + n, K, N);
-    } else {
-        for (; n + 2 <= end; n += 2) direct_2_2(x, q + n * K, d + n * (K / QK), y + n, K, N);
-        for (; n < end; n++) direct_2_1(x, q + n * K, d + n * (K / QK), y + n, K, N);
+        return;
     }
+    for (; n + 2 <= end; n += 2) DIRECT_PAIRS[M](x, q + n * K, d + n * (K / QK), y + n, K, N);
+    for (; n < end; n++) DIRECT_SINGLES[M](x, q + n * K, d + n * (K / QK), y + n, K, N);
 }
 
 /* Outputs [n0, n0 + count)'s weights into the tile. */

@@ -2,7 +2,7 @@
  * output (m, n) one fixed sequence whatever the row count, the rows sharing a call or the thread count. Eight
  * float32 lanes, lane i summing k = i, i + 8, ... in k order by fused multiply-add of x[m, k] with the exact
  * weight, then the eight lanes added in a fixed tree. A format supplies two routines that keep to that sequence:
- * one computing one or two rows straight from its blocks (the weights widened in registers), and one widening
+ * one computing up to DIRECT_ROWS rows straight from its blocks (the weights widened in registers), and one widening
  * up to TILE_N outputs' weights into an L1 tile, which the tiled kernels here then reuse for every row. Only
  * included by those files, compiled for AVX2, FMA and F16C. */
 #ifndef MINERCORE_ROWS_TILE_H
@@ -12,10 +12,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define TILE_N 8 /* outputs widened together into the L1 tile: 8 x K float32 (18 KiB at K = 576) */
+#define TILE_N 8      /* outputs widened together into the L1 tile: 8 x K float32 (18 KiB at K = 576) */
+#define DIRECT_ROWS 4 /* up to this many rows widen in registers: cheaper than storing the tile and reading it back */
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 
-/* y[r, n0 .. n0 + count) for r < M (M <= 2), from the format's blocks ``w``. */
+/* y[r, n0 .. n0 + count) for r < M (M <= DIRECT_ROWS), from the format's blocks ``w``. */
 typedef void (*few_rows_fn)(const void *w, const float *x, float *y, int64_t M, int64_t N, int64_t K, int64_t n0,
                             int64_t count);
 /* Outputs [n0, n0 + count)'s weights into tile (count rows of K float32, K apart, 32-byte aligned). */
@@ -82,7 +83,7 @@ TARGET static inline void tile_rows(const float *x, const float *tile, float *y,
     }
 }
 
-/* The whole product over TILE_N-output tiles shared among the threads: straight from the blocks for one or two
+/* The whole product over TILE_N-output tiles shared among the threads: straight from the blocks for up to DIRECT_ROWS
  * rows, through the tile for more. Returns 0, or -1 when a thread had no scratch memory for its tile. */
 static int rows_drive(const void *w, const float *x, float *y, int64_t M, int64_t N, int64_t K, int threads,
                       few_rows_fn few, widen_fn widen) {
@@ -90,7 +91,7 @@ static int rows_drive(const void *w, const float *x, float *y, int64_t M, int64_
     int failed = 0;
     if (threads < 1) threads = 1;
     if (threads > tiles) threads = (int)tiles;
-    if (M <= 2) {
+    if (M <= DIRECT_ROWS) {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             int64_t n0 = t * TILE_N;
