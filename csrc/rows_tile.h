@@ -89,6 +89,7 @@ static int rows_drive(const void *w, const float *x, float *y, int64_t M, int64_
                       few_rows_fn few, widen_fn widen) {
     int64_t tiles = (N + TILE_N - 1) / TILE_N;
     int failed = 0;
+    if (M <= 0 || N <= 0) return 0; /* nothing to compute (and no direct kernel for zero rows) */
     if (threads < 1) threads = 1;
     if (threads > tiles) threads = (int)tiles;
     if (M <= DIRECT_ROWS) {

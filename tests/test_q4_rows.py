@@ -93,6 +93,9 @@ def test_inputs_the_kernel_does_not_take_are_refused_with_what_it_takes() -> Non
     with pytest.raises(ValueError):
         q4_rows.rows_mm(x, values, dm)  # unpacked values
     assert q4_rows.rows_mm(torch.empty(0, 64), q, dm).shape == (0, 64)
+    y = torch.full((1, 64), 7.0)
+    q4_rows._kernel.mm(x.data_ptr(), q.data_ptr(), dm.data_ptr(), y.data_ptr(), 0, 64, 64, 2)  # no rows: no work
+    assert torch.equal(y, torch.full((1, 64), 7.0))
 
 
 @needs_kernel
