@@ -317,6 +317,26 @@ async def run_engine(path, mode: str, request: GenerationRequest) -> tuple[Engin
     return engine, "".join(p.text for p in pieces), pieces[-1].finish_reason
 
 
+def test_the_reader_reads_every_field_and_tensor_as_gguf_does(servable) -> None:
+    """open_reader's plain-array header reads (a tokenizer's strings among them) give what gguf's own reader
+    gives: every field's parts and types, every tensor's name, type, shape and bytes, read-only."""
+    from gguf import GGUFReader
+
+    from minercore.models.loading.gguf import open_reader
+
+    ours, theirs = open_reader(servable), GGUFReader(servable)
+    assert list(ours.fields) == list(theirs.fields) and "tokenizer.ggml.tokens" in ours.fields
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert mine.types == field.types and mine.data == field.data, name
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype
+                   for a, b in zip(mine.parts, field.parts, strict=True)), name
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == theirs.fields["tokenizer.ggml.tokens"].contents()
+    for mine, tensor in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (mine.name, mine.tensor_type, list(mine.shape)) == (tensor.name, tensor.tensor_type, list(tensor.shape))
+        assert np.array_equal(mine.data, tensor.data) and not mine.data.flags.writeable
+
+
 def test_echo_through_the_files_own_tokenizer_is_byte_exact(servable) -> None:
     engine, text, reason = asyncio.run(run_engine(servable, "echo", GenerationRequest(prompt=MIXED)))
     assert text == MIXED and reason == "eos"

@@ -13,6 +13,7 @@ are stored unpermuted.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -60,14 +61,35 @@ class GGUFFacts:
 
 
 def open_reader(path: str | Path) -> Any:
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(path)
+        reader = _plain_reader_class()(path)
     except (ValueError, OSError, IndexError, KeyError) as exc:
         raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): {exc}") from exc
     reader.source = str(path)  # the reader keeps only the mapping; errors name the file
     return reader
+
+
+@functools.cache
+def _plain_reader_class() -> type:
+    """``gguf.GGUFReader`` reading its header through a plain array over the file's mapping. The reader slices its
+    ``np.memmap`` once per metadata value, and each slice of a memmap runs numpy's Python-level memmap hooks: for
+    a tokenizer's hundred thousand strings that was most of the 3 s a reader took to open SmolLM2's file, twice
+    per start-up. The values, their types and the tensors' arrays are the same; the arrays are views of the same
+    read-only mapping."""
+    from gguf import GGUFReader
+
+    class PlainReader(GGUFReader):
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+            count = int(count)
+            dtype = np.dtype(dtype)
+            values = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+            return values.view(values.dtype.newbyteorder(self.byte_order if override_order is None
+                                                         else override_order))
+
+    return PlainReader
 
 
 def _value(reader: Any, key: str, default: Any = ...) -> Any:
