@@ -40,7 +40,9 @@ class OptionalBuildExt(build_ext):
 FALLBACKS = {"minercore.text._streamloop_c": "installing the pure-Python twin",
              "minercore.models._int4_rows": "torch's int4 kernel serves every int4 product",
              "minercore.models._q8_rows": "Q8_0 tensors are dequantized to the model's dtype",
-             "minercore.models._q4_rows": "Q4_0 and Q4_1 tensors go through torch's int4 kernel"}
+             "minercore.models._q4_rows": "Q4_0 and Q4_1 tensors go through torch's int4 kernel",
+             "minercore.models._q4_i8_rows": "Q4 layers multiply float rows under activations int8",
+             "minercore.models._q8_i8_rows": "Q8_0 layers multiply float rows under activations int8"}
 
 
 def kernel(name: str) -> Extension:
@@ -51,7 +53,7 @@ def kernel(name: str) -> Extension:
         f"minercore.models._{name}",
         [f"csrc/_{name}.pyx", f"csrc/{name}.c"],
         include_dirs=["csrc"],
-        depends=[f"csrc/{name}.h", "csrc/rows_tile.h"],
+        depends=[f"csrc/{name}.h", "csrc/rows_tile.h", "csrc/rows_i8.h", "csrc/cpu_features.h"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
@@ -71,7 +73,7 @@ def extensions() -> list[Extension]:
         ["csrc/_streamloop_c.pyx"],
         extra_compile_args=["-O3"],
     )
-    kernels = [kernel(name) for name in ("int4_rows", "q8_rows", "q4_rows")]
+    kernels = [kernel(name) for name in ("int4_rows", "q8_rows", "q4_rows", "q4_i8_rows", "q8_i8_rows")]
     return cythonize([streamloop, *kernels], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
 
 

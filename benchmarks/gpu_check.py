@@ -715,16 +715,18 @@ def phase_int4_rows(sizes: Sizes, out: Path, part: Part) -> None:
 
 def phase_gguf_rows(sizes: Sizes, out: Path, part: Part) -> None:
     """The host CPU's GGUF block kernels for float32 models (another CPU to measure them on): one SmolLM2 block's
-    four Q4_1 products through ``q4_rows`` against torch's int4 kernel (the rows cast to bfloat16 and back), and
-    the Q8_0 head through ``q8_rows`` against the float32 product of the same values; each row computed in the
-    batch equal to it computed alone (smoke: two row counts, few repeats)."""
-    from minercore.models import q4_rows, q8_rows
-    from minercore.models.quant import Int4Linear, Q4Linear, Q8Linear
+    four Q4_1 products through ``q4_rows`` against torch's int4 kernel (the rows cast to bfloat16 and back) and
+    against ``q4_i8_rows`` (the rows rounded to int8, ``--activations int8``), and the Q8_0 head through
+    ``q8_rows`` against the float32 product of the same values and ``q8_i8_rows`` (int8 rows); each row computed in
+    the batch equal to it computed alone (smoke: two row counts, few repeats)."""
+    from minercore.models import q4_i8_rows, q4_rows, q8_i8_rows, q8_rows
+    from minercore.models.quant import Int4Linear, Q4I8Linear, Q4Linear, Q8I8Linear, Q8Linear
 
     part.add(gguf_rows={"q4_available": q4_rows.AVAILABLE, "q8_available": q8_rows.AVAILABLE,
+                        "q4_i8_available": q4_i8_rows.AVAILABLE, "q8_i8_available": q8_i8_rows.AVAILABLE,
                         "threads": torch.get_num_threads(),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability()})
-    if not (q4_rows.AVAILABLE and q8_rows.AVAILABLE):
+    if not (q4_rows.AVAILABLE and q8_rows.AVAILABLE and q4_i8_rows.AVAILABLE and q8_i8_rows.AVAILABLE):
         print("  gguf_rows: no block kernels on this CPU (need AVX2, FMA, F16C and their build): nothing measured",
               flush=True)
         return
@@ -737,10 +739,12 @@ def phase_gguf_rows(sizes: Sizes, out: Path, part: Part) -> None:
         m = (-torch.rand(n, k // 32, generator=gen) * 0.08).half().float()
         q4.append(Q4Linear.from_blocks(d, m, values))
         int4.append(Int4Linear.from_blocks(d, m, values, dtype=torch.bfloat16))
+    int8_rows = [Q4I8Linear.from_q4(layer) for layer in q4]
     vocab = 4096 if sizes.smoke else 49152
     head = Q8Linear(torch.randint(-128, 128, (vocab, 576), dtype=torch.int8, generator=gen),
                     (torch.rand(vocab, 18, generator=gen) * 0.002).half().float())
     dense_head = head.dequantize()
+    int8_head = Q8I8Linear.from_q8(head)
 
     def timed(products: list, xs: list) -> float:
         """Microseconds for each product applied to its input, once."""
@@ -762,14 +766,21 @@ def phase_gguf_rows(sizes: Sizes, out: Path, part: Part) -> None:
             x = torch.randn(rows, 576, generator=gen)
             alone = all(torch.equal(layer(xi), torch.cat([layer(xi[r:r + 1]) for r in range(rows)]))
                         for layer, xi in zip(q4, inputs, strict=True))
-            alone = alone and torch.equal(head(x), torch.cat([head(x[r:r + 1]) for r in range(rows)]))
+            alone = alone and all(torch.equal(layer(xi), torch.cat([layer(xi[r:r + 1]) for r in range(rows)]))
+                                  for layer, xi in zip(int8_rows, inputs, strict=True))
+            alone = alone and all(torch.equal(layer(x), torch.cat([layer(x[r:r + 1]) for r in range(rows)]))
+                                  for layer in (head, int8_head))
             row = {"rows": rows, "batch_independent": alone,
                    "q4_us": round(timed(q4, inputs), 1), "int4_us": round(timed(int4, inputs), 1),
-                   "q8_head_us": round(timed([head], [x]), 1), "float32_head_us": round(timed([dense], [x]), 1)}
+                   "q4_int8_rows_us": round(timed(int8_rows, inputs), 1),
+                   "q8_head_us": round(timed([head], [x]), 1), "float32_head_us": round(timed([dense], [x]), 1),
+                   "q8_int8_rows_head_us": round(timed([int8_head], [x]), 1)}
             part.add(gguf_rows_layer=[row],
                      correctness={f"GGUF block kernels: {rows} rows in a batch equal each row alone": alone})
-            print(f"  gguf rows {rows}: q4 {row['q4_us']:,.0f} us vs int4 {row['int4_us']:,.0f}; q8 head "
-                  f"{row['q8_head_us']:,.0f} us vs float32 {row['float32_head_us']:,.0f}; batch-independent {alone}",
+            print(f"  gguf rows {rows}: q4 {row['q4_us']:,.0f} us vs int4 {row['int4_us']:,.0f}, int8 rows "
+                  f"{row['q4_int8_rows_us']:,.0f}; q8 head {row['q8_head_us']:,.0f} us vs float32 "
+                  f"{row['float32_head_us']:,.0f}, int8 rows {row['q8_int8_rows_head_us']:,.0f}; batch-independent "
+                  f"{alone}",
                   flush=True)
 
 

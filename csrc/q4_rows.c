@@ -3,22 +3,13 @@
  * changes no output's sequence. */
 #include "q4_rows.h"
 
-#include <string.h>
+#include "cpu_features.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MC_X86 1
-#endif
+#include <string.h>
 
 #define QK 32 /* weights per Q4 block */
 
-int mc_q4_rows_supported(void) {
-#ifdef MC_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    return 0;
-#endif
-}
+int mc_q4_rows_supported(void) { return mc_cpu_has_avx2_fma_f16c(); }
 
 #ifdef MC_X86
 #include "rows_tile.h"
