@@ -42,7 +42,8 @@ FALLBACKS = {"minercore.text._streamloop_c": "installing the pure-Python twin",
              "minercore.models._q8_rows": "Q8_0 tensors are dequantized to the model's dtype",
              "minercore.models._q4_rows": "Q4_0 and Q4_1 tensors go through torch's int4 kernel",
              "minercore.models._q4_i8_rows": "Q4 layers multiply float rows under activations int8",
-             "minercore.models._q8_i8_rows": "Q8_0 layers multiply float rows under activations int8"}
+             "minercore.models._q8_i8_rows": "Q8_0 layers multiply float rows under activations int8",
+             "minercore.models._step_attention": "decode steps attend through torch's matrix products"}
 
 
 def kernel(name: str) -> Extension:
@@ -73,7 +74,8 @@ def extensions() -> list[Extension]:
         ["csrc/_streamloop_c.pyx"],
         extra_compile_args=["-O3"],
     )
-    kernels = [kernel(name) for name in ("int4_rows", "q8_rows", "q4_rows", "q4_i8_rows", "q8_i8_rows")]
+    kernels = [kernel(name) for name in ("int4_rows", "q8_rows", "q4_rows", "q4_i8_rows", "q8_i8_rows",
+                                                 "step_attention")]
     return cythonize([streamloop, *kernels], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
 
 

@@ -10,10 +10,11 @@ round), ``rss_ready_mb`` (once it first answered /health); on minercore's, ``wei
 ``ready_over_weights_and_kv_mb`` (what it held ready beyond its weights and KV cache, from its /health), and
 ``over_llama_cpp`` and ``over_transformers`` (its tokens/s over the peer's at the same streams).
 ``minercore`` serves with its defaults (the paged KV cache, its pool sized by default); ``minercore-static``
-is the same server with the static cache, every slot holding its full context; ``minercore-int8`` the same
-server with ``--activations int8`` (the file's Q4 layers times rows rounded to int8 per block, as llama.cpp
-multiplies them). ``transformers`` is ``peer_transformers.py``: ``generate`` with a ``TextIteratorStreamer`` in a
-thread per request, on the same GGUF (dequantized by transformers), in minercore's dtype.
+is the same server with the static cache, every slot holding its full context; ``minercore-float`` the same
+server with ``--activations float`` (the file's blocks times float rows, exactly, where the defaults round the rows
+to int8 per block as llama.cpp does). ``transformers`` is ``peer_transformers.py``: ``generate`` with a
+``TextIteratorStreamer`` in a thread per request, on the same GGUF (dequantized by transformers), in minercore's
+dtype.
 
 llama-server is found through ``LLAMA_SERVER`` (a path; ``../shared/notes/real-model.md`` says how to build
 it here). Without it its entries say so and measure nothing; the others are measured all the same.
@@ -111,9 +112,9 @@ def servers(tmp_path_factory, gguf_path, timed):
                   *command[command.index("--port") + 2:], "--kv-cache", "static"]
         found["minercore-static"] = running.enter_context(server(static, port, logs / "minercore-static.log"))
         port = free_port()
-        int8 = [*command[:command.index("--port")], "--port", str(port),
-                *command[command.index("--port") + 2:], "--activations", "int8"]
-        found["minercore-int8"] = running.enter_context(server(int8, port, logs / "minercore-int8.log"))
+        exact = [*command[:command.index("--port")], "--port", str(port),
+                 *command[command.index("--port") + 2:], "--activations", "float"]
+        found["minercore-float"] = running.enter_context(server(exact, port, logs / "minercore-float.log"))
         port = free_port()
         found["transformers"] = running.enter_context(server(
             [sys.executable, str(ROOT / "benchmarks" / "peer_transformers.py"), gguf_path, str(port)], port,
@@ -154,7 +155,7 @@ async def round_of(base: str, streams: int, tokens: int) -> tuple[float, list[fl
 
 
 @pytest.mark.parametrize("streams", [1, 8, 16])
-@pytest.mark.parametrize("name", ["llama.cpp", "transformers", "minercore", "minercore-static", "minercore-int8"])
+@pytest.mark.parametrize("name", ["llama.cpp", "transformers", "minercore", "minercore-static", "minercore-float"])
 def test_peers(benchmark, servers, timed, name, streams) -> None:
     benchmark.group = "peers"
     threads = {"llama.cpp": THREADS, "transformers": "torch default"}.get(name, "serving default")

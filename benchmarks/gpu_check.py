@@ -717,16 +717,19 @@ def phase_gguf_rows(sizes: Sizes, out: Path, part: Part) -> None:
     """The host CPU's GGUF block kernels for float32 models (another CPU to measure them on): one SmolLM2 block's
     four Q4_1 products through ``q4_rows`` against torch's int4 kernel (the rows cast to bfloat16 and back) and
     against ``q4_i8_rows`` (the rows rounded to int8, ``--activations int8``), and the Q8_0 head through
-    ``q8_rows`` against the float32 product of the same values and ``q8_i8_rows`` (int8 rows); each row computed in
-    the batch equal to it computed alone (smoke: two row counts, few repeats)."""
-    from minercore.models import q4_i8_rows, q4_rows, q8_i8_rows, q8_rows
+    ``q8_rows`` against the float32 product of the same values and ``q8_i8_rows`` (int8 rows); a decode step's
+    attention over 1,024 cached positions (SmolLM2's heads, one row per batch row) through ``step_attention``
+    against torch's scaled_dot_product_attention; each row computed in the batch equal to it computed alone
+    (smoke: two row counts, few repeats)."""
+    from minercore.models import q4_i8_rows, q4_rows, q8_i8_rows, q8_rows, step_attention
     from minercore.models.quant import Int4Linear, Q4I8Linear, Q4Linear, Q8I8Linear, Q8Linear
 
     part.add(gguf_rows={"q4_available": q4_rows.AVAILABLE, "q8_available": q8_rows.AVAILABLE,
                         "q4_i8_available": q4_i8_rows.AVAILABLE, "q8_i8_available": q8_i8_rows.AVAILABLE,
-                        "threads": torch.get_num_threads(),
+                        "step_attention_available": step_attention.AVAILABLE, "threads": torch.get_num_threads(),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability()})
-    if not (q4_rows.AVAILABLE and q8_rows.AVAILABLE and q4_i8_rows.AVAILABLE and q8_i8_rows.AVAILABLE):
+    if not (q4_rows.AVAILABLE and q8_rows.AVAILABLE and q4_i8_rows.AVAILABLE and q8_i8_rows.AVAILABLE
+            and step_attention.AVAILABLE):
         print("  gguf_rows: no block kernels on this CPU (need AVX2, FMA, F16C and their build): nothing measured",
               flush=True)
         return
@@ -760,6 +763,19 @@ def phase_gguf_rows(sizes: Sizes, out: Path, part: Part) -> None:
     def dense(xi: torch.Tensor) -> torch.Tensor:
         return F.linear(xi, dense_head)
 
+    cached_keys = torch.randn(max(rows_counts), 3, 1024, 64, generator=gen)
+    cached_values = torch.randn(max(rows_counts), 3, 1024, 64, generator=gen)
+
+    def kernel_attention(q: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Batch rows [first, first + len(q)) of the cache."""
+        rows = slice(first, first + q.shape[0])
+        return step_attention.attend(q, cached_keys[rows], cached_values[rows], torch.full((q.shape[0], 1), 1000))
+
+    def fused_attention(q: torch.Tensor) -> torch.Tensor:
+        b = q.shape[0]
+        mask = (torch.arange(1024) <= 1000)[None, None, None, :].expand(b, 1, 1, 1024)
+        return F.scaled_dot_product_attention(q, cached_keys[:b], cached_values[:b], attn_mask=mask)
+
     with torch.no_grad():
         for rows in rows_counts:
             inputs = [torch.randn(rows, layer.in_features, generator=gen) for layer in q4]
@@ -770,16 +786,22 @@ def phase_gguf_rows(sizes: Sizes, out: Path, part: Part) -> None:
                                   for layer, xi in zip(int8_rows, inputs, strict=True))
             alone = alone and all(torch.equal(layer(x), torch.cat([layer(x[r:r + 1]) for r in range(rows)]))
                                   for layer in (head, int8_head))
+            queries = torch.randn(rows, 3, 3, 64, generator=gen)
+            alone = alone and torch.equal(kernel_attention(queries),
+                                          torch.cat([kernel_attention(queries[r:r + 1], r) for r in range(rows)]))
             row = {"rows": rows, "batch_independent": alone,
                    "q4_us": round(timed(q4, inputs), 1), "int4_us": round(timed(int4, inputs), 1),
                    "q4_int8_rows_us": round(timed(int8_rows, inputs), 1),
                    "q8_head_us": round(timed([head], [x]), 1), "float32_head_us": round(timed([dense], [x]), 1),
-                   "q8_int8_rows_head_us": round(timed([int8_head], [x]), 1)}
+                   "q8_int8_rows_head_us": round(timed([int8_head], [x]), 1),
+                   "step_attention_us": round(timed([kernel_attention], [queries]), 1),
+                   "sdpa_attention_us": round(timed([fused_attention], [queries]), 1)}
             part.add(gguf_rows_layer=[row],
                      correctness={f"GGUF block kernels: {rows} rows in a batch equal each row alone": alone})
             print(f"  gguf rows {rows}: q4 {row['q4_us']:,.0f} us vs int4 {row['int4_us']:,.0f}, int8 rows "
                   f"{row['q4_int8_rows_us']:,.0f}; q8 head {row['q8_head_us']:,.0f} us vs float32 "
-                  f"{row['float32_head_us']:,.0f}, int8 rows {row['q8_int8_rows_head_us']:,.0f}; batch-independent "
+                  f"{row['float32_head_us']:,.0f}, int8 rows {row['q8_int8_rows_head_us']:,.0f}; attention "
+                  f"{row['step_attention_us']:,.0f} us vs sdpa {row['sdpa_attention_us']:,.0f}; batch-independent "
                   f"{alone}",
                   flush=True)
 

@@ -19,7 +19,7 @@ from helpers import MIXED
 from minercore.contract.config import CACHE_ENV, EngineOptions, ModelOptions, cache_dir
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.models import q4_rows, q8_rows
+from minercore.models import q4_i8_rows, q4_rows, q8_rows, step_attention
 from minercore.models.loading import CheckpointError, inspect
 from minercore.models.loading.gguf import GGUFError, load_gguf
 from minercore.runtime.build import build_runner
@@ -342,9 +342,12 @@ def test_echo_through_the_files_own_tokenizer_is_byte_exact(servable) -> None:
     assert text == MIXED and reason == "eos"
     serving = engine.serving
     weights = serving.pop("weights_bytes")
+    if q4_i8_rows.AVAILABLE and step_attention.AVAILABLE:  # activations auto: int8 rows where N is a multiple of 8
+        quantization = "Q4 blocks (1 linear), Q4 blocks x int8 rows (8 linears)"
+    else:
+        quantization = "Q4 blocks (9 linears)" if q4_rows.AVAILABLE else "int4 g32"
     assert serving == {"backend": "native", "format": "gguf", "architecture": "llama",
-                       "checkpoint_quantization": "Q4_0",
-                       "quantization": "Q4 blocks (9 linears)" if q4_rows.AVAILABLE else "int4 g32", "dtype": "float32",
+                       "checkpoint_quantization": "Q4_0", "quantization": quantization, "dtype": "float32",
                        "device": "cpu", "kv_cache": "paged", "kv_cache_bytes": serving["kv_cache_bytes"]}
     assert weights > 0 and serving["kv_cache_bytes"] > 0
 

@@ -54,7 +54,8 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
         assert [(row["rows"], row["batch_independent"]) for row in results["gguf_rows_layer"]] == [(1, True),
                                                                                                     (8, True)]
         assert all(row["q4_us"] > 0 and row["int4_us"] > 0 and row["q4_int8_rows_us"] > 0
-                   and row["q8_int8_rows_head_us"] > 0 for row in results["gguf_rows_layer"])
+                   and row["q8_int8_rows_head_us"] > 0 and row["step_attention_us"] > 0
+                   and row["sdpa_attention_us"] > 0 for row in results["gguf_rows_layer"])
     assert all(row["engine_tokens_per_s"] > 0 and row["raw_tokens_per_s"] > 0 for row in engine)
     assert all(row["tokens"] == row["expected_tokens"] for row in engine)
 

@@ -235,7 +235,8 @@ def test_int8_rows_turns_the_block_layers_that_fit_and_describes_them(caplog) ->
 
 def test_the_option_is_checked_and_reaches_the_command_lines() -> None:
     assert ModelOptions(activations="int8").activations == "int8"
-    with pytest.raises(ValueError, match="activations must be one of float, int8"):
+    assert ModelOptions().activations == "auto"
+    with pytest.raises(ValueError, match="activations must be one of auto, float, int8"):
         ModelOptions(activations="int4")
     with pytest.raises(ValueError, match="needs the native backend"):
         ModelOptions(backend="hf", activations="int8")

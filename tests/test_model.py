@@ -6,6 +6,7 @@ import pytest
 import torch
 from checkpoints import tiny_gpt2
 
+from minercore.models.base import prompt_attention
 from minercore.models.gpt2 import GPT2LM, GPTConfig
 from minercore.models.loading.safetensors import load_gpt2
 from minercore.models.presets import GPT2_PRESETS as PRESETS
@@ -117,3 +118,26 @@ def test_gpt2_checkpoint_errors(tmp_path) -> None:
         load_gpt2(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="downloads nothing"):
         load_gpt2("gpt2")  # a hub name is not fetched
+
+
+@torch.inference_mode()
+def test_prompt_attention_gives_each_padded_row_the_bits_it_has_alone() -> None:
+    """A right-padded batch of prompts of different lengths: each row's attention is exactly (bit for bit) the
+    attention of its prompt alone, from position 0 and after a cached chunk; and the causal result itself."""
+    g = torch.Generator().manual_seed(0)
+    lengths, heads, dim = [23, 5, 40, 1], 3, 16
+    for start in (0, 17):
+        q = torch.randn(4, heads, max(lengths), dim, generator=g)
+        k = torch.randn(4, heads, start + max(lengths), dim, generator=g)
+        v = torch.randn(4, heads, start + max(lengths), dim, generator=g)
+        batched = prompt_attention(q, k, v, start, lengths)
+        for i, n in enumerate(lengths):
+            alone = prompt_attention(q[i:i + 1, :, :n].clone(), k[i:i + 1, :, :start + n].clone(),
+                                     v[i:i + 1, :, :start + n].clone(), start)
+            assert torch.equal(batched[i:i + 1, :, :n], alone)
+            assert not batched[i, :, n:].any()
+            scores = (q[i, :, :n] @ k[i, :, :start + n].transpose(-1, -2)) / dim ** 0.5
+            visible = torch.arange(start + n) <= torch.arange(start, start + n)[:, None]
+            expected = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v[i, :, :start + n]
+            torch.testing.assert_close(alone[0], expected, rtol=1e-5, atol=1e-5)
+

@@ -14,7 +14,7 @@ from helpers import MIXED
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
 from minercore.engine import Engine
-from minercore.models import q4_i8_rows, q4_rows, q8_rows
+from minercore.models import q4_i8_rows, q4_rows, q8_rows, step_attention
 from minercore.models.loading import embedded, inspect, load_native
 from minercore.models.quant import Q4Linear, Q8Linear, describe, int8_rows
 from minercore.runtime.build import build_runner
@@ -118,14 +118,18 @@ async def answer(mode: str, request: GenerationRequest) -> tuple[Engine, str, st
 
 def test_the_engine_answers_a_real_question(smollm2) -> None:
     """By default (quant auto) the file's Q4_1 and Q8_0 blocks are kept as they are: in float32 on a CPU with AVX2,
-    through the Q4 and Q8_0 row kernels."""
+    through the Q4 and Q8_0 row kernels, times rows rounded to int8 (activations auto)."""
     request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_new_tokens=48))
     engine, text, reason = asyncio.run(answer("generate", request))
     assert text == "The capital of France is Paris." and reason == "eos"
     assert engine.serving["format"] == "gguf" and engine.serving["checkpoint_quantization"] == "Q4_1"
     four_bit = "Q4 blocks (120 linears)" if q4_rows.AVAILABLE else "int4 g32"
     head = ", Q8_0 blocks (1 linear)" if q8_rows.AVAILABLE else " (1 of 121 linears unquantized)"
-    assert engine.serving["quantization"] == four_bit + head
+    if q4_i8_rows.AVAILABLE and step_attention.AVAILABLE:
+        assert engine.serving["quantization"] == ("Q4 blocks x int8 rows (120 linears), Q8_0 blocks x int8 rows "
+                                                  "(1 linear)")
+    else:
+        assert engine.serving["quantization"] == four_bit + head
 
 
 def test_min_tokens_and_ignore_eos_hold_the_stop_ids_back(smollm2) -> None:
@@ -251,13 +255,14 @@ FIXED_TEXT = ("The history of bridges is as old as civilisation. The first bridg
               "cantilever bridges balance arms over their piers.")
 
 
-@pytest.mark.skipif(not q4_i8_rows.AVAILABLE, reason="the Q4 x int8 kernel needs AVX2, FMA and its build")
+@pytest.mark.skipif(not (q4_i8_rows.AVAILABLE and step_attention.AVAILABLE),
+                    reason="the Q4 x int8 and step attention kernels need AVX2, FMA and their build")
 @torch.no_grad()
 def test_int8_rows_keep_the_float_models_perplexity_and_greedy_text(smollm2, reference) -> None:
     """activations int8: the file's Q4 and Q8_0 layers multiply rows rounded to int8 per block. Perplexity on a
     fixed text within 3% of the float rows' (measured: 32.22 against 32.34), the logits within a few percent, and
     greedy chats (batched, 64 tokens) agreeing with the float model's for their first tokens (measured: first
-    differences after 19 to 64 tokens, 41 on average)."""
+    differences after 19 to 64 tokens, 41 on average), and each the same alone as batched."""
     _, tokenizer = reference
     ids = torch.tensor([tokenizer.encode(FIXED_TEXT)])
     model = load_native(inspect(NAME), device="cpu", dtype=torch.float32, keep_int4=True, keep_q8=True).eval()
@@ -286,6 +291,16 @@ def test_int8_rows_keep_the_float_models_perplexity_and_greedy_text(smollm2, ref
             for row, token in zip(rows, runner.decode(slots).tolist(), strict=True):
                 row.append(token)
         texts[activations] = rows
+        for slot in slots:
+            runner.release(int(slot))
+        if activations == "int8":
+            # Each chat alone: the same tokens (the rows' rounding would turn any last bit the batch changed into
+            # other tokens; prefill attends each row at its own length, the step kernel each query on its own).
+            for prompt, batched in zip(prompts, rows, strict=True):
+                alone = [runner.prefill(0, prompt, SlotParams(echo=False))]
+                alone += [int(runner.decode(np.arange(1))[0]) for _ in range(63)]
+                runner.release(0)
+                assert alone == batched
     agreed = [next((i for i, (a, b) in enumerate(zip(f, q, strict=True)) if a != b), 64)
               for f, q in zip(texts["float"], texts["int8"], strict=True)]
     assert min(agreed) >= 12 and sum(agreed) / len(agreed) >= 24, agreed

@@ -39,9 +39,11 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # QUANT_GROUPS inputs: the sizes both int4 kernels take).
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
 QUANT_GROUPS = (32, 64, 128, 256)
-# The rows a GGUF's Q4_0/Q4_1 layers multiply in a float32 CPU model (models/q4_i8_rows.py): float (exact products)
-# | int8 (quantized per block of 32, as llama.cpp does: faster, rounded).
-ACTIVATION_CHOICES = ("float", "int8")
+# The rows a GGUF's Q4_0/Q4_1 and Q8_0 layers kept as blocks multiply (models/q4_i8_rows.py, q8_i8_rows.py): float
+# (exact products) | int8 (quantized per block of 32, as llama.cpp does: faster, rounded; a float32 model on a CPU
+# with AVX2) | auto (int8 where those kernels and the step attention kernel serve, which keeps a stream's text
+# independent of its batch and of speculation; float elsewhere).
+ACTIVATION_CHOICES = ("auto", "float", "int8")
 # Speculative decoding (engine/speculation.py): off | ngram (drafts looked up in each stream's own prompt and
 # output, checked in one forward; echo's draft is its prompt).
 SPECULATIVE_CHOICES = ("off", "ngram")
@@ -82,7 +84,7 @@ class ModelOptions:
     threads: int = 0
     quant: str = "auto"  # native: weight-only quantization of the linear layers, auto | none | int8 | int4
     quant_group: int = 32  # int4: inputs per (scale, zero) group, one of QUANT_GROUPS
-    activations: str = "float"  # native: what a GGUF's Q4 layers kept as blocks multiply, float | int8
+    activations: str = "auto"  # native: what a GGUF's layers kept as blocks multiply, auto | float | int8
     compile: str = "auto"  # auto | on | off
     graphs: str = "auto"  # native, CUDA: torch (torch.compile's CUDA graphs) | manual (captured by hand) | off
     attention: str = "auto"  # native: bucketed (power-of-two context buckets) | masked | flex (row lengths)
@@ -112,7 +114,7 @@ class ModelOptions:
             raise ValueError(f"quant {self.quant} needs the native backend: backend {self.backend} runs "
                              f"{'transformers' if self.backend == 'hf' else 'another server'}'s own weights "
                              f"(use quant none)")
-        if self.activations != "float" and self.backend not in NATIVE_BACKENDS:
+        if self.activations == "int8" and self.backend not in NATIVE_BACKENDS:
             raise ValueError(f"activations {self.activations} needs the native backend (backend {self.backend})")
 
 

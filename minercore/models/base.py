@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..kv.paged import CacheFactory
 from ..kv.static import KVCache
+from . import step_attention
 
 
 class CachedLM(Protocol):
@@ -57,13 +58,45 @@ def verify_mask(at: Tensor, ctx: int) -> Tensor:
     return (torch.arange(ctx, device=at.device) <= at[..., None])[:, None]
 
 
-def prompt_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
-    """Causal attention of a prompt chunk's queries (positions [start, start + T)) over keys [0, start + T)."""
+def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, pos: Tensor, t: int) -> Tensor:
+    """Attention of a decode or verify step's queries over their rows' cached keys: ``mask`` True where a query
+    attends; ``pos`` each row's first position and ``t`` the step's positions per row (the query rows of a head
+    being each query head's positions in turn: row ``g * t + j``). On a CPU in float32 the step kernel, which
+    gives a query the same bits in any batch, context bucket and verify width (``step_attention``); elsewhere
+    torch's fused attention."""
+    if step_attention.usable(q):
+        return torch.ops.minercore.step_attention(q, keys, values, verify_positions(pos, t))
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, start: int, lengths: list[int] | None = None) -> Tensor:
+    """Causal attention of a prompt chunk's queries (positions [start, start + T)) over keys [0, start + T).
+
+    ``lengths``: each row's real length in a right-padded batch. Each row then attends at its own length, in the
+    very shapes it would have alone: the attention kernels round a row differently when its keys are padded
+    (their blocking follows the key count), and a batch must not change a prompt's numbers by a single bit.
+    The padding positions' outputs are zeros (nothing reads them)."""
+    if lengths is None or all(n == q.shape[2] for n in lengths):
+        return _causal_attention(q, k, v, start)
+    y = torch.zeros_like(q)
+    for i, n in enumerate(lengths):
+        end = start + n
+        y[i:i + 1, :, :n] = _causal_attention(q[i:i + 1, :, :n], k[i:i + 1, :, :end], v[i:i + 1, :, :end], start)
+    return y
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     t = q.shape[2]
     mask = torch.arange(start + t, device=q.device) <= torch.arange(start, start + t, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def prompt_lengths(last: Tensor | None) -> list[int] | None:
+    """Each row's real length from the index of its last position (``CachedLM.prefill``'s ``last``), for
+    ``prompt_attention`` on a CPU, where a row's bits matter to int8 rows; None elsewhere (one fused call)."""
+    return None if last is None or last.device.type != "cpu" else (last + 1).tolist()
 
 
 def prompt_rows(slots: int | Tensor, device: torch.device) -> Tensor:

@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..kv.paged import CacheFactory, LayerCache
 from ..kv.static import KVCache
-from .base import prompt_attention, prompt_rows, verify_mask, verify_positions
+from .base import cached_attention, prompt_attention, prompt_lengths, prompt_rows, verify_mask, verify_positions
 
 FLEX_BLOCK = 128  # keys per FlexAttention block: a row reads whole blocks up to the one holding its position
 
@@ -77,11 +77,12 @@ class Attention(nn.Module):
         b, _, t, _ = y.shape
         return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x: Tensor, slots: Tensor | None = None, start: int = 0) -> Tensor:
+    def forward(self, x: Tensor, slots: Tensor | None = None, start: int = 0,
+                lengths: list[int] | None = None) -> Tensor:
         q, k, v = self._heads(x)
         if slots is not None:
             k, v = self.cache.fill(slots, start, k, v)
-        return self._merge(prompt_attention(q, k, v, start))
+        return self._merge(prompt_attention(q, k, v, start, lengths))
 
     def step(self, x: Tensor, pos: Tensor, mask: Tensor | BlockMask, ctx: int) -> Tensor:
         q, k, v = self._heads(x)
@@ -92,7 +93,7 @@ class Attention(nn.Module):
                 # projection's output; a copy of a few values per row sidesteps it. CUDA lowers the view.
                 q = q.clone()
             return self._merge(flex_attention(q, keys, values, block_mask=mask))
-        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        return self._merge(cached_attention(q, keys, values, mask, pos, q.shape[2]))
 
 
 class MLP(nn.Module):
@@ -113,8 +114,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, slots: Tensor | None = None, start: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), slots, start)
+    def forward(self, x: Tensor, slots: Tensor | None = None, start: int = 0,
+                lengths: list[int] | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), slots, start, lengths)
         return x + self.mlp(self.ln_2(x))
 
     def step(self, x: Tensor, pos: Tensor, mask: Tensor | BlockMask, ctx: int) -> Tensor:
@@ -186,10 +188,10 @@ class GPT2LM(nn.Module):
         """(B, T) prompt chunks at positions [start, start + T) -> (B, V) logits at index ``last`` of each row
         (default: the chunk's end); keys/values stored in cache rows ``slots``. Rows shorter than T are padded
         on the right: causal attention keeps padding out of their real positions, and decode overwrites it."""
-        rows = prompt_rows(slots, idx.device)
+        rows, lengths = prompt_rows(slots, idx.device), prompt_lengths(last)
         x = self._embed(idx, start)
         for block in self.blocks:
-            x = block(x, rows, start)
+            x = block(x, rows, start, lengths)
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return self.lm_head(self.ln_f(x))
 

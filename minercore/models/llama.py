@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..contract.config import LLAMA_MODEL_TYPES
 from ..kv.paged import CacheFactory, LayerCache
 from ..kv.static import KVCache
-from .base import prompt_attention, prompt_rows, verify_mask, verify_positions
+from .base import cached_attention, prompt_attention, prompt_lengths, prompt_rows, verify_mask, verify_positions
 
 FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is gpt2.py's)
 
@@ -193,14 +193,15 @@ class Attention(nn.Module):
         b, _, t, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: int = 0,
+                lengths: list[int] | None = None) -> Tensor:
         q, k, v = self._heads(x, cos, sin)
         if slots is not None:
             k, v = self.cache.fill(slots, start, k, v)
         groups = self.n_head // self.n_kv_head
         # Prefill is compute-bound: repeating the KV heads up to the query heads costs little here.
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return self._merge(prompt_attention(q, k, v, start))
+        return self._merge(prompt_attention(q, k, v, start, lengths))
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
         q, k, v = self._heads(x, cos, sin)
@@ -213,7 +214,7 @@ class Attention(nn.Module):
         grouped = q.reshape(b, self.n_kv_head, groups * t, self.head_dim)
         if t > 1:
             mask = mask.expand(b, groups, t, mask.shape[-1]).reshape(b, 1, groups * t, mask.shape[-1])
-        y = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        y = cached_attention(grouped, keys, values, mask, pos, t)
         return self._merge(y.view(b, self.n_head, t, self.head_dim))
 
 
@@ -237,8 +238,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: int = 0) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, start)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: int = 0,
+                lengths: list[int] | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, start, lengths)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
@@ -340,7 +342,7 @@ class LlamaLM(nn.Module):
         self.cos, self.sin = rope_table(c, positions, weight.device, weight.dtype)
         return 2 * c.n_layer * positions * c.n_kv_head * c.head_dim * weight.element_size()
 
-    def _run(self, idx: Tensor, slots: Tensor | None, start: int = 0) -> Tensor:
+    def _run(self, idx: Tensor, slots: Tensor | None, start: int = 0, lengths: list[int] | None = None) -> Tensor:
         end = start + idx.shape[1]
         if self.cos is not None and end <= self.cos.shape[0]:
             cos, sin = self.cos[start:end], self.sin[start:end]
@@ -349,7 +351,7 @@ class LlamaLM(nn.Module):
             cos, sin = cos[start:], sin[start:]
         x = self.embed_tokens(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, slots, start)
+            x = layer(x, cos, sin, slots, start, lengths)
         return self.norm(x)
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -360,7 +362,7 @@ class LlamaLM(nn.Module):
         """(B, T) prompt chunks at positions [start, start + T) -> (B, V) logits at index ``last`` of each row
         (default: the chunk's end); keys/values stored in cache rows ``slots`` (right padding: see
         GPT2LM.prefill)."""
-        x = self._run(idx, prompt_rows(slots, idx.device), start)
+        x = self._run(idx, prompt_rows(slots, idx.device), start, prompt_lengths(last))
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return self.lm_head(x)
 

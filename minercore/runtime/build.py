@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from ..contract.config import NATIVE_BACKENDS, NATIVE_MODEL_TYPES, ModelOptions, context_for
-from ..models import q4_i8_rows
+from ..models import q4_i8_rows, step_attention
 from ..models.base import CachedLM
 from ..models.loading import inspect as inspect_checkpoint
 from ..models.loading import load_native
@@ -125,15 +125,20 @@ def _native_model(options: ModelOptions, device: torch.device, dtype: torch.dtyp
     return build_preset(options.preset, options.seed, device, dtype), name
 
 
-def _int8_rows(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """``activations int8``: the model's Q4 and Q8_0 layers multiply int8 rows, where the kernels serve (logged if
-    not)."""
-    if not q4_i8_rows.usable(device, dtype):
-        log.warning("activations int8: no int8-row kernels for a %s model on %s (they need float32 on a CPU with "
-                    "AVX2, FMA and F16C); the layers multiply %s rows", dtype, device, dtype)
-    elif not int8_rows(model):
-        log.warning("activations int8: the model has no layers kept as blocks (a GGUF's Q4_0/Q4_1 and Q8_0 "
-                    "under quant auto); nothing changed")
+def _activation_rows(model: torch.nn.Module, activations: str, device: torch.device, dtype: torch.dtype) -> None:
+    """What the model's Q4 and Q8_0 layers multiply (``activations``, one of config.ACTIVATION_CHOICES): int8 rows
+    where asked and the kernels serve (logged if not), and under auto where they and the step attention kernel,
+    which keeps a stream's text the same in any batch, serve."""
+    if activations == "auto":
+        if q4_i8_rows.usable(device, dtype) and step_attention.AVAILABLE:
+            int8_rows(model)  # a model with no layers kept as blocks is left as it is
+    elif activations == "int8":
+        if not q4_i8_rows.usable(device, dtype):
+            log.warning("activations int8: no int8-row kernels for a %s model on %s (they need float32 on a CPU with "
+                        "AVX2, FMA and F16C); the layers multiply %s rows", dtype, device, dtype)
+        elif not int8_rows(model):
+            log.warning("activations int8: the model has no layers kept as blocks (a GGUF's Q4_0/Q4_1 and Q8_0 "
+                        "under quant auto); nothing changed")
 
 
 def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
@@ -142,8 +147,7 @@ def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
     device, dtype = select(options.device, options.dtype)
     model, name = _native_model(options, device, dtype)
     model = quantize(model, options.quant, options.quant_group, device=device, dtype=dtype)
-    if options.activations == "int8":
-        _int8_rows(model, device, dtype)
+    _activation_rows(model, options.activations, device, dtype)
     max_context = context_for(options.max_context, model.max_positions)
     compile = _resolve_compile(options.compile, device)
     graphs = _resolve_graphs(options.graphs, device, options.compile)
