@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minercore.models import step_attention
-from minercore.models.base import cached_attention, verify_positions
+from minercore.models.base import cached_attention, verify_mask, verify_positions
 
 needs_kernel = pytest.mark.skipif(not step_attention.AVAILABLE,
                                   reason="the step attention kernel needs AVX2, FMA and its build")
@@ -124,3 +124,17 @@ def test_other_dtypes_attend_through_torchs_fused_attention() -> None:
     assert got.dtype == torch.bfloat16
     expected = F.scaled_dot_product_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), attn_mask=mask)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("groups", "width"), [(1, 1), (3, 1), (1, 4), (3, 4)])
+def test_torchs_attention_gives_each_query_heads_rows_their_own_positions(monkeypatch, groups, width) -> None:
+    """Where the kernel does not serve, a step's (B, 1, T, ctx) mask is spread over the query heads sharing a KV
+    head (row g * T + j sees what position j sees): the same attention the kernel computes."""
+    monkeypatch.setattr(step_attention, "usable", lambda q: False)
+    keys, values = cache(2, 2, 40, 16, seed=8)
+    q = torch.randn(2, 2, groups * width, 16, generator=torch.Generator().manual_seed(9))
+    pos = torch.tensor([4, 30])
+    at = verify_positions(pos, width)
+    mask = verify_mask(at, 40)
+    got = cached_attention(q, keys, values, mask, pos, width, groups)
+    torch.testing.assert_close(got, reference(q, keys, values, at), rtol=1e-5, atol=1e-5)

@@ -58,14 +58,18 @@ def verify_mask(at: Tensor, ctx: int) -> Tensor:
     return (torch.arange(ctx, device=at.device) <= at[..., None])[:, None]
 
 
-def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, pos: Tensor, t: int) -> Tensor:
-    """Attention of a decode or verify step's queries over their rows' cached keys: ``mask`` True where a query
-    attends; ``pos`` each row's first position and ``t`` the step's positions per row (the query rows of a head
-    being each query head's positions in turn: row ``g * t + j``). On a CPU in float32 the step kernel, which
-    gives a query the same bits in any batch, context bucket and verify width (``step_attention``); elsewhere
-    torch's fused attention."""
+def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, pos: Tensor, t: int,
+                     groups: int = 1) -> Tensor:
+    """Attention of a decode or verify step's queries over their rows' cached keys: ``mask`` (B, 1, t, ctx)
+    True where a row's query attends; ``pos`` each row's first position and ``t`` the step's positions per row;
+    ``groups`` query heads share each KV head, their rows following one another (row ``g * t + j`` of a KV
+    head). On a CPU in float32 the step kernel, which gives a query the same bits in any batch, context bucket
+    and verify width (``step_attention``); elsewhere torch's fused attention."""
     if step_attention.usable(q):
         return torch.ops.minercore.step_attention(q, keys, values, verify_positions(pos, t))
+    if t > 1 and groups > 1:  # each query head's t rows take the row's t masks in turn
+        b, ctx = mask.shape[0], mask.shape[-1]
+        mask = mask.expand(b, groups, t, ctx).reshape(b, 1, groups * t, ctx)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 

@@ -210,11 +210,9 @@ class Attention(nn.Module):
         groups = self.n_head // self.n_kv_head
         # Decode is bandwidth-bound: never copy the cache per query head. The query heads sharing a KV head
         # become that head's rows (query i uses KV head i // groups, as in transformers' repeat_kv); with T
-        # queries per row (a verify step) each head's T rows follow one another, and so do their masks.
+        # queries per row (a verify step) each head's T rows follow one another.
         grouped = q.reshape(b, self.n_kv_head, groups * t, self.head_dim)
-        if t > 1:
-            mask = mask.expand(b, groups, t, mask.shape[-1]).reshape(b, 1, groups * t, mask.shape[-1])
-        y = cached_attention(grouped, keys, values, mask, pos, t)
+        y = cached_attention(grouped, keys, values, mask, pos, t, groups)
         return self._merge(y.view(b, self.n_head, t, self.head_dim))
 
 
