@@ -38,12 +38,12 @@ class FaultyRunner(SlowRunner):
             raise RuntimeError("prefill exploded (simulated)")
         return self._runner.prefill(slot, prompt_ids, params)
 
-    def prefill_batch(self, slots, prompts, params):
+    def prefill_batch(self, slots, prompts, params, **kwargs):
         if any(len(ids) in self.fail_prefill_for for ids in prompts):
             raise RuntimeError("prefill exploded (simulated)")
-        return self._runner.prefill_batch(slots, prompts, params)
+        return self._runner.prefill_batch(slots, prompts, params, **kwargs)
 
-    def prefill_chunk(self, slot, prompt_ids, params, start, end):
+    def prefill_chunk(self, slot, prompt_ids, params, start, end, **kwargs):
         if len(prompt_ids) in self.fail_prefill_for:
             raise RuntimeError("prefill exploded (simulated)")
-        return self._runner.prefill_chunk(slot, prompt_ids, params, start, end)
+        return self._runner.prefill_chunk(slot, prompt_ids, params, start, end, **kwargs)

@@ -365,8 +365,8 @@ def test_prompts_prefilled_together_have_similar_lengths():
     from minercore.engine.scheduler import prefill_groups
 
     class Job:
-        def __init__(self, n):
-            self.prompt_ids = [0] * n
+        def __init__(self, n, cached=0):
+            self.prompt_ids, self.cached = [0] * n, cached
 
     lengths = (10, 2000, 12, 9, 1900, 300, 11, 250, 1)
     jobs = [Job(n) for n in lengths]
@@ -379,6 +379,10 @@ def test_prompts_prefilled_together_have_similar_lengths():
     assert [[len(j.prompt_ids) for j in g] for g in prefill_groups(jobs, max_tokens=600)][-3:] == [
         [250, 300], [1900], [2000]]
     assert all(len(g) == 1 for g in prefill_groups(jobs, max_tokens=0))
+    # A prefix-cache hit computes only its prompt's rest: that is what it is grouped and padded by.
+    hits = [Job(2010, cached=2000), Job(12), Job(1950, cached=1936), Job(300)]
+    assert [[len(j.prompt_ids) - j.cached for j in g] for g in prefill_groups(hits, max_tokens=8192)] == [
+        [10, 12, 14], [300]]
 
 
 def test_wait_queue_orders_by_priority_then_arrival_and_takes_out_the_expired():

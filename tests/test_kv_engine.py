@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import GPT2_EOS, MIXED, collect
+from runner_wrappers import SlowRunner
 
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, InvalidRequest, SamplingParams
@@ -26,8 +27,9 @@ K = 4  # speculative drafts: verify steps write several positions into the block
 
 
 def engine(kv_cache: str, *, preset: str = "tiny", mode: str = "generate", max_batch: int = 4,
-           pool_positions: int = 0, **options) -> Engine:
-    """The preset's engine on CPU; ``pool_positions``: the paged pool's size in positions (0: the default)."""
+           pool_positions: int = 0, step_delay: float = 0.0, **options) -> Engine:
+    """The preset's engine on CPU; ``pool_positions``: the paged pool's size in positions (0: the default);
+    ``step_delay``: seconds each decode step sleeps first (requests arriving meanwhile are admitted together)."""
     model = ModelOptions(preset=preset, compile="off", device="cpu", dtype="float32", max_context=512, mode=mode)
     engine_options = EngineOptions(max_batch=max_batch, kv_cache=kv_cache, kv_block_size=BLOCK,
                                    speculative_tokens=K, **options)
@@ -40,7 +42,7 @@ def engine(kv_cache: str, *, preset: str = "tiny", mode: str = "generate", max_b
                           kv_block_size=BLOCK if kv_cache == "paged" else 0,
                           kv_cache_bytes=pool_positions * per_position)
     runner.verify_tokens = 64  # wide enough for every stream here to draft
-    return Engine(model, engine_options, runner=runner)
+    return Engine(model, engine_options, runner=SlowRunner(runner, step_delay) if step_delay else runner)
 
 
 async def answers(kv_cache: str, requests: list[GenerationRequest], *, sequential: bool = False,
@@ -386,3 +388,83 @@ def test_live_rows_pack_as_streams_end_and_every_stream_goes_on_as_alone() -> No
             want.append(int(alone.decode(np.array([0]))[0]))
         alone.release(0)
         assert got == want, stream
+
+
+PROMPTS = [[(13 * i + 7 * j) % 500 + 1 for j in range(n)] for i, n in enumerate((40, 23, 61, 9))]
+OFFSETS = [16, 0, 48, 3]  # what each slot's blocks hold already (any count: the runner computes from there)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_prompts_prefilled_together_from_their_own_cached_offsets_go_on_as_each_alone(preset) -> None:
+    """Four prompts whose slots hold different leading positions (a prefix-cache hit each, one none) computed from
+    there in one padded forward: each row's keys and values, first id and next ids (greedy and sampled) as it gets
+    alone from its offset."""
+    model = ModelOptions(preset=preset, compile="off", device="cpu", dtype="float32", max_context=128)
+    params = [SlotParams(echo=False, min_new=100, temperature=0.0 if s % 2 else 0.9, seed=s) for s in range(4)]
+
+    def run(together: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
+        runner = build_runner(model, max_batch=4, eos_id=GPT2_EOS, kv_block_size=BLOCK, kv_cache_bytes=1 << 22)
+        for slot, (prompt, offset) in enumerate(zip(PROMPTS, OFFSETS, strict=True)):
+            runner.assign_blocks(slot, range(1 + 5 * slot, 6 + 5 * slot))
+            if offset:
+                assert runner.prefill_chunk(slot, prompt, params[slot], 0, offset) is None
+        if together:
+            firsts = runner.prefill_batch([0, 1, 2, 3], PROMPTS, params, cached=OFFSETS)
+        else:
+            firsts = [runner.prefill_chunk(slot, prompt, params[slot], offset, len(prompt), cached=offset)
+                      for slot, (prompt, offset) in enumerate(zip(PROMPTS, OFFSETS, strict=True))]
+        caches = [(block.attn if hasattr(block, "attn") else block.self_attn).cache for block in runner.model.blocks]
+        written = [torch.cat([cache.k[1 + 5 * s:6 + 5 * s].transpose(0, 1).flatten(1, 2)[:, :len(p)]
+                              for cache in caches]) for s, p in enumerate(PROMPTS)]
+        ids = [[first] for first in firsts]
+        for _ in range(12):
+            for row, token in zip(ids, runner.decode(np.arange(4)), strict=True):
+                row.append(int(token))
+        return ids, written
+
+    together, alone = run(True), run(False)
+    assert together[0] == alone[0]
+    for got, want in zip(together[1], alone[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_from_cached_offsets_is_refused_what_it_cannot_do() -> None:
+    model = ModelOptions(preset="tiny", compile="off", device="cpu", dtype="float32", max_context=128)
+    paged = build_runner(model, max_batch=2, eos_id=GPT2_EOS, kv_block_size=BLOCK, kv_cache_bytes=1 << 22)
+    static = build_runner(model, max_batch=2, eos_id=GPT2_EOS)
+    prompts, params = [list(range(1, 20)), list(range(1, 9))], [SlotParams(echo=False)] * 2
+    for cached, message in (([0], "an offset in"), ([19, 0], "an offset in"), ([-1, 0], "an offset in")):
+        with pytest.raises(ValueError, match=message):
+            paged.prefill_batch([0, 1], prompts, params, cached=cached)
+    with pytest.raises(ValueError, match="needs the paged KV cache"):
+        static.prefill_batch([0, 1], prompts, params, cached=[16, 0])
+
+
+async def test_prompts_behind_a_cached_prefix_are_prefilled_together_from_their_offsets() -> None:
+    """A system text's blocks cached by a first request; then three requests behind it at once: one forward
+    computes only their rests, each from the cached offset, and the answers are the static cache's."""
+    system = [(31 * j) % 50000 + 5 for j in range(100)]
+    first = GenerationRequest(prompt_ids=system + [999], sampling=SamplingParams(max_new_tokens=40, ignore_eos=True))
+    requests = [GenerationRequest(prompt_ids=system + [1000 + 7 * i + j for j in range(5 + 3 * i)],
+                                  sampling=SamplingParams(max_new_tokens=16, ignore_eos=True)) for i in range(3)]
+    static, _ = await answers("static", requests, preset="llama-tiny", sequential=True)
+    running = engine("paged", preset="llama-tiny", step_delay=0.02)
+    batches = []
+    prefill_batch = running._runner.prefill_batch
+
+    def recorded(slots, prompts, params, **kwargs):
+        batches.append(kwargs.get("cached"))
+        return prefill_batch(slots, prompts, params, **kwargs)
+
+    running._runner.prefill_batch = recorded
+    await running.start()
+    try:
+        streaming = asyncio.create_task(collect(running, first))
+        while running.stats().active == 0:  # its prompt is in: its blocks are cached
+            await asyncio.sleep(0.005)
+        together = list(await asyncio.gather(*(collect(running, r) for r in requests)))
+        await streaming
+    finally:
+        await running.shutdown(grace=0)
+    assert together == static
+    assert [96, 96, 96] in batches

@@ -52,14 +52,16 @@ def test_fill_and_append_attend_what_the_static_cache_does() -> None:
     def chunk(b: int, t: int) -> tuple[Tensor, Tensor]:
         return torch.randn(b, H, t, D, generator=g), torch.randn(b, H, t, D, generator=g)
 
-    # Prompt chunks: rows 2 and 0 from position 0, then row 0 again from 5 (attending the gathered prefix).
-    for rows, start, t in (([2, 0], 0, 5), ([1], 0, 9), ([0], 5, 6)):
+    # Prompt chunks: rows 2 and 0 from position 0, then row 0 again from 5 (attending the gathered prefix), then
+    # all three from their own lengths at once (what is read reaches the furthest row's end).
+    for rows, start, t in (([2, 0], 0, 5), ([1], 0, 9), ([0], 5, 6), ([0, 2, 1], [11, 5, 9], 4)):
         k, v = chunk(len(rows), t)
         slots = torch.tensor(rows)
         want = static.fill(slots, start, k, v)
         got = paged.fill(slots, start, k, v)
-        for row in rows:
-            lengths[row] = start + t
+        for i, row in enumerate(rows):
+            lengths[row] = (start if isinstance(start, int) else start[i]) + t
+        assert got[0].shape == want[0].shape
         _assert_rows_equal(got, want, rows, lengths)
     # Decode steps of one position, then verify steps of three, each row at its own length.
     for t in (1, 1, 3, 1, 3):

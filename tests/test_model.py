@@ -141,3 +141,22 @@ def test_prompt_attention_gives_each_padded_row_the_bits_it_has_alone() -> None:
             expected = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v[i, :, :start + n]
             torch.testing.assert_close(alone[0], expected, rtol=1e-5, atol=1e-5)
 
+
+@torch.inference_mode()
+def test_prompt_attention_from_each_rows_own_start_is_each_rows_attention_alone() -> None:
+    """Rows resuming from different cached lengths in one padded batch: each row's queries attend its own keys up to
+    their own positions, bit for bit as alone where the lengths are known (a CPU), and within rounding in the one
+    masked call taken without them (a GPU)."""
+    g = torch.Generator().manual_seed(1)
+    starts, lengths, heads, dim = [16, 0, 48, 3], [7, 23, 13, 1], 3, 16
+    t, reach = max(lengths), max(s + n for s, n in zip(starts, lengths, strict=True))
+    q = torch.randn(4, heads, t, dim, generator=g)
+    k, v = (torch.randn(4, heads, reach + 5, dim, generator=g) for _ in range(2))
+    per_row = prompt_attention(q, k, v, starts, lengths)
+    fused = prompt_attention(q, k, v, starts)
+    for i, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+        alone = prompt_attention(q[i:i + 1, :, :n].clone(), k[i:i + 1, :, :start + n].clone(),
+                                 v[i:i + 1, :, :start + n].clone(), start)
+        assert torch.equal(per_row[i:i + 1, :, :n], alone)
+        torch.testing.assert_close(fused[i:i + 1, :, :n], alone, rtol=1e-5, atol=1e-5)
+

@@ -304,3 +304,44 @@ def test_int8_rows_keep_the_float_models_perplexity_and_greedy_text(smollm2, ref
     agreed = [next((i for i, (a, b) in enumerate(zip(f, q, strict=True)) if a != b), 64)
               for f, q in zip(texts["float"], texts["int8"], strict=True)]
     assert min(agreed) >= 12 and sum(agreed) / len(agreed) >= 24, agreed
+
+
+@pytest.mark.skipif(not (q4_i8_rows.AVAILABLE and step_attention.AVAILABLE),
+                    reason="the Q4 x int8 and step attention kernels need AVX2, FMA and their build")
+def test_int8_rows_give_chats_resumed_together_from_cached_prefixes_their_tokens_alone(smollm2, reference) -> None:
+    """Four chats whose slots hold different leading positions (prefix-cache hits of 16 to 48 positions, one none),
+    their rests prefilled in one padded forward with int8 rows: every chat's 40 tokens are its tokens computed
+    alone from the same offset, and every key and value the prefill wrote has the same bits."""
+    _, tokenizer = reference
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
+                                             return_dict=False) for chat in CHATS[:4]]
+    offsets = [32, 16, 48, 0]
+    runner = build_runner(ModelOptions(path=NAME, device="cpu", dtype="float32", compile="off", max_context=512,
+                                       mode="generate"), max_batch=4, eos_id=2, kv_block_size=16)
+    assert "x int8 rows" in runner.description
+    params = [SlotParams(echo=False)] * 4
+
+    def run(together: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
+        for slot, (prompt, offset) in enumerate(zip(prompts, offsets, strict=True)):
+            runner.assign_blocks(slot, range(1 + 8 * slot, 9 + 8 * slot))
+            if offset:
+                assert runner.prefill_chunk(slot, prompt, params[slot], 0, offset) is None
+        if together:
+            firsts = runner.prefill_batch([0, 1, 2, 3], prompts, params, cached=offsets)
+        else:
+            firsts = [runner.prefill_chunk(slot, prompt, params[slot], offset, len(prompt), cached=offset)
+                      for slot, (prompt, offset) in enumerate(zip(prompts, offsets, strict=True))]
+        written = [pool[1 + 8 * slot:9 + 8 * slot].transpose(0, 1).flatten(1, 2)[:, :len(prompt)].clone()
+                   for block in runner.model.blocks for pool in (block.self_attn.cache.k, block.self_attn.cache.v)
+                   for slot, prompt in enumerate(prompts)]  # each slot's prompt positions, (heads, positions, dim)
+        rows = [[first] for first in firsts]
+        for _ in range(39):
+            for row, token in zip(rows, runner.decode(np.arange(4)).tolist(), strict=True):
+                row.append(token)
+        for slot in range(4):
+            runner.release(slot)
+        return rows, written
+
+    (ids, written), (ids_alone, written_alone) = run(together=True), run(together=False)
+    assert ids == ids_alone
+    assert all(torch.equal(a, b) for a, b in zip(written, written_alone, strict=True))

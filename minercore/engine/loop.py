@@ -618,10 +618,10 @@ class Engine:
     def _admit(self, now: float, outbox: list[Delivery]) -> None:
         """Prefill waiting jobs into free slots, highest priority first, at most ``prefill_tokens`` prompt tokens
         per engine step so that running streams keep decoding: a longer prompt is prefilled in chunks over the
-        next steps, and started chunks go before new prompts. Whole prompts admitted together share one
-        forward. A prompt that would fit a whole step but not what is left of this one waits for the next
-        (splitting it would only add a chunk's overhead). Each first text is posted as soon as its prefill is
-        done, not after the step."""
+        next steps, and started chunks go before new prompts. Whole prompts (or the rests of prefix-cache hits)
+        admitted together share one forward. A prompt that would fit a whole step but not what is left of this
+        one waits for the next (splitting it would only add a chunk's overhead). Each first text is posted as
+        soon as its prefill is done, not after the step."""
         full = budget = max(1, self.options.prefill_tokens)
         for job in list(self._prefilling.values()):
             budget -= self._prefill_part(job, budget, now, outbox)
@@ -646,12 +646,10 @@ class Engine:
             if self._kv is not None and not self._reserve(job):
                 self._requeue(job)  # it keeps its place: nothing behind it goes first (no starving long prompts)
                 break
-            if job.cached:  # a prefix-cache hit: only the rest of the prompt is computed, from its offset
-                self._prefilling[job.slot] = job
-                budget -= self._prefill_part(job, budget, now, outbox)
-            elif len(job.prompt_ids) <= budget or not chunked:
+            rest = len(job.prompt_ids) - job.cached  # a prefix-cache hit computes only the rest, from its offset
+            if rest <= budget or not chunked:
                 whole.append(job)
-                budget -= len(job.prompt_ids)
+                budget -= rest
             else:
                 self._prefilling[job.slot] = job
                 budget -= self._prefill_part(job, budget, now, outbox)
@@ -754,13 +752,14 @@ class Engine:
             self._waiting.push(job)
 
     def _prefill_whole(self, jobs: list[Job], outbox: list[Delivery]) -> None:
-        """Whole prompts: one batched forward when the runner has one; if it fails, one prompt at a time, so
-        only a prompt that fails alone fails its request."""
+        """Whole prompts, from their prefix-cache offsets: one batched forward when the runner has one; if it
+        fails, one prompt at a time, so only a prompt that fails alone fails its request."""
         firsts = None
         if len(jobs) > 1 and hasattr(self._runner, "prefill_batch"):
+            extra = {"cached": [j.cached for j in jobs]} if any(j.cached for j in jobs) else {}
             try:
                 firsts = self._runner.prefill_batch([j.slot for j in jobs], [j.prompt_ids for j in jobs],
-                                                    [j.slot_params for j in jobs])
+                                                    [j.slot_params for j in jobs], **extra)
             except Exception:  # noqa: BLE001 - retried one by one below
                 log.warning("batched prefill of %d prompts failed; prefilling them one at a time", len(jobs),
                             exc_info=True)
@@ -770,7 +769,7 @@ class Engine:
                 first = firsts[i]
             else:
                 try:
-                    first = self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
+                    first = self._prefill_one(job)
                 except Exception as exc:  # noqa: BLE001 - only this request fails
                     self._prefill_failed(job, exc, outbox)
                     continue
@@ -780,6 +779,13 @@ class Engine:
                 outbox.clear()
         self._post(outbox.copy())
         outbox.clear()
+
+    def _prefill_one(self, job: Job) -> int:
+        """A whole prompt alone: its first id."""
+        if not job.cached:
+            return self._runner.prefill(job.slot, job.prompt_ids, job.slot_params)
+        return self._runner.prefill_chunk(job.slot, job.prompt_ids, job.slot_params, job.cached,
+                                          len(job.prompt_ids), cached=job.cached)
 
     def _prefill_part(self, job: Job, budget: int, now: float, outbox: list[Delivery]) -> int:
         """The next chunk (at most ``budget`` tokens) of a job's prompt; returns the tokens it took."""

@@ -98,14 +98,15 @@ _MAX_PADDING = 1.5  # a batched prefill computes at most this many times its pro
 
 
 def prefill_groups(jobs: list[Job], max_tokens: int) -> list[list[Job]]:
-    """Jobs in groups that are each one batched prefill, shortest prompts first: a group is padded to its
-    longest prompt, so only similar lengths share one (one 2,000-token prompt among 8 short ones would cost
-    8 x 2,000), and holds at most ``max_tokens`` padded tokens, the runner's saturation point: past it a batch
-    computes no faster than its prompts one after another, and only delays the first ones' first tokens."""
+    """Jobs in groups that are each one batched prefill, shortest first: a job computes its prompt past its
+    prefix-cache hit (``cached``), a group is padded to its longest, so only similar lengths share one (one
+    2,000-token prompt among 8 short ones would cost 8 x 2,000), and holds at most ``max_tokens`` padded tokens,
+    the runner's saturation point: past it a batch computes no faster than its prompts one after another, and
+    only delays the first ones' first tokens."""
     groups: list[list[Job]] = []
     tokens = 0
-    for job in sorted(jobs, key=lambda j: len(j.prompt_ids)):
-        n = len(job.prompt_ids)  # the longest so far: the group's padded length if it joins
+    for job in sorted(jobs, key=lambda j: len(j.prompt_ids) - j.cached):
+        n = len(job.prompt_ids) - job.cached  # the longest so far: the group's padded length if it joins
         padded = (len(groups[-1]) + 1) * n if groups else 0
         if groups and padded <= _MAX_PADDING * (tokens + n) and padded <= max_tokens:
             groups[-1].append(job)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .block_pool import NULL_BLOCK
-from .static import KVCache
+from .static import KVCache, Start, chunk_end, chunk_positions
 
 
 def pool_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -79,16 +79,16 @@ class PagedKVCache(nn.Module):
 
         return gather(self.k), gather(self.v)
 
-    def fill(self, slots: Tensor, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write prompt chunks, (B, H, T, D), at positions [start, start + T) of rows ``slots``; return what
-        their queries attend: the chunk itself from position 0, else the rows' positions [0, start + T)."""
+    def fill(self, slots: Tensor, start: Start, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write prompt chunks, (B, H, T, D), at positions [start, start + T) of rows ``slots`` (``start``: one
+        for all rows or each row's own); return what their queries attend: the chunk itself from position 0,
+        else the rows' positions up to the furthest row's end."""
         t = k.shape[2]
         tables = self.table[slots]
-        at = torch.arange(start, start + t, device=k.device).expand(k.shape[0], t)
-        self._write(tables, at, k, v)
+        self._write(tables, chunk_positions(start, t, k.device).expand(k.shape[0], t), k, v)
         if start == 0:
             return k, v
-        return self._read(tables, start + t)
+        return self._read(tables, chunk_end(start, t))
 
     def append(self, pos: Tensor, k: Tensor, v: Tensor, ctx: int) -> tuple[Tensor, Tensor]:
         """Write row i's (H, T, D) step at positions ``pos[i]`` ... ``pos[i] + T - 1`` for rows [0, b) (T > 1:

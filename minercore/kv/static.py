@@ -3,8 +3,25 @@ paged cache of the coming issue is tested against)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
+# A prompt chunk's first position: one for every row, or each row's own (a batch of prompts whose prefixes
+# were found in the prefix cache to different lengths).
+Start = int | Sequence[int]
+
+
+def chunk_positions(start: Start, t: int, device: torch.device) -> Tensor:
+    """The positions of a T-position prompt chunk: (1, T) from one start, (B, T) from each row's own."""
+    first = torch.tensor([start] if isinstance(start, int) else list(start), device=device)
+    return first[:, None] + torch.arange(t, device=device)
+
+
+def chunk_end(start: Start, t: int) -> int:
+    """One past the last position any row of a T-position chunk from ``start`` holds (padding included)."""
+    return (start if isinstance(start, int) else max(start)) + t
 
 
 class KVCache(nn.Module):
@@ -17,14 +34,22 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def fill(self, slots: Tensor, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write prompt chunks, (B, H, T, D), at positions [start, start + T) of rows ``slots``; return what
-        their queries attend: the chunk itself from position 0, else the rows' positions [0, start + T)."""
-        end = start + k.shape[2]
-        self.k[slots, :, start:end] = k
-        self.v[slots, :, start:end] = v
-        if start == 0:
-            return k, v
+    def fill(self, slots: Tensor, start: Start, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write prompt chunks, (B, H, T, D), at positions [start, start + T) of rows ``slots`` (``start``: one
+        for all rows or each row's own); return what their queries attend: the chunk itself from position 0,
+        else the rows' positions up to the furthest row's end. A row's padding past the cache's end lands on
+        its spare last position, which no step attends."""
+        end = chunk_end(start, k.shape[2])
+        if isinstance(start, int):
+            self.k[slots, :, start:end] = k
+            self.v[slots, :, start:end] = v
+            if start == 0:
+                return k, v
+        else:
+            at = chunk_positions(start, k.shape[2], k.device).clamp(max=self.k.shape[2] - 1)
+            self.k[slots[:, None], :, at] = k.transpose(1, 2)
+            self.v[slots[:, None], :, at] = v.transpose(1, 2)
+            end = min(end, self.k.shape[2])
         return self.k[slots, :, :end], self.v[slots, :, :end]
 
     def append(self, pos: Tensor, k: Tensor, v: Tensor, ctx: int) -> tuple[Tensor, Tensor]:

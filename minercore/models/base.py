@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kv.paged import CacheFactory
-from ..kv.static import KVCache
+from ..kv.static import KVCache, Start, chunk_positions
 from . import step_attention
 
 
@@ -32,9 +32,10 @@ class CachedLM(Protocol):
         """(B, T) ids -> (B, T, V) logits, no cache (the reference)."""
         ...
 
-    def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
-        """(B, T) right-padded prompt chunks at positions [start, start + T) -> (B, V) logits at each row's
-        ``last`` index (default T - 1); their keys/values land in cache rows ``slots``."""
+    def prefill(self, idx: Tensor, slots: int | Tensor, start: Start = 0, last: Tensor | None = None) -> Tensor:
+        """(B, T) right-padded prompt chunks at positions [start, start + T) (``start``: one for all rows or each
+        row's own) -> (B, V) logits at each row's ``last`` index (default T - 1); their keys/values land in
+        cache rows ``slots``."""
         ...
 
     def decode(self, tokens: Tensor, pos: Tensor, ctx: int) -> Tensor:
@@ -73,20 +74,26 @@ def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, pos:
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
-def prompt_attention(q: Tensor, k: Tensor, v: Tensor, start: int, lengths: list[int] | None = None) -> Tensor:
-    """Causal attention of a prompt chunk's queries (positions [start, start + T)) over keys [0, start + T).
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, start: Start, lengths: list[int] | None = None) -> Tensor:
+    """Causal attention of a prompt chunk's queries (positions [start, start + T), ``start`` one for all rows
+    or each row's own) over keys [0, start + T) (a row's keys past that, the other rows' reach, are not seen).
 
     ``lengths``: each row's real length in a right-padded batch. Each row then attends at its own length, in the
     very shapes it would have alone: the attention kernels round a row differently when its keys are padded
     (their blocking follows the key count), and a batch must not change a prompt's numbers by a single bit.
     The padding positions' outputs are zeros (nothing reads them)."""
-    if lengths is None or all(n == q.shape[2] for n in lengths):
-        return _causal_attention(q, k, v, start)
-    y = torch.zeros_like(q)
-    for i, n in enumerate(lengths):
-        end = start + n
-        y[i:i + 1, :, :n] = _causal_attention(q[i:i + 1, :, :n], k[i:i + 1, :, :end], v[i:i + 1, :, :end], start)
-    return y
+    b, t = q.shape[0], q.shape[2]
+    starts = [start] * b if isinstance(start, int) else list(start)
+    if lengths is not None and (len(set(starts)) > 1 or any(n != t for n in lengths)):
+        y = torch.zeros_like(q)
+        for i, (first, n) in enumerate(zip(starts, lengths, strict=True)):
+            end = first + n
+            y[i:i + 1, :, :n] = _causal_attention(q[i:i + 1, :, :n], k[i:i + 1, :, :end], v[i:i + 1, :, :end], first)
+        return y
+    if len(set(starts)) > 1:  # one fused call: each query sees its row's keys up to its own position
+        mask = torch.arange(k.shape[2], device=q.device) <= chunk_positions(starts, t, q.device)[..., None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    return _causal_attention(q, k[:, :, :starts[0] + t], v[:, :, :starts[0] + t], starts[0])
 
 
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:

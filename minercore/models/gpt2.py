@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..kv.paged import CacheFactory, LayerCache
-from ..kv.static import KVCache
+from ..kv.static import KVCache, Start, chunk_positions
 from .base import cached_attention, prompt_attention, prompt_lengths, prompt_rows, verify_mask, verify_positions
 
 FLEX_BLOCK = 128  # keys per FlexAttention block: a row reads whole blocks up to the one holding its position
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         b, _, t, _ = y.shape
         return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x: Tensor, slots: Tensor | None = None, start: int = 0,
+    def forward(self, x: Tensor, slots: Tensor | None = None, start: Start = 0,
                 lengths: list[int] | None = None) -> Tensor:
         q, k, v = self._heads(x)
         if slots is not None:
@@ -114,7 +114,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, slots: Tensor | None = None, start: int = 0,
+    def forward(self, x: Tensor, slots: Tensor | None = None, start: Start = 0,
                 lengths: list[int] | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), slots, start, lengths)
         return x + self.mlp(self.ln_2(x))
@@ -173,8 +173,11 @@ class GPT2LM(nn.Module):
                                              weight.dtype, weight.device)
         return 2 * self.config.n_layer * positions * self.config.n_embd * weight.element_size()
 
-    def _embed(self, idx: Tensor, start: int = 0) -> Tensor:
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+    def _embed(self, idx: Tensor, start: Start = 0) -> Tensor:
+        if isinstance(start, int):
+            positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        else:  # each row's own positions; padding past the table takes its last position
+            positions = chunk_positions(start, idx.shape[1], idx.device).clamp(max=self.wpe.num_embeddings - 1)
         return self.wte(idx) + self.wpe(positions)
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -184,10 +187,11 @@ class GPT2LM(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
-    def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
-        """(B, T) prompt chunks at positions [start, start + T) -> (B, V) logits at index ``last`` of each row
-        (default: the chunk's end); keys/values stored in cache rows ``slots``. Rows shorter than T are padded
-        on the right: causal attention keeps padding out of their real positions, and decode overwrites it."""
+    def prefill(self, idx: Tensor, slots: int | Tensor, start: Start = 0, last: Tensor | None = None) -> Tensor:
+        """(B, T) prompt chunks at positions [start, start + T) (one start or each row's) -> (B, V) logits at
+        index ``last`` of each row (default: the chunk's end); keys/values stored in cache rows ``slots``. Rows
+        shorter than T are padded on the right: causal attention keeps padding out of their real positions, and
+        decode overwrites it."""
         rows, lengths = prompt_rows(slots, idx.device), prompt_lengths(last)
         x = self._embed(idx, start)
         for block in self.blocks:

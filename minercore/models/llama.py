@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..contract.config import LLAMA_MODEL_TYPES
 from ..kv.paged import CacheFactory, LayerCache
-from ..kv.static import KVCache
+from ..kv.static import KVCache, Start, chunk_end, chunk_positions
 from .base import cached_attention, prompt_attention, prompt_lengths, prompt_rows, verify_mask, verify_positions
 
 FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is gpt2.py's)
@@ -193,7 +193,7 @@ class Attention(nn.Module):
         b, _, t, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: int = 0,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: Start = 0,
                 lengths: list[int] | None = None) -> Tensor:
         q, k, v = self._heads(x, cos, sin)
         if slots is not None:
@@ -236,7 +236,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: int = 0,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor | None = None, start: Start = 0,
                 lengths: list[int] | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, start, lengths)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -340,9 +340,12 @@ class LlamaLM(nn.Module):
         self.cos, self.sin = rope_table(c, positions, weight.device, weight.dtype)
         return 2 * c.n_layer * positions * c.n_kv_head * c.head_dim * weight.element_size()
 
-    def _run(self, idx: Tensor, slots: Tensor | None, start: int = 0, lengths: list[int] | None = None) -> Tensor:
-        end = start + idx.shape[1]
-        if self.cos is not None and end <= self.cos.shape[0]:
+    def _run(self, idx: Tensor, slots: Tensor | None, start: Start = 0, lengths: list[int] | None = None) -> Tensor:
+        end = chunk_end(start, idx.shape[1])
+        if not isinstance(start, int):  # each row's own positions; padding past the table takes its last angle
+            at = chunk_positions(start, idx.shape[1], idx.device).clamp(max=self.cos.shape[0] - 1)
+            cos, sin = self.cos[at][:, None], self.sin[at][:, None]
+        elif self.cos is not None and end <= self.cos.shape[0]:
             cos, sin = self.cos[start:end], self.sin[start:end]
         else:
             cos, sin = rope_table(self.config, end, idx.device, self.embed_tokens.weight.dtype)
@@ -356,10 +359,10 @@ class LlamaLM(nn.Module):
         """(B, T) ids -> (B, T, V) logits, recomputing everything; touches no cache."""
         return self.lm_head(self._run(idx, None))
 
-    def prefill(self, idx: Tensor, slots: int | Tensor, start: int = 0, last: Tensor | None = None) -> Tensor:
-        """(B, T) prompt chunks at positions [start, start + T) -> (B, V) logits at index ``last`` of each row
-        (default: the chunk's end); keys/values stored in cache rows ``slots`` (right padding: see
-        GPT2LM.prefill)."""
+    def prefill(self, idx: Tensor, slots: int | Tensor, start: Start = 0, last: Tensor | None = None) -> Tensor:
+        """(B, T) prompt chunks at positions [start, start + T) (one start or each row's) -> (B, V) logits at
+        index ``last`` of each row (default: the chunk's end); keys/values stored in cache rows ``slots`` (right
+        padding: see GPT2LM.prefill)."""
         x = self._run(idx, prompt_rows(slots, idx.device), start, prompt_lengths(last))
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return self.lm_head(x)

@@ -361,24 +361,35 @@ class ModelRunner:
         return self._prefill_range(slot, prompt_ids, params, 0, None, 0)
 
     @torch.inference_mode()
-    def prefill_batch(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
-                      params: Sequence[SlotParams]) -> list[int]:
+    def prefill_batch(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], params: Sequence[SlotParams],
+                      cached: Sequence[int] | None = None) -> list[int]:
         """Whole prompts into their slots in one forward, right-padded to the longest; the first new id of each
-        (one host sync). Errors as ``prefill``; nothing is written unless every request is valid."""
+        (one host sync). ``cached``: how many of each prompt's first positions its slot's blocks hold already
+        (prefix-cache hits, paged cache only): only the rest is computed, each row from its own offset. Errors
+        as ``prefill``; nothing is written unless every request is valid."""
         if not len(slots) == len(prompts) == len(params) or not slots:
             raise ValueError("prefill_batch needs one prompt and one SlotParams per slot, and at least one slot")
         ids = [self._checked(slot, prompt, p) for slot, prompt, p in zip(slots, prompts, params, strict=True)]
         if len(set(slots)) != len(slots):
             raise ValueError(f"prefill_batch: duplicate slots in {list(slots)}")
         lengths = [len(i) for i in ids]
-        padded = torch.zeros((len(ids), max(lengths)), dtype=torch.int64)
+        offsets = [0] * len(ids) if cached is None else list(cached)
+        if len(offsets) != len(ids) or not all(0 <= c < n for c, n in zip(offsets, lengths, strict=True)):
+            raise ValueError(f"prefill_batch: cached must give each prompt an offset in [0, its length), got "
+                             f"{offsets} for lengths {lengths}")
+        if any(offsets) and not self.kv_paged:
+            raise ValueError("prefill_batch: a cached prefix needs the paged KV cache")
+        rests = [n - c for n, c in zip(lengths, offsets, strict=True)]
+        padded = torch.zeros((len(ids), max(rests)), dtype=torch.int64)
         held = [self._claim(slot) for slot in slots]
         for i, prompt in enumerate(ids):
-            padded[i, :len(prompt)] = prompt
+            padded[i, :rests[i]] = prompt[offsets[i]:]
             self.state.start(held[i], prompt.to(self.device), params[i], self.eos_id)
         rows = torch.tensor(held, dtype=torch.int64, device=self.device)
+        start = offsets if any(offsets) else 0
+        logits = self.model.prefill(padded.to(self.device), rows, start,
+                                    torch.tensor(rests, dtype=torch.int64, device=self.device) - 1).float()
         last = torch.tensor(lengths, dtype=torch.int64, device=self.device) - 1
-        logits = self.model.prefill(padded.to(self.device), rows, 0, last).float()
         return self._first_tokens(held, rows, logits, last, lengths, params)
 
     @torch.inference_mode()

@@ -56,7 +56,8 @@ class Runner(Protocol):
         ...
 
     # Optional (ModelRunner has them; the engine falls back to ``prefill`` without them):
-    # prefill_batch(slots, prompts, params) -> first ids, whole prompts in one forward, and
+    # prefill_batch(slots, prompts, params, cached=None) -> first ids, whole prompts (or, from each one's
+    # prefix-cache offset in ``cached``, their rests) in one forward, and
     # prefill_chunk(slot, prompt_ids, params, start, end) -> first id or None, a prompt in pieces.
 
     def launch(self, slots: np.ndarray) -> Launched:
