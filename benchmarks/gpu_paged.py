@@ -15,6 +15,9 @@ capacity and its decode speed against the static cache.
   (``prefill_chunk`` with ``prompt_len``): the time to recompute all its positions, and from its blocks kept in
   the prefix cache (all but the last, partial one), and whether each resumption's next id is the one
   uninterrupted decoding chose;
+- ``hits``: 16 prompts behind one 512-token system text whose blocks an earlier request cached, each with its own
+  tail: their rests prefilled in one forward, each row from its cached offset (what the engine does for prompts
+  admitted together), against one ``prefill_chunk`` each; the times and whether both give the same first ids;
 - ``pack``: 8 streams, those in even slots ending after a few steps, so that the runner moves the odd ones' state
   and block table rows down into the freed rows on the device, in stream order after the step in flight; each
   survivor's ids against the same stream decoded alone (``agreement``: 1.0 in exact arithmetic; moves read in
@@ -145,6 +148,49 @@ def resume(model: LlamaLM, device: torch.device, dtype: torch.dtype, prompt: int
     return result
 
 
+def hits(model: LlamaLM, device: torch.device, dtype: torch.dtype, streams: int, system: int, tail: int,
+         max_context: int) -> dict[str, Any]:
+    runner = runner_for(model, device, dtype, max_batch=streams, max_context=max_context)
+    rng = np.random.default_rng(2)
+    shared = rng.integers(0, runner.vocab_size - 1, system).tolist()
+    prompts = [shared + rng.integers(0, runner.vocab_size - 1, tail + s).tolist() for s in range(streams)]
+    params, slots = [SlotParams(echo=False)] * streams, list(range(streams))
+    result: dict[str, Any] = {"streams": streams, "system_positions": system}
+    firsts: dict[str, list[int]] = {}
+    for name in ("one_by_one", "together"):
+        times = []
+        for _ in range(2):  # the first of each kind pays its first-call costs
+            manager = KVCacheManager(BlockPool(runner.kv_paged.num_blocks, BLOCK), runner.kv_paged.max_blocks_per_slot)
+            manager.admit("earlier", shared + [0], system + 2)  # the request that wrote and cached the system text
+            runner.assign_blocks(0, manager.block_table("earlier"))
+            runner.prefill(0, shared + [0], params[0])
+            manager.commit("earlier", shared)
+            runner.release(0)
+            manager.release("earlier")
+            cached = []
+            for slot, prompt in zip(slots, prompts, strict=True):
+                cached.append(manager.admit(slot, prompt, len(prompt) + 2))
+                runner.assign_blocks(slot, manager.block_table(slot))
+            sync(device)
+            started = time.perf_counter()
+            if name == "together":
+                firsts[name] = runner.prefill_batch(slots, prompts, params, cached=cached)
+            else:
+                firsts[name] = [runner.prefill_chunk(slot, prompt, params[slot], offset, len(prompt), cached=offset)
+                                for slot, prompt, offset in zip(slots, prompts, cached, strict=True)]
+            sync(device)
+            times.append(time.perf_counter() - started)
+            for slot in slots:
+                runner.release(slot)
+                manager.release(slot)
+        result[f"{name}_ms"] = round(1e3 * times[-1], 2)
+        result["cached_positions"] = cached[0]
+    result["same_first_ids"] = float(np.mean(np.array(firsts["together"]) == np.array(firsts["one_by_one"])))
+    del runner
+    model.setup_caches(1, 1)
+    return result
+
+
 def pack(model: LlamaLM, device: torch.device, dtype: torch.dtype, prompt: int, short: int, long: int,
          max_context: int) -> dict[str, Any]:
     batch, params = 8, SlotParams(echo=False)
@@ -214,8 +260,9 @@ def run(out: Path, smoke: bool) -> dict[str, Any]:
                          "agreement": round(agree, 4)})
         resumed = resume(model, device, dtype, 40, 8, 128) if smoke else resume(model, device, dtype, 1024, 32, 2048)
         packed = pack(model, device, dtype, 16, 3, 10, 128) if smoke else pack(model, device, dtype, 256, 8, 40, 1024)
+        hit = hits(model, device, dtype, 4, 40, 5, 128) if smoke else hits(model, device, dtype, 16, 512, 32, 1024)
     return {"model": f"{'llama-tiny' if smoke else 'llama3-8b'} (random), {str(dtype).removeprefix('torch.')}, eager",
-            "block_size": BLOCK, "capacity": room, "decode": rows, "resume": resumed, "pack": packed}
+            "block_size": BLOCK, "capacity": room, "decode": rows, "resume": resumed, "pack": packed, "hits": hit}
 
 
 if __name__ == "__main__":

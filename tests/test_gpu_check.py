@@ -81,6 +81,9 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     assert [row["batch"] for row in paged["decode"]] == [2, 4]
     assert all(row["agreement"] == 1.0 and row["tokens_per_s_paged"] > 0 for row in paged["decode"])
     assert paged["pack"]["agreement"] == 1.0 and paged["pack"]["moved_step_ms"] > 0
+    hit = paged["hits"]
+    assert hit["cached_positions"] == 32 and hit["same_first_ids"] == 1.0
+    assert hit["together_ms"] > 0 and hit["one_by_one_ms"] > 0
     resumed = paged["resume"]
     assert resumed["same_next_id_full"] and resumed["same_next_id_cached"]
     assert 0 < resumed["cached_positions"] < resumed["positions"] and resumed["resume_cached_ms"] > 0
