@@ -210,6 +210,22 @@ def tiny_engine(*, max_batch: int = 8, max_context: int = CONTEXT, runner_wrappe
     return Engine(model, EngineOptions(max_batch=max_batch, **options), runner=runner)
 
 
+def prefill_from_offsets(runner: Any, prompts: list[list[int]], params: list[Any], offsets: list[int], *,
+                         blocks_per_slot: int, together: bool) -> list[int | None]:
+    """Give slot ``s`` blocks ``1 + blocks_per_slot * s`` on, prefill its prompt up to its offset, then prefill
+    every prompt's rest: in one batched forward from the offsets (``together``) or one chunk per slot. Returns
+    each slot's first token."""
+    for slot, (prompt, offset) in enumerate(zip(prompts, offsets, strict=True)):
+        first_block = 1 + blocks_per_slot * slot
+        runner.assign_blocks(slot, range(first_block, first_block + blocks_per_slot))
+        if offset:
+            assert runner.prefill_chunk(slot, prompt, params[slot], 0, offset) is None
+    if together:
+        return runner.prefill_batch(list(range(len(prompts))), prompts, params, cached=offsets)
+    return [runner.prefill_chunk(slot, prompt, params[slot], offset, len(prompt), cached=offset)
+            for slot, (prompt, offset) in enumerate(zip(prompts, offsets, strict=True))]
+
+
 @dataclass
 class SignedRequest:
     """A request exactly as a dendrite would send it, for the test to alter before sending."""

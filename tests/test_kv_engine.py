@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from helpers import GPT2_EOS, MIXED, collect
+from helpers import GPT2_EOS, MIXED, collect, prefill_from_offsets
 from runner_wrappers import SlowRunner
 
 from minercore.contract.config import EngineOptions, ModelOptions
@@ -404,15 +404,7 @@ def test_prompts_prefilled_together_from_their_own_cached_offsets_go_on_as_each_
 
     def run(together: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
         runner = build_runner(model, max_batch=4, eos_id=GPT2_EOS, kv_block_size=BLOCK, kv_cache_bytes=1 << 22)
-        for slot, (prompt, offset) in enumerate(zip(PROMPTS, OFFSETS, strict=True)):
-            runner.assign_blocks(slot, range(1 + 5 * slot, 6 + 5 * slot))
-            if offset:
-                assert runner.prefill_chunk(slot, prompt, params[slot], 0, offset) is None
-        if together:
-            firsts = runner.prefill_batch([0, 1, 2, 3], PROMPTS, params, cached=OFFSETS)
-        else:
-            firsts = [runner.prefill_chunk(slot, prompt, params[slot], offset, len(prompt), cached=offset)
-                      for slot, (prompt, offset) in enumerate(zip(PROMPTS, OFFSETS, strict=True))]
+        firsts = prefill_from_offsets(runner, PROMPTS, params, OFFSETS, blocks_per_slot=5, together=together)
         caches = [(block.attn if hasattr(block, "attn") else block.self_attn).cache for block in runner.model.blocks]
         written = [torch.cat([cache.k[1 + 5 * s:6 + 5 * s].transpose(0, 1).flatten(1, 2)[:, :len(p)]
                               for cache in caches]) for s, p in enumerate(PROMPTS)]

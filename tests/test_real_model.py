@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from helpers import MIXED
+from helpers import MIXED, prefill_from_offsets
 
 from minercore.contract.config import EngineOptions, ModelOptions
 from minercore.contract.generation import GenerationRequest, SamplingParams
@@ -322,15 +322,7 @@ def test_int8_rows_give_chats_resumed_together_from_cached_prefixes_their_tokens
     params = [SlotParams(echo=False)] * 4
 
     def run(together: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
-        for slot, (prompt, offset) in enumerate(zip(prompts, offsets, strict=True)):
-            runner.assign_blocks(slot, range(1 + 8 * slot, 9 + 8 * slot))
-            if offset:
-                assert runner.prefill_chunk(slot, prompt, params[slot], 0, offset) is None
-        if together:
-            firsts = runner.prefill_batch([0, 1, 2, 3], prompts, params, cached=offsets)
-        else:
-            firsts = [runner.prefill_chunk(slot, prompt, params[slot], offset, len(prompt), cached=offset)
-                      for slot, (prompt, offset) in enumerate(zip(prompts, offsets, strict=True))]
+        firsts = prefill_from_offsets(runner, prompts, params, offsets, blocks_per_slot=8, together=together)
         written = [pool[1 + 8 * slot:9 + 8 * slot].transpose(0, 1).flatten(1, 2)[:, :len(prompt)].clone()
                    for block in runner.model.blocks for pool in (block.self_attn.cache.k, block.self_attn.cache.v)
                    for slot, prompt in enumerate(prompts)]  # each slot's prompt positions, (heads, positions, dim)
