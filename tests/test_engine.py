@@ -409,7 +409,8 @@ def test_wait_queue_orders_by_priority_then_arrival_and_takes_out_the_expired():
 
 
 class Recording(SlowRunner):
-    """Logs every launch, collect and prefill in order, so a test can see what was in flight when."""
+    """Logs every launch, collect and prefill (whole or a chunk) in order, so a test can see what was in flight
+    when."""
 
     def __init__(self, runner):
         super().__init__(runner, delay=0.002)
@@ -427,6 +428,10 @@ class Recording(SlowRunner):
     def prefill(self, slot, prompt_ids, params):
         self.log.append(("prefill", slot))
         return self._runner.prefill(slot, prompt_ids, params)
+
+    def prefill_chunk(self, slot, *args, **kwargs):
+        self.log.append(("prefill", slot))  # a prompt from its prefix-cache offset, or one of its chunks
+        return self._runner.prefill_chunk(slot, *args, **kwargs)
 
 
 def in_flight_at(log, index):

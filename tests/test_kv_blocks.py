@@ -184,6 +184,78 @@ def test_append_slot_grows_at_block_boundaries_and_says_when_it_cannot():
     assert (stats.preemptions, stats.blocks_used, stats.blocks_free) == (1, 3, 0)
 
 
+def _copying_manager(num_blocks: int = 16) -> tuple[KVCacheManager, list[tuple[int, int]]]:
+    copies: list[tuple[int, int]] = []
+    manager = KVCacheManager(BlockPool(num_blocks, 4), max_blocks_per_stream=8,
+                             copy_block=lambda src, dst: copies.append((src, dst)))
+    return manager, copies
+
+
+def test_a_prompt_asked_again_computes_only_its_last_token():
+    """Its last block, filled by its answer, is found by its leading tokens and copied into the new stream's own
+    block; the cached one stays as it was, findable by the next."""
+    manager, copies = _copying_manager()
+    prompt, answer = list(range(10)), [50, 51, 52, 53]
+    manager.admit("a", prompt, positions=14)
+    manager.commit("a", prompt + answer[:3])  # the last answer id was never fed back: positions [0, 13) written
+    source = manager.block_table("a")[2]  # prompt 8-9 then answer 50-51: full and cached
+    manager.release("a")
+    assert manager.admit("b", prompt) == 9
+    table = manager.block_table("b")
+    assert copies == [(source, table[2])] and source not in table
+    assert manager.stats().partial_hits == 1
+    assert manager.pool.refcount(source) == 0 and manager.pool.hash_of(source) is not None
+    # The copy is the new stream's own: once written full it is cached like any block (the same contents as the
+    # source: the first one cached stays the one found).
+    manager.commit("b", prompt + [60, 61])
+    assert manager.admit("c", prompt + [60, 61, 7]) == 12 and len(copies) == 1
+    assert manager.block_table("c")[2] == table[2]
+
+
+def test_a_partial_match_takes_the_child_sharing_the_most_tokens():
+    manager, copies = _copying_manager()
+    head = [1, 2, 3, 4]
+    for stream, tail in (("a", [5, 6, 7, 8]), ("b", [5, 6, 9, 9]), ("c", [7, 7, 7, 7])):
+        manager.admit(stream, head + tail + [0])
+        manager.commit(stream, head + tail)
+    manager.release("a")
+    copies.clear()  # "b" began from a copy of "a"'s second block
+    block_a = manager.pool.lookup(block_hashes(head + [5, 6, 7, 8], 4)[1])
+    assert manager.admit("d", head + [5, 6, 7, 3, 3]) == 7
+    assert copies == [(block_a, manager.block_table("d")[1])]
+    assert manager.admit("e", head + [8, 8]) == 4 and len(copies) == 1  # no child begins with 8
+    assert manager.admit("f", [1, 2, 3]) == 2  # inside the first block: a child of the root
+    assert copies[1:] == [(manager.pool.lookup(block_hashes(head, 4)[0]), manager.block_table("f")[0])]
+
+
+def test_an_evicted_block_is_never_copied_and_without_copy_block_only_whole_blocks_are_reused():
+    manager, copies = _copying_manager(num_blocks=4)  # 3 usable blocks
+    prompt = list(range(8))
+    manager.admit("a", prompt)
+    manager.commit("a", prompt)
+    manager.release("a")
+    assert manager.admit("b", [9] * 11) == 0  # evicts every cached block
+    manager.release("b")
+    assert manager.admit("c", prompt) == 0 and copies == []
+    plain = KVCacheManager(BlockPool(16, 4), max_blocks_per_stream=8)
+    plain.admit("a", prompt)
+    plain.commit("a", prompt)
+    assert plain.admit("b", prompt) == 4 and plain.stats().partial_hits == 0
+
+
+def test_the_copied_block_is_held_while_the_fresh_ones_are_taken():
+    """The one block left to evict is the copy's source: the copy is skipped rather than read from a block just
+    handed out again, and the admission takes whole-block hits only."""
+    manager, copies = _copying_manager(num_blocks=4)
+    prompt = list(range(6))
+    manager.admit("a", prompt, positions=8)
+    manager.commit("a", prompt + [6, 7])  # both blocks full and cached
+    manager.release("a")
+    manager.admit("x", [9] * 3)  # holds the third block: the two cached ones are all that is free
+    assert manager.admit("b", prompt) == 4 and copies == []
+    assert manager.block_table("b")[0] == manager.pool.lookup(block_hashes(prompt, 4)[0])
+
+
 def test_can_fit_alone_bounds_by_the_table_and_the_pool():
     manager = KVCacheManager(BlockPool(4, 4), max_blocks_per_stream=8)  # 3 usable blocks
     assert manager.can_fit_alone(12) and not manager.can_fit_alone(13)
@@ -207,12 +279,16 @@ class KVBlocksMachine(RuleBasedStateMachine):
     released and preempted against a model of what each stream holds.
 
     ``written[block]`` is the chained hash of the full block a stream last wrote into ``block`` in its current
-    life (cleared when the block is handed out fresh): the ground truth a cached block is checked against."""
+    life (cleared when the block is handed out fresh), and ``contents[block]`` its tokens: the ground truth a
+    cached block, or one copied for a match inside it, is checked against."""
 
-    @initialize(prefix_caching=st.booleans())
-    def setup(self, prefix_caching: bool) -> None:
+    @initialize(prefix_caching=st.booleans(), copying=st.booleans())
+    def setup(self, prefix_caching: bool, copying: bool) -> None:
         self.pool = BlockPool(NUM_BLOCKS, BLOCK_SIZE)
-        self.manager = KVCacheManager(self.pool, MAX_BLOCKS, prefix_caching)
+        self.copies: list[tuple[int, int]] = []
+        self.manager = KVCacheManager(self.pool, MAX_BLOCKS, prefix_caching,
+                                      copy_block=self._copy if copying else None)
+        self.contents: dict[int, tuple[int, ...]] = {}
         self.tokens: dict[int, list[int]] = {}  # the tokens whose KV each live stream holds or will
         self.committed: dict[int, int] = {}
         self.positions: dict[int, int] = {}  # the positions its table must cover
@@ -225,9 +301,15 @@ class KVBlocksMachine(RuleBasedStateMachine):
         met make hypothesis give up on the example)."""
         return data.draw(st.sampled_from(sorted(self.tokens))) if self.tokens else None
 
+    def _copy(self, src: int, dst: int) -> None:
+        # The source is a cached block someone wrote full, still held (nothing can hand it out meanwhile).
+        assert self.pool.refcount(src) > 0 and self.pool.hash_of(src) == self.written[src]
+        self.copies.append((src, dst))
+
     def _fresh(self, blocks: list[int]) -> None:
         for block in blocks:
             self.written.pop(block, None)
+            self.contents.pop(block, None)
 
     @rule(head=st.sampled_from(HEADS), tail=st.lists(st.integers(0, 1), max_size=MAX_BLOCKS * BLOCK_SIZE - 1))
     def admit(self, head: list[int], tail: list[int]) -> None:
@@ -239,6 +321,7 @@ class KVBlocksMachine(RuleBasedStateMachine):
         needed = -(-(len(prompt) + 1) // BLOCK_SIZE)
         assert self.manager.can_fit_alone(len(prompt) + 1) == (needed <= MAX_BLOCKS)
         free, alone = self.pool.num_free, not self.tokens
+        self.copies.clear()
         cached = self.manager.admit(stream, prompt)
         event("refused" if cached is None else f"admitted, {cached} tokens cached")
         if cached is None:
@@ -246,14 +329,24 @@ class KVBlocksMachine(RuleBasedStateMachine):
             assert free < needed, "refused although enough blocks were free"
             assert self.pool.num_free == free
             return
-        assert cached % BLOCK_SIZE == 0 and 0 <= cached < len(prompt)
+        assert 0 <= cached < len(prompt)
         assert cached == 0 or self.manager.prefix_caching
         table = self.manager.block_table(stream)
         assert len(table) == needed
-        hits = cached // BLOCK_SIZE
+        hits, shared = divmod(cached, BLOCK_SIZE)
         # What a hit reuses really holds this prompt's leading blocks.
         for block, block_hash in zip(table[:hits], block_hashes(prompt, BLOCK_SIZE), strict=False):
             assert self.written[block] == block_hash
+        # A match inside a block: a copy of a block written after the same leading blocks, its first tokens
+        # this prompt's next ones, into the stream's own next block.
+        assert len(self.copies) == (shared > 0)
+        if shared:
+            (src, dst), = self.copies
+            assert dst == table[hits] and src not in table
+            assert self.contents[src][:shared] == tuple(prompt[cached - shared:cached])
+            chain = block_hashes(prompt[:cached - shared] + list(self.contents[src]), BLOCK_SIZE)
+            assert chain[-1] == self.written[src]
+            event("a match inside a block, copied")
         self._fresh(table[hits:])
         self.tokens[stream] = list(prompt)
         self.committed[stream] = cached
@@ -268,8 +361,9 @@ class KVBlocksMachine(RuleBasedStateMachine):
         upto = data.draw(st.integers(self.committed[stream], len(tokens)))
         self.manager.commit(stream, tokens[:upto])
         table = self.manager.block_table(stream)
-        for block, block_hash in zip(table, block_hashes(tokens[:upto], BLOCK_SIZE), strict=False):
+        for i, (block, block_hash) in enumerate(zip(table, block_hashes(tokens[:upto], BLOCK_SIZE), strict=False)):
             self.written.setdefault(block, block_hash)
+            self.contents.setdefault(block, tuple(tokens[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
             assert self.written[block] == block_hash, "a block was written with two contents"
         self.committed[stream] = upto
 

@@ -275,7 +275,8 @@ QUESTIONS = ["How fast does a flood wave travel?", "What is a weir for?", "Why d
 
 async def test_the_real_model_answers_the_same_through_pages_and_the_prefix_cache() -> None:
     """SmolLM2 in float32, greedy: three chats behind one system prompt, at once and then again one by one
-    (their system blocks now cached): the static cache's text every time."""
+    (their system blocks now cached, and each chat's last block, filled by its first answer, copied for its
+    leading tokens): the static cache's text every time."""
     from minercore.models.loading import embedded
 
     path = embedded.resolve("smollm2-135m-instruct")
@@ -295,6 +296,7 @@ async def test_the_real_model_answers_the_same_through_pages_and_the_prefix_cach
     assert results["paged"][:2] == results["static"][:2]
     assert results["paged"][0] == results["paged"][1]
     assert results["paged"][2].prefix_hit_blocks >= 3 * 4  # each later chat found its system blocks
+    assert results["paged"][2].prefix_partial_hits >= 3  # and, asked again, the start of its last block
 
 
 def test_a_released_slot_writes_nothing_into_blocks_it_no_longer_owns() -> None:
@@ -460,3 +462,50 @@ async def test_prompts_behind_a_cached_prefix_are_prefilled_together_from_their_
         await running.shutdown(grace=0)
     assert together == static
     assert [96, 96, 96] in batches
+
+
+def count_prefilled(running: Engine) -> list[int]:
+    """Patch the engine's runner to log how many positions each prefill call computes."""
+    computed: list[int] = []
+    runner = running._runner
+    prefill, prefill_chunk, prefill_batch = runner.prefill, runner.prefill_chunk, runner.prefill_batch
+
+    def whole(slot, prompt_ids, params):
+        computed.append(len(prompt_ids))
+        return prefill(slot, prompt_ids, params)
+
+    def chunk(slot, prompt_ids, params, start, end, **kwargs):
+        computed.append(end - start)
+        return prefill_chunk(slot, prompt_ids, params, start, end, **kwargs)
+
+    def batch(slots, prompts, params, cached=None):
+        computed.append(sum(len(p) for p in prompts) - sum(cached or ()))
+        return prefill_batch(slots, prompts, params, cached=cached)
+
+    runner.prefill, runner.prefill_chunk, runner.prefill_batch = whole, chunk, batch
+    return computed
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+async def test_a_prompt_asked_again_computes_one_token_from_a_copy_of_its_last_block(preset) -> None:
+    """A 37-token prompt answered with 24 tokens leaves its third block (5 prompt tokens, then its answer)
+    cached. Asked again, it computes only its last token, from a copy of that block; a prompt sharing its first
+    30 tokens computes from position 30 (a copy of the second block). The answers are the static cache's and
+    prefix caching off's, and every block goes back."""
+    prompt = [(13 * j) % 50000 + 3 for j in range(37)]
+    requests = [GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=24, ignore_eos=True))
+                for ids in (prompt, prompt, prompt[:30] + [7] * 10)]
+    static, _ = await answers("static", requests, preset=preset, sequential=True)
+    uncached, _ = await answers("paged", requests, preset=preset, sequential=True, prefix_cache=False)
+    running = engine("paged", preset=preset)
+    computed = count_prefilled(running)
+    await running.start()
+    try:
+        cached = [await collect(running, r) for r in requests]
+        stats = running.stats()
+    finally:
+        await running.shutdown(grace=0)
+    assert cached == static == uncached
+    assert computed == [37, 1, 10]
+    assert (stats.prefix_hit_blocks, stats.prefix_partial_hits) == (2 + 1, 2)
+    assert stats.kv_blocks_used == 0

@@ -130,12 +130,14 @@ class EngineStats:
     accepted_tokens: int = 0
     verify_declined: int = 0
     # Paged KV (kv/): blocks held by requests, free (cached ones included) and cached with no holder; prompt
-    # blocks found in the prefix cache and computed instead; cached blocks evicted for room; streams preempted.
+    # blocks found in the prefix cache and computed instead, and blocks whose leading tokens were found in a
+    # cached block (copied); cached blocks evicted for room; streams preempted.
     kv_blocks_used: int = 0
     kv_blocks_free: int = 0
     kv_blocks_cached: int = 0
     prefix_hit_blocks: int = 0
     prefix_miss_blocks: int = 0
+    prefix_partial_hits: int = 0
     kv_evictions: int = 0
     kv_preemptions: int = 0
 

@@ -237,7 +237,8 @@ class Engine:
             log.info("kv_cache paged: the %s runner keeps its own KV cache; using it", self.backend_name)
             return None
         return KVCacheManager(BlockPool(spec.num_blocks, spec.block_size), spec.max_blocks_per_slot,
-                              prefix_caching=self.options.prefix_cache)
+                              prefix_caching=self.options.prefix_cache,
+                              copy_block=getattr(self._runner, "copy_block", None))
 
     def _warm_up(self, ready: asyncio.Future) -> bool:
         """On the model thread, the build as well as the warm-up: CUDA graphs belong to the thread that records
@@ -432,8 +433,8 @@ class Engine:
                            verify_declined=self._step_costs.declined_steps if drafter else 0,
                            **({"kv_blocks_used": kv.blocks_used, "kv_blocks_free": kv.blocks_free,
                                "kv_blocks_cached": kv.blocks_cached, "prefix_hit_blocks": kv.hits,
-                               "prefix_miss_blocks": kv.misses, "kv_evictions": kv.evictions,
-                               "kv_preemptions": kv.preemptions} if kv else {}))
+                               "prefix_miss_blocks": kv.misses, "prefix_partial_hits": kv.partial_hits,
+                               "kv_evictions": kv.evictions, "kv_preemptions": kv.preemptions} if kv else {}))
 
     # ---- the model thread ---------------------------------------------------------------------------
     def _model_thread(self, ready: asyncio.Future) -> None:
@@ -874,9 +875,13 @@ class Engine:
         except Exception:  # noqa: BLE001 - a runner that cannot release still gets its slot reused by prefill
             log.exception("runner failed to release slot %d", job.slot)
         if self._kv is not None and job in self._kv:
-            # A step still in flight may write this slot's next position once more, into these blocks: harmless,
-            # since they are no prompt's cached blocks, and steps run in order, so a later owner's writes and
-            # reads of them come after it.
+            if self._active.get(job.slot) is job:
+                # Its answer's full blocks as well as its prompt's, findable by what comes next: the same prompt
+                # again (whose last block its answer filled) or the chat's next turn. A step still in flight may
+                # write this slot's next position once more, into a block not cached here: harmless, since steps
+                # run in order, so a later owner's writes and reads of it come after that step.
+                handed = int(self._slot_tokens[job.slot])
+                self._kv.commit(job, job.prompt_ids + self._outputs[job.slot, :max(0, handed - 1)].tolist())
             self._kv.release(job)
         # A job ends while decoding, while its prompt is prefilled in chunks, preempted, or in a failed prefill
         # (in none of them).

@@ -12,7 +12,7 @@ points at memory no stream owns. ``capacity`` is therefore ``num_blocks - 1``.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 BlockHash = bytes
@@ -38,7 +38,10 @@ class PoolStats:
 
 
 class BlockPool:
-    """``num_blocks`` blocks of ``block_size`` positions each (block 0 reserved), reference counted."""
+    """``num_blocks`` blocks of ``block_size`` positions each (block 0 reserved), reference counted.
+
+    ``on_evict``, if set, is called with the hash of each cached block ``allocate`` evicts (the prefix cache's
+    indexes forget it)."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 2:
@@ -55,6 +58,7 @@ class BlockPool:
         self._plain: list[int] = list(range(num_blocks - 1, NULL_BLOCK, -1))
         # Cached blocks nobody references, least recently freed first: the eviction order.
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self.on_evict: Callable[[BlockHash], None] | None = None
 
     @property
     def capacity(self) -> int:
@@ -89,9 +93,12 @@ class BlockPool:
                 block = self._plain.pop()
             else:
                 block, _ = self._lru.popitem(last=False)
-                del self._by_hash[self._hash[block]]
+                evicted = self._hash[block]
+                del self._by_hash[evicted]
                 self._hash[block] = None
                 self.stats.evictions += 1
+                if self.on_evict is not None:
+                    self.on_evict(evicted)
             self._refs[block] = 1
             blocks.append(block)
         return blocks

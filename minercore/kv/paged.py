@@ -90,6 +90,11 @@ class PagedKVCache(nn.Module):
             return k, v
         return self._read(tables, chunk_end(start, t))
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Block ``dst``'s keys and values made those of block ``src``."""
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
+
     def append(self, pos: Tensor, k: Tensor, v: Tensor, ctx: int) -> tuple[Tensor, Tensor]:
         """Write row i's (H, T, D) step at positions ``pos[i]`` ... ``pos[i] + T - 1`` for rows [0, b) (T > 1:
         a speculative verify; positions past the table land in the null block); return those rows' first

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..contract.config import ATTENTION_CHOICES, GRAPH_CHOICES
-from ..kv.paged import PagedSpec
+from ..kv.paged import PagedKVCache, PagedSpec
 from ..models.base import CachedLM
 from ..models.quant import describe as describe_quant
 from .cuda_graphs import CapturedGraphs
@@ -192,6 +192,7 @@ class ModelRunner:
         self.kv_cache_bytes_per_slot = self.model.setup_caches(
             max_batch, max_context, *([self.kv_paged.layer_cache] if self.kv_paged else []))
         self.kv_bytes = self.kv_pool_bytes if self.kv_paged else self.kv_cache_bytes_per_slot * max_batch
+        self._paged_layers = [m for m in self.model.modules() if isinstance(m, PagedKVCache)]
         self.state = SlotState(max_batch, max_context, device, stop_ids or (eos_id,))
         self._kinds = tuple(kinds)  # the sampling kinds warmup prepares
         self._tree_graphs = compile and graphs == "torch" and device.type == "cuda"
@@ -290,6 +291,15 @@ class ModelRunner:
         check_slot(slot, self.max_batch)
         row = self._claim(slot) if len(blocks) else int(self._row_of[slot])
         self.kv_paged.set_blocks(row, blocks)
+
+    @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Paged KV block ``dst`` of every layer made a copy of block ``src`` (a prefix-cache hit inside a block:
+        the stream writes its own copy from the shared positions on), ordered before any later step."""
+        if not self._paged_layers:
+            raise ValueError("copy_block needs the paged KV cache")
+        for cache in self._paged_layers:
+            cache.copy_block(src, dst)
 
     @property
     def context_buckets(self) -> list[int]:

@@ -121,6 +121,7 @@ _KV_GAUGES = {
     "kv_blocks_cached": "Paged KV blocks holding a cached prompt prefix that no request holds",
     "prefix_hit_blocks": "Prompt blocks found in the prefix cache instead of computed, since start",
     "prefix_miss_blocks": "Full prompt blocks computed because the prefix cache did not hold them, since start",
+    "prefix_partial_hits": "Prompt blocks whose leading tokens were copied from a cached block, since start",
     "kv_evictions": "Cached prefix blocks evicted to make room, since start",
     "kv_preemptions": "Decoding streams whose KV blocks were freed for others (recomputed later), since start",
 }
