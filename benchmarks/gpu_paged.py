@@ -18,6 +18,11 @@ capacity and its decode speed against the static cache.
 - ``hits``: 16 prompts behind one 512-token system text whose blocks an earlier request cached, each with its own
   tail: their rests prefilled in one forward, each row from its cached offset (what the engine does for prompts
   admitted together), against one ``prefill_chunk`` each; the times and whether both give the same first ids;
+- ``repeats``: 16 prompts (a 512-token system text and its own tail each) answered for 32 steps, their prompt and
+  answer blocks committed, then asked again: the manager finds each prompt's whole blocks and copies the start of
+  its last one (``copy_block``), and their rests (one token each) are prefilled in one forward, against the rests
+  past the whole blocks only (what the prefix cache gave before); the times, and whether both give the same first
+  ids;
 - ``pack``: 8 streams, those in even slots ending after a few steps, so that the runner moves the odd ones' state
   and block table rows down into the freed rows on the device, in stream order after the step in flight; each
   survivor's ids against the same stream decoded alone (``agreement``: 1.0 in exact arithmetic; moves read in
@@ -191,6 +196,49 @@ def hits(model: LlamaLM, device: torch.device, dtype: torch.dtype, streams: int,
     return result
 
 
+def repeats(model: LlamaLM, device: torch.device, dtype: torch.dtype, streams: int, system: int, tail: int,
+            answer: int, max_context: int) -> dict[str, Any]:
+    runner = runner_for(model, device, dtype, max_batch=streams, max_context=max_context)
+    rng = np.random.default_rng(3)
+    shared = rng.integers(0, runner.vocab_size - 1, system).tolist()
+    prompts = [shared + rng.integers(0, runner.vocab_size - 1, tail + s).tolist() for s in range(streams)]
+    params, slots = [SlotParams(echo=False)] * streams, list(range(streams))
+    manager = KVCacheManager(BlockPool(runner.kv_paged.num_blocks, BLOCK), runner.kv_paged.max_blocks_per_slot,
+                             copy_block=runner.copy_block)
+    for slot, prompt in zip(slots, prompts, strict=True):  # the first time: answered, everything written cached
+        manager.admit(slot, prompt, len(prompt) + answer + 1)
+        runner.assign_blocks(slot, manager.block_table(slot))
+    outputs = [[first] for first in runner.prefill_batch(slots, prompts, params)]
+    for _ in range(answer - 1):
+        for out, token in zip(outputs, runner.decode(np.array(slots)).tolist(), strict=True):
+            out.append(token)
+    for slot, prompt in zip(slots, prompts, strict=True):
+        manager.commit(slot, prompt + outputs[slot][:-1])
+        runner.release(slot)
+        manager.release(slot)
+    cached = [manager.admit(slot, prompt, len(prompt) + 2) for slot, prompt in zip(slots, prompts, strict=True)]
+    result: dict[str, Any] = {"streams": streams, "prompt_positions": [len(prompts[0]), len(prompts[-1])],
+                              "cached_positions": [min(cached), max(cached)]}
+    firsts: dict[str, list[int]] = {}
+    for name, offsets in (("whole_blocks", [c // BLOCK * BLOCK for c in cached]), ("inside_blocks", cached)):
+        times = []
+        for _ in range(2):  # the first of each kind pays its first-call costs
+            for slot in slots:
+                runner.assign_blocks(slot, manager.block_table(slot))
+            sync(device)
+            started = time.perf_counter()
+            firsts[name] = runner.prefill_batch(slots, prompts, params, cached=offsets)
+            sync(device)
+            times.append(time.perf_counter() - started)
+            for slot in slots:
+                runner.release(slot)
+        result[f"{name}_ms"] = round(1e3 * times[-1], 2)
+    result["same_first_ids"] = float(np.mean(np.array(firsts["inside_blocks"]) == np.array(firsts["whole_blocks"])))
+    del runner
+    model.setup_caches(1, 1)
+    return result
+
+
 def pack(model: LlamaLM, device: torch.device, dtype: torch.dtype, prompt: int, short: int, long: int,
          max_context: int) -> dict[str, Any]:
     batch, params = 8, SlotParams(echo=False)
@@ -261,8 +309,11 @@ def run(out: Path, smoke: bool) -> dict[str, Any]:
         resumed = resume(model, device, dtype, 40, 8, 128) if smoke else resume(model, device, dtype, 1024, 32, 2048)
         packed = pack(model, device, dtype, 16, 3, 10, 128) if smoke else pack(model, device, dtype, 256, 8, 40, 1024)
         hit = hits(model, device, dtype, 4, 40, 5, 128) if smoke else hits(model, device, dtype, 16, 512, 32, 1024)
+        repeated = (repeats(model, device, dtype, 4, 40, 5, 12, 128) if smoke
+                    else repeats(model, device, dtype, 16, 512, 32, 32, 1024))
     return {"model": f"{'llama-tiny' if smoke else 'llama3-8b'} (random), {str(dtype).removeprefix('torch.')}, eager",
-            "block_size": BLOCK, "capacity": room, "decode": rows, "resume": resumed, "pack": packed, "hits": hit}
+            "block_size": BLOCK, "capacity": room, "decode": rows, "resume": resumed, "pack": packed, "hits": hit,
+            "repeats": repeated}
 
 
 if __name__ == "__main__":

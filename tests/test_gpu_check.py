@@ -84,6 +84,10 @@ def test_gpu_check_smoke_writes_the_results_schema(tmp_path) -> None:
     hit = paged["hits"]
     assert hit["cached_positions"] == 32 and hit["same_first_ids"] == 1.0
     assert hit["together_ms"] > 0 and hit["one_by_one_ms"] > 0
+    repeated = paged["repeats"]
+    # Prompts of 45-48 tokens asked again: everything but the last token found, through a copy of the last block.
+    assert repeated["cached_positions"] == [44, 47] and repeated["same_first_ids"] == 1.0
+    assert repeated["inside_blocks_ms"] > 0 and repeated["whole_blocks_ms"] > 0
     resumed = paged["resume"]
     assert resumed["same_next_id_full"] and resumed["same_next_id_cached"]
     assert 0 < resumed["cached_positions"] < resumed["positions"] and resumed["resume_cached_ms"] > 0
