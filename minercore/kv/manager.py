@@ -190,9 +190,8 @@ class KVCacheManager:
             length = _common_length(cached, tokens)
             if length > shared:
                 best, shared = block_hash, length
-        if best is None:
-            return None, 0
-        return self.pool.lookup(best), shared
+        block = None if best is None else self.pool.lookup(best)
+        return (None, 0) if block is None else (block, shared)
 
     def _forget(self, block_hash: BlockHash) -> None:
         """An evicted block leaves the partial-match index."""
