@@ -3,7 +3,8 @@
 rows with the same weights and inputs: how minercore served them before ``q4_rows`` (``Int4Linear``: torch's int4
 kernel, the rows cast to bfloat16 and back), the dense float32 matrices, the kernel over the blocks as they are
 (``q4_rows``, float rows: the default), and the same blocks times rows rounded to int8 per block
-(``q4_i8_rows``, ``--activations int8``). ``q4_rows`` and the dense product multiply the same float32 weights
+(``q4_i8_rows``, ``--activations int8``; ``q4_i8_rows_avx2`` is that kernel held to AVX2 where the CPU has AVX-512
+VNNI, the same bits). ``q4_rows`` and the dense product multiply the same float32 weights
 (tests/test_q4_rows.py); torch's kernel rounds the scales to bfloat16; ``q4_i8_rows`` rounds the rows
 (tests/test_q4_i8_rows.py). The kernels serve float32 models, which ``dtype auto`` picks on a CPU without native
 bfloat16.
@@ -43,12 +44,12 @@ def layers() -> dict[str, list]:
 
 
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("kernel", ["int4", "float32", "q4_rows", "q4_i8_rows"])
+@pytest.mark.parametrize("kernel", ["int4", "float32", "q4_rows", "q4_i8_rows", "q4_i8_rows_avx2"])
 @torch.no_grad()
-def test_q4_rows(benchmark, layers, kernel: str, rows: int) -> None:
+def test_q4_rows(benchmark, layers, kernel: str, rows: int, monkeypatch) -> None:
     benchmark.group = f"q4_rows {rows} rows"
     benchmark.extra_info.update(kernel=kernel, rows=rows)
-    if not {"q4_rows": q4_rows.AVAILABLE, "q4_i8_rows": q4_i8_rows.AVAILABLE}.get(kernel, True):
+    if not {"q4_rows": q4_rows.AVAILABLE}.get(kernel, not kernel.startswith("q4_i8") or q4_i8_rows.AVAILABLE):
         benchmark.extra_info["status"] = f"no {kernel} kernel here (needs AVX2, FMA and its build): nothing measured"
         print(f"\n{kernel}: {benchmark.extra_info['status']}")
         return
@@ -56,5 +57,7 @@ def test_q4_rows(benchmark, layers, kernel: str, rows: int) -> None:
     if kernel == "float32":
         products = [lambda x, w=w: torch.nn.functional.linear(x, w) for w in layers["float32"]]
     else:
-        products = layers[kernel]
+        products = layers[kernel.removesuffix("_avx2")]
+    if kernel == "q4_i8_rows_avx2":
+        monkeypatch.setattr(q4_i8_rows, "VNNI", False)
     benchmark(lambda: [product(x) for product, x in zip(products, inputs, strict=True)])

@@ -7,8 +7,9 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uintptr_t
 
 cdef extern from "q4_i8_rows.h":
     int mc_q4_i8_rows_supported() nogil
+    int mc_q4_i8_rows_vnni_supported() nogil
     int mc_q4_i8_rows_mm(const float *x, const uint8_t *w, const uint16_t *dm, float *y, int64_t M, int64_t N,
-                         int64_t K, int threads) nogil
+                         int64_t K, int threads, int vnni) nogil
 
 
 def supported() -> bool:
@@ -16,12 +17,18 @@ def supported() -> bool:
     return mc_q4_i8_rows_supported() == 1
 
 
-def mm(uintptr_t x, uintptr_t w, uintptr_t dm, uintptr_t y, int64_t rows, int64_t n, int64_t k, int threads) -> None:
+def vnni_supported() -> bool:
+    """Whether this CPU also has AVX-512 VNNI, whose dot products the kernel can take (the same bits)."""
+    return mc_q4_i8_rows_vnni_supported() == 1
+
+
+def mm(uintptr_t x, uintptr_t w, uintptr_t dm, uintptr_t y, int64_t rows, int64_t n, int64_t k, int threads,
+       bint vnni) -> None:
     """y[rows, n] = x[rows, k], quantized to int8 per block, times the Q4 weights laid out in groups of 8 outputs in
     w with their float16 scales and minimums in dm (see q4_i8_rows.h), the GIL released."""
     cdef int status
     with nogil:
         status = mc_q4_i8_rows_mm(<const float *>x, <const uint8_t *>w, <const uint16_t *>dm, <float *>y, rows, n, k,
-                                  threads)
+                                  threads, vnni)
     if status != 0:
         raise MemoryError("Q4 x int8 row kernel: no memory for the quantized rows")

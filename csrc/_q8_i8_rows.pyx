@@ -7,8 +7,9 @@ from libc.stdint cimport int8_t, int64_t, uintptr_t
 
 cdef extern from "q8_i8_rows.h":
     int mc_q8_i8_rows_supported() nogil
+    int mc_q8_i8_rows_vnni_supported() nogil
     int mc_q8_i8_rows_mm(const float *x, const int8_t *w, const float *d, float *y, int64_t M, int64_t N, int64_t K,
-                         int threads) nogil
+                         int threads, int vnni) nogil
 
 
 def supported() -> bool:
@@ -16,12 +17,18 @@ def supported() -> bool:
     return mc_q8_i8_rows_supported() == 1
 
 
-def mm(uintptr_t x, uintptr_t w, uintptr_t d, uintptr_t y, int64_t rows, int64_t n, int64_t k, int threads) -> None:
+def vnni_supported() -> bool:
+    """Whether this CPU also has AVX-512 VNNI, whose dot products the kernel can take (the same bits)."""
+    return mc_q8_i8_rows_vnni_supported() == 1
+
+
+def mm(uintptr_t x, uintptr_t w, uintptr_t d, uintptr_t y, int64_t rows, int64_t n, int64_t k, int threads,
+       bint vnni) -> None:
     """y[rows, n] = x[rows, k], quantized to int8 per block, times the Q8_0 weights laid out in groups of 8 outputs
     in w with their scales in d (see q8_i8_rows.h), the GIL released."""
     cdef int status
     with nogil:
         status = mc_q8_i8_rows_mm(<const float *>x, <const int8_t *>w, <const float *>d, <float *>y, rows, n, k,
-                                  threads)
+                                  threads, vnni)
     if status != 0:
         raise MemoryError("Q8_0 x int8 row kernel: no memory for the quantized rows")

@@ -1,6 +1,6 @@
 /* What the int8-row kernels (q4_i8_rows.c, q8_i8_rows.c) share: a row quantized per block of 32 as llama.cpp's
  * Q8_1 (dx = amax / 127, qx = rint(x / dx), sx = dx * sum(qx)), and the scratch holding a call's quantized rows.
- * Only included by those files, compiled for AVX2, FMA and F16C. */
+ * Only included by those files, compiled for AVX2, FMA and F16C (their products also for AVX-512 VNNI). */
 #ifndef MINERCORE_ROWS_I8_H
 #define MINERCORE_ROWS_I8_H
 
@@ -12,6 +12,7 @@
 #define GROUP 8      /* outputs a kernel computes side by side, one per 32-bit lane */
 #define GROUP_ROWS 4 /* rows sharing a group's weights */
 #define TARGET __attribute__((target("avx2,fma,f16c")))
+#define TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 
 /* A row's blocks as int8 values qx with their scales dx and dx * sum(qx). A block holding a NaN gets a NaN scale,
  * so the NaN reaches every output as it would through float32 products. */

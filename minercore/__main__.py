@@ -62,6 +62,8 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", qua
         # AVX-512 BF16 too); without one, its layers take torch's kernels.
         "cpu_kernels": {module.__name__.rsplit(".", 1)[-1]: module.AVAILABLE
                         for module in (q4_rows, q8_rows, q4_i8_rows, q8_i8_rows, int4_rows, step_attention)},
+        # Whether the int8-row kernels take AVX-512 VNNI's dot products (the same bits as AVX2's, fewer instructions).
+        "int8_rows_vnni": q4_i8_rows.VNNI and q8_i8_rows.VNNI,
         # What --model.activations auto gives a GGUF's Q4/Q8_0 layers on this device and dtype.
         "activations": "int8" if q4_i8_rows.usable(chosen_device, chosen_dtype) and step_attention.AVAILABLE
         else "float",

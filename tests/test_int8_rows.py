@@ -22,6 +22,15 @@ needs_kernel = pytest.mark.skipif(not (q4_i8_rows.AVAILABLE and q8_i8_rows.AVAIL
 SHAPES = [(960, 576), (576, 1536), (8, 32), (24, 96)]
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux names them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def q4_layer(n: int, k: int, seed: int, *, q4_0: bool = False) -> Q4Linear:
     """Random values 0..15 with a file's float16 scales and minimums (Q4_0's minimum is -8 d)."""
     gen = torch.Generator().manual_seed(seed)
@@ -71,6 +80,36 @@ def q8_layer(n: int, k: int, seed: int) -> Q8Linear:
 def test_the_kernels_are_available_where_their_build_and_the_cpu_allow() -> None:
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert q4_i8_rows.AVAILABLE and q8_i8_rows.AVAILABLE
+
+
+def test_vnni_is_taken_exactly_where_the_cpu_has_it() -> None:
+    flags = cpu_flags()
+    if q4_i8_rows.AVAILABLE and flags:
+        has_vnni = {"avx512_vnni", "avx512vl"} <= flags
+        assert q4_i8_rows.VNNI is has_vnni and q8_i8_rows.VNNI is has_vnni, sorted(flags)
+
+
+@pytest.mark.skipif(not (q4_i8_rows.VNNI and q8_i8_rows.VNNI), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
+def test_vnni_gives_the_same_bits_as_avx2(kind: str, monkeypatch) -> None:
+    """The two instruction sets sum the same integer products, so every output is the same float32 sequence."""
+    for n, k in [(960, 576), (576, 1536), (8, 32), (24, 96)]:
+        x = torch.randn(13, k, generator=torch.Generator().manual_seed(n)) * 3
+        x[5, :32] = 0
+        x[7, 1] = 1e30  # one huge value: that block's other values round to 0
+        if kind == "q8_0":
+            layer = q8_layer(n, k, seed=n + k)
+            module, weights = q8_i8_rows, q8_i8_rows.layout(layer.q, layer.d)
+        else:
+            layer = q4_layer(n, k, seed=n + k, q4_0=kind == "q4_0")
+            module, weights = q4_i8_rows, q4_i8_rows.layout(layer.q, layer.dm)
+        op = getattr(torch.ops.minercore, module.__name__.rsplit(".", 1)[-1] + "_mm")  # the layers' path
+        results = {}
+        for vnni in (True, False):
+            monkeypatch.setattr(module, "VNNI", vnni)
+            results[vnni] = [module.rows_mm(x[:rows], *weights) for rows in range(1, 14)] + [op(x, *weights)]
+        for rows, (fast, plain) in enumerate(zip(results[True], results[False], strict=True), 1):
+            assert torch.equal(fast, plain), (n, k, rows)
 
 
 def test_the_layout_groups_eight_outputs_and_round_trips() -> None:

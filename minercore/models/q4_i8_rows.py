@@ -33,6 +33,9 @@ BLOCK = q4_rows.BLOCK
 GROUP = 8  # outputs the kernel computes side by side
 
 AVAILABLE = _kernel is not None and _kernel.supported()
+# AVX-512 VNNI's dot products where the CPU has them (a third fewer instructions a block); the results are the same
+# bits as AVX2's. A module setting so that tests can compare the two.
+VNNI = AVAILABLE and _kernel.vnni_supported()
 
 
 def usable(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -82,7 +85,7 @@ def rows_mm(x: Tensor, w: Tensor, dm: Tensor) -> Tensor:
     x = x.contiguous()
     y = torch.empty((rows, n), dtype=torch.float32)
     if rows:
-        _kernel.mm(x.data_ptr(), w.data_ptr(), dm.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads())
+        _kernel.mm(x.data_ptr(), w.data_ptr(), dm.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads(), VNNI)
     return y
 
 
@@ -95,7 +98,7 @@ def _rows_mm_op(x: Tensor, w: Tensor, dm: Tensor) -> Tensor:
     y = torch.empty((x.shape[0], GROUP * w.shape[0]), dtype=torch.float32)
     if x.shape[0]:
         _kernel.mm(x.data_ptr(), w.data_ptr(), dm.data_ptr(), y.data_ptr(), x.shape[0], y.shape[1], x.shape[1],
-                   torch.get_num_threads())
+                   torch.get_num_threads(), VNNI)
     return y
 
 
