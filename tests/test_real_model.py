@@ -22,6 +22,12 @@ from minercore.runtime.sampling import SlotParams
 
 NAME = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# What the engine is asked at its defaults, whose rows are rounded to int8 (as llama.cpp rounds them): a question
+# whose greedy answer wins every step by a wide margin. France's first token is a near tie in float32 ("The" 0.08
+# logits above "L"), and the rounding flips it on some CPUs (an Intel Xeon with AVX-512, where llama-server answers
+# the same "L'Étoile, la Marseillaise, ..." text as minercore); Japan's answer keeps a margin of about 1 logit.
+CLEAR_QUESTION = [{"role": "user", "content": "What is the capital of Japan?"}]
+CLEAR_ANSWER = "The capital of Japan is Tokyo."
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +122,28 @@ async def answer(mode: str, request: GenerationRequest) -> tuple[Engine, str, st
     return engine, "".join(p.text for p in pieces), pieces[-1].finish_reason
 
 
+@torch.no_grad()
+def test_the_clear_questions_answer_wins_every_greedy_step_by_a_wide_margin(reference) -> None:
+    """The engine tests' premise: transformers' float32 greedy answer, with every step's top logit at least half a
+    logit above the next (int8 rows move SmolLM2's logits by about 3%, 0.3 logits at the top)."""
+    model, tokenizer = reference
+    ids = tokenizer.apply_chat_template(CLEAR_QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    prompt, margins = ids.shape[1], []
+    while ids[0, -1] != 2 and len(margins) < 16:
+        top = model(ids).logits[0, -1].topk(2)
+        margins.append(float(top.values[0] - top.values[1]))
+        ids = torch.cat((ids, top.indices[:1].view(1, 1)), dim=1)
+    assert tokenizer.decode(ids[0, prompt:-1]) == CLEAR_ANSWER
+    assert min(margins) > 0.5, margins
+
+
 def test_the_engine_answers_a_real_question(smollm2) -> None:
     """By default (quant auto) the file's Q4_1 and Q8_0 blocks are kept as they are: in float32 on a CPU with AVX2,
     through the Q4 and Q8_0 row kernels, times rows rounded to int8 (activations auto)."""
-    request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_new_tokens=48))
+    request = GenerationRequest(messages=CLEAR_QUESTION, sampling=SamplingParams(max_new_tokens=48))
     engine, text, reason = asyncio.run(answer("generate", request))
-    assert text == "The capital of France is Paris." and reason == "eos"
+    assert text == CLEAR_ANSWER and reason == "eos"
     assert engine.serving["format"] == "gguf" and engine.serving["checkpoint_quantization"] == "Q4_1"
     four_bit = "Q4 blocks (120 linears)" if q4_rows.AVAILABLE else "int4 g32"
     head = ", Q8_0 blocks (1 linear)" if q8_rows.AVAILABLE else " (1 of 121 linears unquantized)"
@@ -139,7 +161,8 @@ def test_min_tokens_and_ignore_eos_hold_the_stop_ids_back(smollm2) -> None:
         await engine.start()
         try:
             async def one(**extra) -> tuple[str, str | None, int]:
-                request = GenerationRequest(messages=QUESTION, sampling=SamplingParams(max_new_tokens=30, **extra))
+                request = GenerationRequest(messages=CLEAR_QUESTION,
+                                            sampling=SamplingParams(max_new_tokens=30, **extra))
                 pieces = [piece async for piece in engine.generate(request)]
                 return "".join(p.text for p in pieces), pieces[-1].finish_reason, pieces[-1].stats.tokens
 
@@ -150,7 +173,7 @@ def test_min_tokens_and_ignore_eos_hold_the_stop_ids_back(smollm2) -> None:
 
     (plain, plain_reason, plain_tokens), (held, _, held_tokens), (fixed, fixed_reason, fixed_tokens) = \
         asyncio.run(three())
-    assert plain == "The capital of France is Paris." and plain_reason == "eos" and plain_tokens < 12
+    assert plain == CLEAR_ANSWER and plain_reason == "eos" and plain_tokens < 12
     # Greedy: the same answer until the first stop id, then the model's best non-stop token.
     assert held.startswith(plain) and len(held) > len(plain) and held_tokens >= 12
     assert fixed.startswith(plain) and (fixed_reason, fixed_tokens) == ("length", 30)
