@@ -39,19 +39,34 @@ TARGET static inline void axpy(float w, const float *x, float *y, int64_t D) {
     for (; i < D; i++) y[i] = fmaf(w, x[i], y[i]);
 }
 
+/* Where a KV head's values at position p start: positions D apart from base, or, with a block table (blocks not
+ * NULL), position p % block_size of block blocks[p / block_size], blocks block_stride apart from base. */
+typedef struct {
+    const float *base;
+    const int64_t *blocks;
+    int64_t block_size, block_stride;
+} positions;
+
+static inline const float *position(const positions *at, int64_t p, int64_t D) {
+    if (at->blocks == NULL) return at->base + p * D;
+    return at->base + at->blocks[p / at->block_size] * at->block_stride + (p % at->block_size) * D;
+}
+
 /* One batch row's KV head: its R query rows, their scores in scratch (R x ctx) and their visible lengths in
  * visible (R). */
-TARGET static void head(const float *q, const float *k, const float *v, const int64_t *at, float *out, int64_t R,
-                        int64_t T, int64_t D, int64_t ctx, float scale, float *scores, int64_t *visible) {
+TARGET static void head(const float *q, const positions *k, const positions *v, const int64_t *at, float *out,
+                        int64_t R, int64_t T, int64_t D, int64_t ctx, float scale, float *scores, int64_t *visible) {
     int64_t longest = 0;
     for (int64_t r = 0; r < R; r++) {
         int64_t last = at[r % T];
         visible[r] = last < 0 ? 0 : (last >= ctx ? ctx : last + 1);
         if (visible[r] > longest) longest = visible[r];
     }
-    for (int64_t p = 0; p < longest; p++)
+    for (int64_t p = 0; p < longest; p++) {
+        const float *key = position(k, p, D);
         for (int64_t r = 0; r < R; r++)
-            if (p < visible[r]) scores[r * ctx + p] = dot(q + r * D, k + p * D, D) * scale;
+            if (p < visible[r]) scores[r * ctx + p] = dot(q + r * D, key, D) * scale;
+    }
     memset(out, 0, (size_t)(R * D) * sizeof(float));
     for (int64_t r = 0; r < R; r++) {
         float *s = scores + r * ctx, top = -INFINITY, total = 0.0f;
@@ -63,20 +78,29 @@ TARGET static void head(const float *q, const float *k, const float *v, const in
         }
         for (int64_t p = 0; p < visible[r]; p++) s[p] /= total;
     }
-    for (int64_t p = 0; p < longest; p++)
+    for (int64_t p = 0; p < longest; p++) {
+        const float *value = position(v, p, D);
         for (int64_t r = 0; r < R; r++)
-            if (p < visible[r]) axpy(scores[r * ctx + p], v + p * D, out + r * D, D);
+            if (p < visible[r]) axpy(scores[r * ctx + p], value, out + r * D, D);
+    }
 }
 
 int mc_step_attention(const float *q, const float *k, const float *v, const int64_t *at, float *out, int64_t B,
                       int64_t H, int64_t R, int64_t T, int64_t D, int64_t ctx, int64_t k_batch, int64_t k_head,
-                      int64_t v_batch, int64_t v_head, float scale, int threads) {
+                      int64_t v_batch, int64_t v_head, const int64_t *tables, int64_t table_stride,
+                      int64_t block_size, int64_t num_blocks, float scale, int threads) {
     const int64_t tasks = B * H;
     int failed = 0;
     if (tasks <= 0 || R <= 0 || D <= 0) return 0;
     if (ctx <= 0) {
         memset(out, 0, (size_t)(tasks * R * D) * sizeof(float));
         return 0;
+    }
+    if (tables != NULL) { /* every block a query can reach must lie in the pool */
+        const int64_t reach = (ctx + block_size - 1) / block_size;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < reach; i++)
+                if (tables[b * table_stride + i] < 0 || tables[b * table_stride + i] >= num_blocks) return -2;
     }
     if (threads < 1) threads = 1;
     if (threads > tasks) threads = (int)tasks;
@@ -88,9 +112,13 @@ int mc_step_attention(const float *q, const float *k, const float *v, const int6
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
             const int64_t b = task / H, h = task % H;
+            const int64_t *blocks = tables == NULL ? NULL : tables + b * table_stride;
+            /* With a table the batch strides are the pool's block strides. */
+            positions keys = {k + h * k_head + (blocks == NULL ? b * k_batch : 0), blocks, block_size, k_batch};
+            positions values = {v + h * v_head + (blocks == NULL ? b * v_batch : 0), blocks, block_size, v_batch};
             if (scores && visible)
-                head(q + task * R * D, k + b * k_batch + h * k_head, v + b * v_batch + h * v_head, at + b * T,
-                     out + task * R * D, R, T, D, ctx, scale, scores, visible);
+                head(q + task * R * D, &keys, &values, at + b * T, out + task * R * D, R, T, D, ctx, scale, scores,
+                     visible);
         }
         free(scores);
         free(visible);
@@ -102,9 +130,12 @@ int mc_step_attention(const float *q, const float *k, const float *v, const int6
 
 int mc_step_attention(const float *q, const float *k, const float *v, const int64_t *at, float *out, int64_t B,
                       int64_t H, int64_t R, int64_t T, int64_t D, int64_t ctx, int64_t k_batch, int64_t k_head,
-                      int64_t v_batch, int64_t v_head, float scale, int threads) {
+                      int64_t v_batch, int64_t v_head, const int64_t *tables, int64_t table_stride,
+                      int64_t block_size, int64_t num_blocks, float scale, int threads) {
     (void)q; (void)k; (void)v; (void)at; (void)out; (void)B; (void)H; (void)R; (void)T; (void)D; (void)ctx;
-    (void)k_batch; (void)k_head; (void)v_batch; (void)v_head; (void)scale; (void)threads;
+    (void)k_batch; (void)k_head; (void)v_batch; (void)v_head; (void)tables; (void)table_stride; (void)block_size;
+    (void)num_blocks;
+    (void)scale; (void)threads;
     return -1;
 }
 

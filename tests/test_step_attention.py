@@ -43,6 +43,39 @@ def test_the_kernel_is_attention_over_each_querys_visible_positions(heads, group
 
 
 @needs_kernel
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize(("groups", "width", "block_size"), [(3, 1, 16), (3, 4, 16), (1, 1, 5), (2, 9, 1)])
+@torch.inference_mode()
+def test_a_paged_cache_read_where_its_blocks_lie_gives_the_gathered_copys_bits(compiled, groups, width,
+                                                                               block_size) -> None:
+    """Each row's positions in scattered blocks of one pool (the null block 0 among them past its end): the paged
+    op equals the kernel over the blocks gathered end to end, bit for bit, and a context bucket past the table
+    row reads no further than the row names."""
+    gen = torch.Generator().manual_seed(block_size + width)
+    heads, dim, rows_blocks, num_blocks = 3, 64, 7, 40
+    k_pool, v_pool = (torch.randn(num_blocks, heads, block_size, dim, generator=gen) for _ in range(2))
+    tables = torch.randperm(num_blocks - 1, generator=gen)[:3 * rows_blocks].view(3, rows_blocks) + 1
+    tables[0, 5:] = 0  # a short row: its table ends on the null block
+    q = torch.randn(3, heads, groups * width, dim, generator=gen)
+    capacity = rows_blocks * block_size
+    pos = torch.tensor([3 * block_size, capacity // 2, capacity - width])
+    at = verify_positions(pos, width)
+    paged = torch.ops.minercore.step_attention_paged
+    if compiled:  # dynamo keeps graphs per code object: this lambda's, across the parameters, would pass its limit
+        torch._dynamo.reset()
+        paged = torch.compile(lambda *a: torch.ops.minercore.step_attention_paged(*a), fullgraph=True)
+    for ctx in (capacity, capacity - 3, capacity + 64):
+        gathered = [pool[tables].transpose(1, 2).flatten(2, 3)[:, :, :ctx] for pool in (k_pool, v_pool)]
+        expected = step_attention.attend(q, *gathered, at)
+        assert torch.equal(paged(q, k_pool, v_pool, tables, at, ctx), expected), ctx
+    with pytest.raises(ValueError, match="contiguous pools"):
+        step_attention.attend_paged(q, k_pool.transpose(2, 3), v_pool, tables, at, capacity)
+    tables[2, 1] = num_blocks  # no such block: refused, never read
+    with pytest.raises(ValueError, match="outside the pool's 40 blocks"):
+        torch.ops.minercore.step_attention_paged(q, k_pool, v_pool, tables, at, capacity)
+
+
+@needs_kernel
 def test_a_query_with_nothing_visible_gets_zeros_and_nans_stay_in_their_row() -> None:
     keys, values = cache(2, 1, 16, 8, seed=2)
     q = torch.randn(2, 1, 1, 8)

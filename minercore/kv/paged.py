@@ -99,10 +99,13 @@ class PagedKVCache(nn.Module):
         """Write row i's (H, T, D) step at positions ``pos[i]`` ... ``pos[i] + T - 1`` for rows [0, b) (T > 1:
         a speculative verify; positions past the table land in the null block); return those rows' first
         ``ctx`` positions."""
-        b, t = pos.shape[0], k.shape[2]
-        tables = self.table[:b]
-        self._write(tables, pos[:, None] + torch.arange(t, device=pos.device), k, v)
-        return self._read(tables, ctx)
+        self.write_step(pos, k, v)
+        return self._read(self.table[:pos.shape[0]], ctx)
+
+    def write_step(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """``append``'s write alone, for an attention that reads the blocks where they lie."""
+        t = k.shape[2]
+        self._write(self.table[:pos.shape[0]], pos[:, None] + torch.arange(t, device=pos.device), k, v)
 
 
 LayerCache = KVCache | PagedKVCache

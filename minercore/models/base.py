@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kv.paged import CacheFactory
+from ..kv.paged import CacheFactory, LayerCache, PagedKVCache
 from ..kv.static import KVCache, Start, chunk_positions
 from . import step_attention
 
@@ -72,6 +72,21 @@ def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, pos:
         b, ctx = mask.shape[0], mask.shape[-1]
         mask = mask.expand(b, groups, t, ctx).reshape(b, 1, groups * t, ctx)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def step_over_cache(cache: LayerCache, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, pos: Tensor, ctx: int,
+                    groups: int = 1) -> Tensor:
+    """A decode or verify step's keys and values written into ``cache``, then ``cached_attention`` of its queries
+    over their rows' first ``ctx`` positions. On a CPU in float32 a paged cache's blocks are read where they lie
+    by the step kernel (the same bits as over a gathered copy, without the copy: at one stream the copies of a
+    step's 30 layers cost a sixth of it)."""
+    t = k.shape[2]
+    if isinstance(cache, PagedKVCache) and step_attention.usable(q):
+        cache.write_step(pos, k, v)
+        return torch.ops.minercore.step_attention_paged(q, cache.k, cache.v, cache.table[:q.shape[0]],
+                                                        verify_positions(pos, t), ctx)
+    keys, values = cache.append(pos, k, v, ctx)
+    return cached_attention(q, keys, values, mask, pos, t, groups)
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, start: Start, lengths: list[int] | None = None) -> Tensor:

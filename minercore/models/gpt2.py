@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..kv.paged import CacheFactory, LayerCache
 from ..kv.static import KVCache, Start, chunk_positions
-from .base import cached_attention, prompt_attention, prompt_lengths, prompt_rows, verify_mask, verify_positions
+from .base import prompt_attention, prompt_lengths, prompt_rows, step_over_cache, verify_mask, verify_positions
 
 FLEX_BLOCK = 128  # keys per FlexAttention block: a row reads whole blocks up to the one holding its position
 
@@ -86,14 +86,14 @@ class Attention(nn.Module):
 
     def step(self, x: Tensor, pos: Tensor, mask: Tensor | BlockMask, ctx: int) -> Tensor:
         q, k, v = self._heads(x)
-        keys, values = self.cache.append(pos, k, v, ctx)
         if isinstance(mask, BlockMask):
+            keys, values = self.cache.append(pos, k, v, ctx)
             if q.device.type == "cpu":
                 # Inductor's CPU FlexAttention template (torch 2.13) fails to lower a query that is a view of the
                 # projection's output; a copy of a few values per row sidesteps it. CUDA lowers the view.
                 q = q.clone()
             return self._merge(flex_attention(q, keys, values, block_mask=mask))
-        return self._merge(cached_attention(q, keys, values, mask, pos, q.shape[2]))
+        return self._merge(step_over_cache(self.cache, q, k, v, mask, pos, ctx))
 
 
 class MLP(nn.Module):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..contract.config import LLAMA_MODEL_TYPES
 from ..kv.paged import CacheFactory, LayerCache
 from ..kv.static import KVCache, Start, chunk_end, chunk_positions
-from .base import cached_attention, prompt_attention, prompt_lengths, prompt_rows, verify_mask, verify_positions
+from .base import prompt_attention, prompt_lengths, prompt_rows, step_over_cache, verify_mask, verify_positions
 
 FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is gpt2.py's)
 
@@ -205,14 +205,13 @@ class Attention(nn.Module):
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
         q, k, v = self._heads(x, cos, sin)
-        keys, values = self.cache.append(pos, k, v, ctx)
         b, _, t, _ = q.shape
         groups = self.n_head // self.n_kv_head
         # Decode is bandwidth-bound: never copy the cache per query head. The query heads sharing a KV head
         # become that head's rows (query i uses KV head i // groups, as in transformers' repeat_kv); with T
         # queries per row (a verify step) each head's T rows follow one another.
         grouped = q.reshape(b, self.n_kv_head, groups * t, self.head_dim)
-        y = cached_attention(grouped, keys, values, mask, pos, t, groups)
+        y = step_over_cache(self.cache, grouped, k, v, mask, pos, ctx, groups)
         return self._merge(y.view(b, self.n_head, t, self.head_dim))
 
 
