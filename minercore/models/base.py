@@ -77,9 +77,8 @@ def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, pos:
 def step_over_cache(cache: LayerCache, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, pos: Tensor, ctx: int,
                     groups: int = 1) -> Tensor:
     """A decode or verify step's keys and values written into ``cache``, then ``cached_attention`` of its queries
-    over their rows' first ``ctx`` positions. On a CPU in float32 a paged cache's blocks are read where they lie
-    by the step kernel (the same bits as over a gathered copy, without the copy: at one stream the copies of a
-    step's 30 layers cost a sixth of it)."""
+    over their rows' first ``ctx`` positions. On a CPU in float32 the step kernel reads a paged cache's blocks
+    where they lie: the same bits as over a gathered copy of them, without making the copy in every layer."""
     t = k.shape[2]
     if isinstance(cache, PagedKVCache) and step_attention.usable(q):
         cache.write_step(pos, k, v)
