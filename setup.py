@@ -38,23 +38,27 @@ class OptionalBuildExt(build_ext):
 
 
 FALLBACKS = {"minercore.text._streamloop_c": "installing the pure-Python twin",
+             "minercore.runtime._frame_chunks": "frame chunks come and go through mmap as CPython makes them",
              "minercore.models._int4_rows": "torch's int4 kernel serves every int4 product",
              "minercore.models._q8_rows": "Q8_0 tensors are dequantized to the model's dtype",
              "minercore.models._q4_rows": "Q4_0 and Q4_1 tensors go through torch's int4 kernel",
              "minercore.models._q4_i8_rows": "Q4 layers multiply float rows under activations int8",
              "minercore.models._q8_i8_rows": "Q8_0 layers multiply float rows under activations int8",
-             "minercore.models._step_attention": "decode steps attend through torch's matrix products"}
+             "minercore.models._step_attention": "decode steps attend through torch's matrix products",
+             "minercore.models._block_step": "int8-row blocks step through one call per product"}
 
 
-def kernel(name: str) -> Extension:
-    """``minercore.models._<name>``: csrc/<name>.c (with its header) behind its Cython wrapper. OpenMP's symbols
+def kernel(name: str, uses: tuple[str, ...] = ()) -> Extension:
+    """``minercore.models._<name>``: csrc/<name>.c (with its header and the kernels it ``uses``) behind its Cython
+    wrapper. OpenMP's symbols
     resolve to the runtime torch has already loaded (it is imported first), so the kernel's threads are torch's
     own workers, not a second set competing for the cores."""
     return Extension(
         f"minercore.models._{name}",
-        [f"csrc/_{name}.pyx", f"csrc/{name}.c"],
+        [f"csrc/_{name}.pyx", f"csrc/{name}.c", *(f"csrc/{used}.c" for used in uses)],
         include_dirs=["csrc"],
-        depends=[f"csrc/{name}.h", "csrc/rows_tile.h", "csrc/rows_i8.h", "csrc/cpu_features.h"],
+        depends=[f"csrc/{name}.h", *(f"csrc/{used}.h" for used in uses), "csrc/rows_tile.h", "csrc/rows_i8.h",
+                 "csrc/cpu_features.h"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
@@ -74,9 +78,17 @@ def extensions() -> list[Extension]:
         ["csrc/_streamloop_c.pyx"],
         extra_compile_args=["-O3"],
     )
+    frame_chunks = Extension(
+        "minercore.runtime._frame_chunks",
+        ["csrc/_frame_chunks.pyx", "csrc/frame_chunks.c"],
+        include_dirs=["csrc"],
+        depends=["csrc/frame_chunks.h"],
+        extra_compile_args=["-O2"],
+    )
     kernels = [kernel(name) for name in ("int4_rows", "q8_rows", "q4_rows", "q4_i8_rows", "q8_i8_rows",
                                                  "step_attention")]
-    return cythonize([streamloop, *kernels], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
+    kernels.append(kernel("block_step", uses=("q4_i8_rows", "q8_i8_rows")))
+    return cythonize([streamloop, frame_chunks, *kernels], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

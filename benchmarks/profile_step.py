@@ -27,9 +27,11 @@ from minercore.runtime.sampling import SlotParams
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
               "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm",
               "aten::_weight_int4pack_mm_with_scales_and_zeros", "minercore::int4_rows_mm",
-              "minercore::q8_rows_mm", "minercore::q4_rows_mm", "minercore::q4_i8_rows_mm", "minercore::q8_i8_rows_mm"}
+              "minercore::q8_rows_mm", "minercore::q4_rows_mm", "minercore::q4_i8_rows_mm", "minercore::q8_i8_rows_mm",
+              # a block's products with the norms, activation and residual adds around them (block_step)
+              "minercore::norm_linear", "minercore::block_tail"}
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
-                 "aten::_flash_attention_forward", "minercore::step_attention"}
+                 "aten::_flash_attention_forward", "minercore::step_attention", "minercore::step_attention_paged"}
 PROMPT = "Write a long essay about the history of bridges, their engineering and the people who built them."
 
 

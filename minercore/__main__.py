@@ -23,8 +23,9 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", qua
 
     from . import __version__
     from .contract.config import QUANT_CHOICES
-    from .models import int4_rows, q4_i8_rows, q4_rows, q8_i8_rows, q8_rows, step_attention
+    from .models import block_step, int4_rows, q4_i8_rows, q4_rows, q8_i8_rows, q8_rows, step_attention
     from .models.quant import kernel_dtype
+    from .runtime import frame_chunks
     from .runtime.device import cpu_has_native_bf16, dtype_name, select, serving_threads, usable_cores
     from .text import streamloop
     from .text.tokenizer import load_tokenizer, tokenizer_for, tokenizer_source
@@ -59,14 +60,17 @@ def info(device: str = "auto", dtype: str = "auto", tokenizer: str = "gpt2", qua
         "quant_kernel_dtype": None if kernel_mode is None else dtype_name(kernel_dtype(kernel_mode, chosen_device,
                                                                                        chosen_dtype)),
         # The compiled CPU kernels (csrc/) this machine runs: each needs its build and AVX2, FMA and F16C (int4_rows
-        # AVX-512 BF16 too); without one, its layers take torch's kernels.
+        # AVX-512 BF16 too); without one, its layers take torch's kernels (block_step: one call per product).
         "cpu_kernels": {module.__name__.rsplit(".", 1)[-1]: module.AVAILABLE
-                        for module in (q4_rows, q8_rows, q4_i8_rows, q8_i8_rows, int4_rows, step_attention)},
+                        for module in (q4_rows, q8_rows, q4_i8_rows, q8_i8_rows, int4_rows, step_attention,
+                                       block_step)},
         # Whether the int8-row kernels take AVX-512 VNNI's dot products (the same bits as AVX2's, fewer instructions).
         "int8_rows_vnni": q4_i8_rows.VNNI and q8_i8_rows.VNNI,
         # What --model.activations auto gives a GGUF's Q4/Q8_0 layers on this device and dtype.
         "activations": "int8" if q4_i8_rows.usable(chosen_device, chosen_dtype) and step_attention.AVAILABLE
         else "float",
+        # Whether frame chunks are kept for reuse here (runtime.frame_chunks; serving installs it).
+        "frame_chunks": frame_chunks._cache is not None,
         "bittensor": _package_version("bittensor"),
         "tokenizer": tokenizer_source(tokenizer),
         "vocab_size": len(tok),

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 INFO_KEYS = {"version", "stream_loop", "torch", "cuda_available", "device", "dtype", "bittensor", "tokenizer",
              "vocab_size", "cpu_native_bf16", "quant", "quant_kernel_dtype", "cpu_kernels", "int8_rows_vnni",
-             "activations"}
+             "activations", "frame_chunks"}
 
 
 def run_info(**env):
@@ -112,11 +112,13 @@ def test_info_reports_the_quantized_kernels_dtype():
 
 def test_info_lists_the_cpu_kernels_and_what_activations_auto_gives() -> None:
     from minercore.__main__ import info
-    from minercore.models import q4_i8_rows, q4_rows, q8_i8_rows, step_attention
+    from minercore.models import block_step, q4_i8_rows, q4_rows, q8_i8_rows, step_attention
 
     report = info(device="cpu", dtype="float32")
     kernels = report["cpu_kernels"]
-    assert set(kernels) == {"q4_rows", "q8_rows", "q4_i8_rows", "q8_i8_rows", "int4_rows", "step_attention"}
+    assert set(kernels) == {"q4_rows", "q8_rows", "q4_i8_rows", "q8_i8_rows", "int4_rows", "step_attention",
+                            "block_step"}
+    assert kernels["block_step"] is block_step.AVAILABLE
     assert (kernels["q4_rows"], kernels["step_attention"]) == (q4_rows.AVAILABLE, step_attention.AVAILABLE)
     assert report["int8_rows_vnni"] is (q4_i8_rows.VNNI and q8_i8_rows.VNNI)
     assert report["activations"] == ("int8" if q4_i8_rows.AVAILABLE and step_attention.AVAILABLE else "float")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..contract.config import LLAMA_MODEL_TYPES
 from ..kv.paged import CacheFactory, LayerCache
 from ..kv.static import KVCache, Start, chunk_end, chunk_positions
+from . import block_step
 from .base import prompt_attention, prompt_lengths, prompt_rows, step_over_cache, verify_mask, verify_positions
 
 FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is gpt2.py's)
@@ -179,8 +180,12 @@ class Attention(nn.Module):
         self.cache: LayerCache | None = None
 
     def _heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        return self._rotated(self.qkv_proj(x), cos, sin)
+
+    def _rotated(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, q + 2 kv) projections -> q, k, v as (B, heads, T, head_dim), q and k rotated."""
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(b, t, self.n_head, self.head_dim)
         k = k.view(b, t, self.n_kv_head, self.head_dim)
         v = v.view(b, t, self.n_kv_head, self.head_dim)
@@ -204,7 +209,12 @@ class Attention(nn.Module):
         return self._merge(prompt_attention(q, k, v, start, lengths))
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
-        q, k, v = self._heads(x, cos, sin)
+        return self._merge(self.step_heads(self.qkv_proj(x), cos, sin, pos, mask, ctx))
+
+    def step_heads(self, qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
+        """A decode or verify step's attention from its (b, t, q + 2 kv) projections, its keys and values cached:
+        (b, heads, t, head_dim)."""
+        q, k, v = self._rotated(qkv, cos, sin)
         b, _, t, _ = q.shape
         groups = self.n_head // self.n_kv_head
         # Decode is bandwidth-bound: never copy the cache per query head. The query heads sharing a KV head
@@ -212,7 +222,7 @@ class Attention(nn.Module):
         # queries per row (a verify step) each head's T rows follow one another.
         grouped = q.reshape(b, self.n_kv_head, groups * t, self.head_dim)
         y = step_over_cache(self.cache, grouped, k, v, mask, pos, ctx, groups)
-        return self._merge(y.view(b, self.n_head, t, self.head_dim))
+        return y.view(b, self.n_head, t, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -241,6 +251,14 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        if attn.q_norm is None and block_step.fusable(x, attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                      mlp.down_proj):
+            norm, post = self.input_layernorm, self.post_attention_layernorm
+            y = attn.step_heads(block_step.norm_linear(x, norm.weight, norm.eps, attn.qkv_proj), cos, sin, pos, mask,
+                                ctx)
+            return block_step.block_tail(x, y.transpose(1, 2).reshape(*x.shape[:2], -1), attn.o_proj, post.weight,
+                                         post.eps, mlp.gate_up_proj, mlp.down_proj)
         x = x + self.self_attn.step(self.input_layernorm(x), cos, sin, pos, mask, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 

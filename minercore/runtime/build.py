@@ -18,6 +18,7 @@ from ..models.loading.safetensors import load_gpt2
 from ..models.presets import build_preset
 from ..models.quant import int8_rows, quantize
 from .device import configure_threads, select, select_device
+from .frame_chunks import keep_frame_chunks
 from .native import ModelRunner
 from .protocol import Runner
 from .sampling import GREEDY, KINDS
@@ -37,6 +38,7 @@ def build_runner(options: ModelOptions, *, max_batch: int, eos_id: int, stop_ids
     architecture without a native implementation goes to hf, with a log line."""
     # Before any model work: torch's thread pool takes its size when a thread first runs a parallel op.
     configure_threads(select_device(options.device), options.threads)
+    keep_frame_chunks()
     backend = options.backend
     if backend in NATIVE_BACKENDS and options.path:
         checkpoint = inspect_checkpoint(options.path)
@@ -144,6 +146,7 @@ def _activation_rows(model: torch.nn.Module, activations: str, device: torch.dev
 def build_model_runner(options: ModelOptions, *, max_batch: int, eos_id: int,
                        stop_ids: Sequence[int] = (), speculative_tokens: int = 0, kv_block_size: int = 0,
                        kv_cache_bytes: int = 0, kv_memory_fraction: float = 0.9) -> ModelRunner:
+    keep_frame_chunks()  # the Python around each custom op of a step must not map memory per call
     device, dtype = select(options.device, options.dtype)
     model, name = _native_model(options, device, dtype)
     model = quantize(model, options.quant, options.quant_group, device=device, dtype=dtype)

@@ -219,8 +219,11 @@ def compile_block_steps(model: CachedLM, recompile_limit: int) -> tuple[tuple, t
 
     # The forwards' guards on the model's modules and weights (dynamo checks each of them on every call, about
     # 0.5 ms a step for SmolLM2's 30 layers) are left out: each runner compiles its own copy of the forwards'
-    # code, so its graphs are only ever called with its own model, whose modules do not change once built.
-    unguarded = {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
+    # code, so its graphs are only ever called with its own model, whose modules do not change once built. For
+    # the same reason inductor's checks of every input's sizes and strides, and of each custom op's output, are
+    # left out of the forwards: a dozen a block, each a Python call (about 0.5 ms a step for SmolLM2).
+    unguarded = {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                             "size_asserts": False, "alignment_asserts": False}}
     logits_of = compiled(_own_code(step_logits), **unguarded)
     verify_logits_of = compiled(_own_code(verify_logits), **unguarded)
     steps = tuple(functools.partial(_block_step, logits_of=logits_of, choose=compiled(choose))
