@@ -1,8 +1,9 @@
 /* The rows' work of a Llama block's decode or verify step around its attention, on a CPU: the input norm and the
  * q/k/v product in one call, and everything after the attention (output product, residual, norm, gated MLP,
- * residual) in another, over the int8-row kernels (q4_i8_rows.c, q8_i8_rows.c). A step made of separate small
- * calls pays the host's cost of each (about 8 us a product inside a compiled step, ten calls a block); two calls
- * cost it twice. Every row's result depends on that row alone, as in the kernels. */
+ * residual) in another, over the int8-row kernels (q4_i8_rows.c, q8_i8_rows.c). A compiled step pays the host's
+ * cost of every call (about 8 us a product), and unfused a block takes ten calls; with these, four (the rotary
+ * embedding with the cache write, and the attention, between them). Every row's result depends on that row alone,
+ * as in the kernels. */
 #ifndef MINERCORE_BLOCK_STEP_H
 #define MINERCORE_BLOCK_STEP_H
 

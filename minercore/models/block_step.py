@@ -1,14 +1,13 @@
-"""A Llama block's decode or verify step over int8-row layers in two host calls instead of ten.
+"""A Llama block's decode or verify step over int8-row layers in four host calls instead of ten.
 
 Inside a compiled step each product, norm and activation is its own call from the host, and a call costs
-microseconds of the host's time whatever its size: at batch 1 on SmolLM2 the products' own work is about 4 ms of
-a 10 ms step, and the calls around them most of the rest. Where all four of a block's linears are int8-row layers
-(``quant.Q4I8Linear``, ``quant.Q8I8Linear``, no bias), ``csrc/block_step.c`` does the input norm and the q/k/v
-product in one call (``norm_linear``), and everything after the attention (output product, residual, norm, gated
-MLP, residual) in another (``block_tail``); the rotary embedding, the cache write and the attention stay where they
-were. Each row's result depends on that row alone, as in the kernels, so a stream's numbers do not depend on its
-batch. Inside a compiled graph the custom ops ``minercore::norm_linear`` and ``minercore::block_tail``.
-"""
+microseconds of the host's time whatever its size: at batch 1 on SmolLM2 the block products' own work is about 4 ms
+of a 10 ms step. Where all four of a block's linears are int8-row layers (``quant.Q4I8Linear``,
+``quant.Q8I8Linear``, no bias), ``csrc/block_step.c`` does the input norm and the q/k/v product in one call
+(``norm_linear``), and everything after the attention (output product, residual, norm, gated MLP, residual) in
+another (``block_tail``); the rotary embedding with the cache write (one compiled loop) and the attention are the
+other two calls. Each row's result depends on that row alone, as in the kernels, so a stream's numbers do not
+depend on its batch. Inside a compiled graph the custom ops ``minercore::norm_linear`` and ``minercore::block_tail``."""
 
 from __future__ import annotations
 
