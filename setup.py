@@ -87,7 +87,7 @@ def extensions() -> list[Extension]:
     )
     kernels = [kernel(name) for name in ("int4_rows", "q8_rows", "q4_rows", "q4_i8_rows", "q8_i8_rows",
                                                  "step_attention")]
-    kernels.append(kernel("block_step", uses=("q4_i8_rows", "q8_i8_rows")))
+    kernels.append(kernel("block_step", uses=("q4_i8_rows", "q8_i8_rows", "step_attention")))
     return cythonize([streamloop, frame_chunks, *kernels], compiler_directives=CYTHON_DIRECTIVES, quiet=True)
 
 

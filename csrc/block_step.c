@@ -4,9 +4,11 @@
 #include "cpu_features.h"
 #include "q4_i8_rows.h"
 #include "q8_i8_rows.h"
+#include "step_attention.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 int mc_block_step_supported(void) { return mc_cpu_has_avx2_fma_f16c(); }
 
@@ -103,6 +105,36 @@ int mc_block_tail(const float *x, const float *attn, const mc_rows_linear *o, co
     return status;
 }
 
+int mc_attend_block_tail(const float *x, const float *q, const float *k_pool, const float *v_pool,
+                         const int64_t *tables, int64_t table_stride, int64_t block_size, int64_t num_blocks,
+                         const int64_t *at, int64_t batch, int64_t kv_heads, int64_t q_rows, int64_t steps,
+                         int64_t head_dim, int64_t ctx, const mc_rows_linear *o, const float *norm, float eps,
+                         const mc_rows_linear *gate_up, const mc_rows_linear *down, float *out, int threads,
+                         int vnni) {
+    const int64_t groups = q_rows / steps, rows = batch * steps, width = kv_heads * groups * head_dim;
+    const int64_t block = block_size * head_dim;
+    float *scratch = malloc((size_t)(2 * rows * width) * sizeof(float)); /* the heads, then their rows */
+    if (scratch == NULL) return -1;
+    float *heads = scratch, *merged = scratch + rows * width;
+    int status = mc_step_attention(q, k_pool, v_pool, at, heads, batch, kv_heads, q_rows, steps, head_dim, ctx,
+                                   kv_heads * block, block, kv_heads * block, block, tables, table_stride,
+                                   block_size, num_blocks, 1.0f / sqrtf((float)head_dim), threads);
+    if (status == 0) {
+        /* Row (b, t) holds every query head's result side by side: head h * groups + g is row g * steps + t of KV
+         * head h's queries. */
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t h = 0; h < kv_heads; h++)
+                for (int64_t g = 0; g < groups; g++)
+                    for (int64_t t = 0; t < steps; t++)
+                        memcpy(merged + (b * steps + t) * width + (h * groups + g) * head_dim,
+                               heads + ((b * kv_heads + h) * q_rows + g * steps + t) * head_dim,
+                               (size_t)head_dim * sizeof(float));
+        status = mc_block_tail(x, merged, o, norm, eps, gate_up, down, out, rows, threads, vnni);
+    }
+    free(scratch);
+    return status;
+}
+
 #else
 
 int mc_norm_linear(const float *x, const float *norm, float eps, const mc_rows_linear *layer, float *y, int64_t rows,
@@ -116,6 +148,18 @@ int mc_block_tail(const float *x, const float *attn, const mc_rows_linear *o, co
                   int vnni) {
     (void)x; (void)attn; (void)o; (void)norm; (void)eps; (void)gate_up; (void)down; (void)out; (void)rows;
     (void)threads; (void)vnni;
+    return -1;
+}
+
+int mc_attend_block_tail(const float *x, const float *q, const float *k_pool, const float *v_pool,
+                         const int64_t *tables, int64_t table_stride, int64_t block_size, int64_t num_blocks,
+                         const int64_t *at, int64_t batch, int64_t kv_heads, int64_t q_rows, int64_t steps,
+                         int64_t head_dim, int64_t ctx, const mc_rows_linear *o, const float *norm, float eps,
+                         const mc_rows_linear *gate_up, const mc_rows_linear *down, float *out, int threads,
+                         int vnni) {
+    (void)x; (void)q; (void)k_pool; (void)v_pool; (void)tables; (void)table_stride; (void)block_size;
+    (void)num_blocks; (void)at; (void)batch; (void)kv_heads; (void)q_rows; (void)steps; (void)head_dim; (void)ctx;
+    (void)o; (void)norm; (void)eps; (void)gate_up; (void)down; (void)out; (void)threads; (void)vnni;
     return -1;
 }
 

@@ -2,8 +2,8 @@
  * q/k/v product in one call, and everything after the attention (output product, residual, norm, gated MLP,
  * residual) in another, over the int8-row kernels (q4_i8_rows.c, q8_i8_rows.c). A compiled step pays the host's
  * cost of every call (about 8 us a product), and unfused a block takes ten calls; with these, four (the rotary
- * embedding with the cache write, and the attention, between them). Every row's result depends on that row alone,
- * as in the kernels. */
+ * embedding with the cache write, and the attention, between them), or three where the attention over a paged cache
+ * joins the tail's call. Every row's result depends on that row alone, as in the kernels. */
 #ifndef MINERCORE_BLOCK_STEP_H
 #define MINERCORE_BLOCK_STEP_H
 
@@ -35,5 +35,18 @@ int mc_norm_linear(const float *x, const float *norm, float eps, const mc_rows_l
 int mc_block_tail(const float *x, const float *attn, const mc_rows_linear *o, const float *norm, float eps,
                   const mc_rows_linear *gate_up, const mc_rows_linear *down, float *out, int64_t rows, int threads,
                   int vnni);
+
+/* mc_block_tail after the step's attention over a paged KV cache (step_attention.h, with a block table): q
+ * [batch, kv_heads, q_rows, head_dim] (q_rows = groups * steps: a KV head's query heads, each at the step's
+ * positions), k_pool and v_pool contiguous [num_blocks, kv_heads, block_size, head_dim], tables [batch,
+ * table_stride], at [batch, steps]; x and out [batch * steps, o.n], o.k = kv_heads * groups * head_dim. The
+ * attention's results are exactly step_attention's. Returns 0, -1 without memory, -2 for a table entry a query
+ * can reach outside the pool. */
+int mc_attend_block_tail(const float *x, const float *q, const float *k_pool, const float *v_pool,
+                         const int64_t *tables, int64_t table_stride, int64_t block_size, int64_t num_blocks,
+                         const int64_t *at, int64_t batch, int64_t kv_heads, int64_t q_rows, int64_t steps,
+                         int64_t head_dim, int64_t ctx, const mc_rows_linear *o, const float *norm, float eps,
+                         const mc_rows_linear *gate_up, const mc_rows_linear *down, float *out, int threads,
+                         int vnni);
 
 #endif

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_int8_rows import q4_layer, q8_layer
 
+from minercore.kv.paged import PagedSpec
 from minercore.models import block_step
 from minercore.models.llama import LlamaConfig, LlamaLM
 from minercore.models.quant import Q4I8Linear, Q8I8Linear
@@ -104,8 +105,9 @@ def int8_row_llama() -> LlamaLM:
 
 @torch.inference_mode()
 def test_a_models_decode_and_verify_take_the_fused_calls_and_keep_their_logits(monkeypatch) -> None:
+    """Over the static cache a block takes norm_linear and block_tail; over a paged one, the attention joins the
+    tail's call (attend_block_tail). Either way the logits are the unfused model's."""
     model = int8_row_llama()
-    calls = {"norm_linear": 0, "block_tail": 0}
     kernel = block_step._kernel
 
     class Counting:
@@ -119,13 +121,28 @@ def test_a_models_decode_and_verify_take_the_fused_calls_and_keep_their_logits(m
             calls["block_tail"] += 1
             return kernel.block_tail(*args)
 
+        def attend_block_tail(self, *args):
+            calls["attend_block_tail"] += 1
+            return kernel.attend_block_tail(*args)
+
     tokens, pos = torch.tensor([5, 9, 17]), torch.tensor([0, 3, 7])
-    results = {}
-    for fused in (True, False):
-        monkeypatch.setattr(block_step, "AVAILABLE", fused)
-        monkeypatch.setattr(block_step, "_kernel", Counting() if fused else kernel)
-        model.setup_caches(3, 16)
-        results[fused] = (model.decode(tokens, pos, 16), model.verify(tokens[:, None].repeat(1, 3), pos + 1, 16))
-    assert calls == {"norm_linear": 4, "block_tail": 4}  # two layers, a decode and a verify step
-    for fused, unfused in zip(results[True], results[False], strict=True):
-        torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4)
+    for paged in (False, True):
+        calls = {"norm_linear": 0, "block_tail": 0, "attend_block_tail": 0}
+        results = {}
+        for fused in (True, False):
+            monkeypatch.setattr(block_step, "AVAILABLE", fused)
+            monkeypatch.setattr(block_step, "_kernel", Counting() if fused else kernel)
+            if paged:  # each row's blocks scattered through a pool of 16 blocks of 4 positions (block 0: null)
+                spec = PagedSpec.create(16, 4, 3, 5, torch.device("cpu"))
+                model.setup_caches(3, 16, cache_factory=spec.layer_cache)
+                for row, blocks in enumerate(([3, 7, 1, 12, 13], [2, 9, 4, 11, 14], [10, 5, 8, 6, 15])):
+                    spec.set_blocks(row, blocks)
+            else:
+                model.setup_caches(3, 16)
+            results[fused] = (model.decode(tokens, pos, 16),
+                              model.verify(tokens[:, None].repeat(1, 3), pos + 1, 16))
+        tail = "attend_block_tail" if paged else "block_tail"
+        # two layers, a decode and a verify step
+        assert calls == {"norm_linear": 4, "block_tail": 0, "attend_block_tail": 0, tail: 4}
+        for fused, unfused in zip(results[True], results[False], strict=True):
+            torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4)

@@ -1,13 +1,15 @@
-"""A Llama block's decode or verify step over int8-row layers in four host calls instead of ten.
+"""A Llama block's decode or verify step over int8-row layers in three or four host calls instead of ten.
 
 Inside a compiled step each product, norm and activation is its own call from the host, and a call costs
 microseconds of the host's time whatever its size: at batch 1 on SmolLM2 the block products' own work is about 4 ms
 of a 10 ms step. Where all four of a block's linears are int8-row layers (``quant.Q4I8Linear``,
 ``quant.Q8I8Linear``, no bias), ``csrc/block_step.c`` does the input norm and the q/k/v product in one call
 (``norm_linear``), and everything after the attention (output product, residual, norm, gated MLP, residual) in
-another (``block_tail``); the rotary embedding with the cache write (one compiled loop) and the attention are the
-other two calls. Each row's result depends on that row alone, as in the kernels, so a stream's numbers do not
-depend on its batch. Inside a compiled graph the custom ops ``minercore::norm_linear`` and ``minercore::block_tail``."""
+another (``block_tail``); the rotary embedding with the cache write is one compiled loop between them. Over a
+paged cache the attention joins the tail's call (``attend_block_tail``), reading the blocks where they lie; over
+the static cache it is a call of its own. Each row's result depends on that row alone, as in the kernels, so a
+stream's numbers do not depend on its batch. Inside a compiled graph the custom ops ``minercore::norm_linear``,
+``minercore::block_tail`` and ``minercore::attend_block_tail``."""
 
 from __future__ import annotations
 
@@ -47,6 +49,17 @@ def block_tail(x: Tensor, attn: Tensor, o: Q4I8Linear | Q8I8Linear, norm: Tensor
     x (..., D) the block's input rows, attn (..., Q) the attention's heads side by side."""
     y = torch.ops.minercore.block_tail(x.reshape(-1, x.shape[-1]), attn.reshape(-1, attn.shape[-1]), *_tensors(o),
                                        norm, eps, *_tensors(gate_up), *_tensors(down))
+    return y.view(x.shape)
+
+
+def attend_block_tail(x: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, tables: Tensor, at: Tensor, ctx: int,
+                      o: Q4I8Linear | Q8I8Linear, norm: Tensor, eps: float, gate_up: Q4I8Linear | Q8I8Linear,
+                      down: Q4I8Linear | Q8I8Linear) -> Tensor:
+    """``block_tail`` of the step's attention over a paged cache, in the same call: q (B, H, G T, D) the rotated
+    queries grouped by KV head (``step_attention.attend_paged``'s layout), the pools, table rows and positions
+    as ``attend_paged`` takes them; x (B, T, D') the block's input rows."""
+    y = torch.ops.minercore.attend_block_tail(x.reshape(-1, x.shape[-1]), q, k_pool, v_pool, tables, at, ctx,
+                                              *_tensors(o), norm, eps, *_tensors(gate_up), *_tensors(down))
     return y.view(x.shape)
 
 
@@ -125,16 +138,22 @@ def _norm_linear_op(x: Tensor, norm: Tensor, eps: float, w: Tensor, scales: Tens
     return y
 
 
-def _block_tail_op(x: Tensor, attn: Tensor, o_w: Tensor, o_scales: Tensor, norm: Tensor, eps: float,
-                   gate_up_w: Tensor, gate_up_scales: Tensor, down_w: Tensor, down_scales: Tensor) -> Tensor:
-    _check_available()
+def _tail_layers(o_w: Tensor, o_scales: Tensor, gate_up_w: Tensor, gate_up_scales: Tensor, down_w: Tensor,
+                 down_scales: Tensor) -> tuple[tuple[int, int, int, int, int], ...]:
     o = _cached_layer(o_w, o_scales, "o")
     gate_up = _cached_layer(gate_up_w, gate_up_scales, "gate_up")
     down = _cached_layer(down_w, down_scales, "down")
-    width = o[3]
-    if gate_up[4] != width or gate_up[3] != 2 * down[4] or down[3] != width:
+    if gate_up[4] != o[3] or gate_up[3] != 2 * down[4] or down[3] != o[3]:
         raise ValueError(f"block step: need o [D, Q], gate_up [2 M, D] and down [D, M]; got o {o[3:]}, gate_up "
                          f"{gate_up[3:]} and down {down[3:]} (outputs, inputs)")
+    return o, gate_up, down
+
+
+def _block_tail_op(x: Tensor, attn: Tensor, o_w: Tensor, o_scales: Tensor, norm: Tensor, eps: float,
+                   gate_up_w: Tensor, gate_up_scales: Tensor, down_w: Tensor, down_scales: Tensor) -> Tensor:
+    _check_available()
+    o, gate_up, down = _tail_layers(o_w, o_scales, gate_up_w, gate_up_scales, down_w, down_scales)
+    width = o[3]
     _rows(x, width, "x")
     _rows(attn, o[4], "attn")
     _floats(norm, (width,), "the norm's weight")
@@ -144,6 +163,44 @@ def _block_tail_op(x: Tensor, attn: Tensor, o_w: Tensor, o_scales: Tensor, norm:
     if x.shape[0]:
         _kernel.block_tail(x.data_ptr(), attn.data_ptr(), o, norm.data_ptr(), eps, gate_up, down, y.data_ptr(),
                            x.shape[0], torch.get_num_threads(), q4_i8_rows.VNNI)
+    return y
+
+
+def _attend_block_tail_op(x: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, tables: Tensor, at: Tensor, ctx: int,
+                          o_w: Tensor, o_scales: Tensor, norm: Tensor, eps: float, gate_up_w: Tensor,
+                          gate_up_scales: Tensor, down_w: Tensor, down_scales: Tensor) -> Tensor:
+    _check_available()
+    o, gate_up, down = _tail_layers(o_w, o_scales, gate_up_w, gate_up_scales, down_w, down_scales)
+    if (q.dtype != torch.float32 or not q.is_cpu or q.dim() != 4 or not q.is_contiguous()
+            or k_pool.dtype != torch.float32 or v_pool.dtype != torch.float32 or k_pool.dim() != 4
+            or v_pool.shape != k_pool.shape or not k_pool.is_contiguous() or not v_pool.is_contiguous()
+            or not k_pool.is_cpu or not v_pool.is_cpu):
+        raise ValueError(f"block step: need contiguous float32 CPU queries (B, H, R, D) and pools (blocks, H, "
+                         f"block_size, D); got q {tuple(q.shape)} {q.dtype}, pools {tuple(k_pool.shape)} "
+                         f"{k_pool.dtype} / {tuple(v_pool.shape)} {v_pool.dtype}")
+    batch, heads, q_rows, dim = q.shape
+    num_blocks, _, block_size, _ = k_pool.shape
+    if (tables.dtype != torch.int64 or at.dtype != torch.int64 or tables.dim() != 2 or at.dim() != 2
+            or tables.shape[0] != batch or at.shape[0] != batch or at.shape[1] < 1 or q_rows % at.shape[1]
+            or k_pool.shape[1] != heads or k_pool.shape[3] != dim or not tables.is_contiguous()
+            or not at.is_contiguous() or not tables.is_cpu or not at.is_cpu):
+        raise ValueError(f"block step: need pools (blocks, {heads}, block_size, {dim}) for q {tuple(q.shape)}, "
+                         f"contiguous int64 CPU tables ({batch}, blocks per row) and positions ({batch}, T) with T "
+                         f"dividing {q_rows}; got pools {tuple(k_pool.shape)}, tables {tuple(tables.shape)} "
+                         f"{tables.dtype}, at {tuple(at.shape)} {at.dtype}")
+    steps = at.shape[1]
+    _rows(x, o[3], "x")
+    if x.shape[0] != batch * steps or o[4] != heads * q_rows // steps * dim:
+        raise ValueError(f"block step: x has {x.shape[0]} rows for {batch} x {steps} queries, o takes {o[4]} "
+                         f"inputs for {heads * q_rows // steps} heads of {dim}")
+    _floats(norm, (o[3],), "the norm's weight")
+    y = torch.empty_like(x)
+    if x.shape[0]:
+        width = tables.shape[1]
+        _kernel.attend_block_tail(x.data_ptr(), q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
+                                  tables.data_ptr(), width, block_size, num_blocks, at.data_ptr(), batch, heads,
+                                  q_rows, steps, dim, min(ctx, width * block_size), o, norm.data_ptr(), eps, gate_up,
+                                  down, y.data_ptr(), torch.get_num_threads(), q4_i8_rows.VNNI)
     return y
 
 
@@ -163,4 +220,17 @@ def _norm_linear_shape(x: Tensor, norm: Tensor, eps: float, w: Tensor, scales: T
 @torch.library.register_fake("minercore::block_tail")
 def _block_tail_shape(x: Tensor, attn: Tensor, o_w: Tensor, o_scales: Tensor, norm: Tensor, eps: float,
                       gate_up_w: Tensor, gate_up_scales: Tensor, down_w: Tensor, down_scales: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+_library.define("attend_block_tail(Tensor x, Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor at, "
+                "SymInt ctx, Tensor o_w, Tensor o_scales, Tensor norm, float eps, Tensor gate_up_w, "
+                "Tensor gate_up_scales, Tensor down_w, Tensor down_scales) -> Tensor")
+_library.impl("attend_block_tail", _attend_block_tail_op, "CPU")
+
+
+@torch.library.register_fake("minercore::attend_block_tail")
+def _attend_block_tail_shape(x: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, tables: Tensor, at: Tensor,
+                             ctx: int, o_w: Tensor, o_scales: Tensor, norm: Tensor, eps: float, gate_up_w: Tensor,
+                             gate_up_scales: Tensor, down_w: Tensor, down_scales: Tensor) -> Tensor:
     return torch.empty_like(x)

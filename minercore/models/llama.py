@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract.config import LLAMA_MODEL_TYPES
-from ..kv.paged import CacheFactory, LayerCache
+from ..kv.paged import CacheFactory, LayerCache, PagedKVCache
 from ..kv.static import KVCache, Start, chunk_end, chunk_positions
-from . import block_step
+from . import block_step, step_attention
 from .base import prompt_attention, prompt_lengths, prompt_rows, step_over_cache, verify_mask, verify_positions
 
 FAMILIES = LLAMA_MODEL_TYPES  # config.json model_type values this module serves (gpt2 is gpt2.py's)
@@ -211,6 +211,15 @@ class Attention(nn.Module):
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
         return self._merge(self.step_heads(self.qkv_proj(x), cos, sin, pos, mask, ctx))
 
+    def cached_queries(self, qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
+        """A step's keys and values from its (b, t, q + 2 kv) projections written into its paged cache, for an
+        attention that reads the blocks where they lie; returns its rotated queries grouped by KV head (b, kv heads,
+        groups * t, head_dim), as ``step_heads`` gives them to the attention."""
+        q, k, v = self._rotated(qkv, cos, sin)
+        self.cache.write_step(pos, k, v)
+        b, _, t, _ = q.shape
+        return q.reshape(b, self.n_kv_head, self.n_head // self.n_kv_head * t, self.head_dim)
+
     def step_heads(self, qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor, ctx: int) -> Tensor:
         """A decode or verify step's attention from its (b, t, q + 2 kv) projections, its keys and values cached:
         (b, heads, t, head_dim)."""
@@ -255,8 +264,15 @@ class Block(nn.Module):
         if attn.q_norm is None and block_step.fusable(x, attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                       mlp.down_proj):
             norm, post = self.input_layernorm, self.post_attention_layernorm
-            y = attn.step_heads(block_step.norm_linear(x, norm.weight, norm.eps, attn.qkv_proj), cos, sin, pos, mask,
-                                ctx)
+            qkv = block_step.norm_linear(x, norm.weight, norm.eps, attn.qkv_proj)
+            if isinstance(attn.cache, PagedKVCache) and step_attention.usable(x):
+                # The attention in the tail's call too, reading the blocks where they lie.
+                q = attn.cached_queries(qkv, cos, sin, pos)
+                cache = attn.cache
+                return block_step.attend_block_tail(x, q, cache.k, cache.v, cache.table[:q.shape[0]],
+                                                    verify_positions(pos, x.shape[1]), ctx, attn.o_proj, post.weight,
+                                                    post.eps, mlp.gate_up_proj, mlp.down_proj)
+            y = attn.step_heads(qkv, cos, sin, pos, mask, ctx)
             return block_step.block_tail(x, y.transpose(1, 2).reshape(*x.shape[:2], -1), attn.o_proj, post.weight,
                                          post.eps, mlp.gate_up_proj, mlp.down_proj)
         x = x + self.self_attn.step(self.input_layernorm(x), cos, sin, pos, mask, ctx)
